@@ -1,0 +1,70 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# They create a venv in the repo, install torch without CUDA packages when the machine has
+# no NVIDIA GPU, install triton and grkernels (editable), then run.
+#
+# Knobs:  TORCH_SPEC   what to install as torch on a machine without a GPU (default: the
+#                      2.13.0 CPU build; elsewhere add TORCH_PIP_ARGS="--index-url <PyTorch's CPU index>")
+#         GPU_TORCH_SPEC  what to install on a machine with a GPU (default: torch from PyPI, CUDA build)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+GPU_TORCH_SPEC ?= torch
+EXTRAS ?= dev,trl,bench,triton
+STAMP := $(VENV)/.grkernels-installed
+DEMO_ARGS ?=
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo demo-quick quickstart test test-fast lint bench bench-gpu wheel clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	    echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif nvidia-smi -L >/dev/null 2>&1; then \
+	    echo "NVIDIA GPU found: installing $(GPU_TORCH_SPEC)"; $(PIP) install -q "$(GPU_TORCH_SPEC)"; \
+	else \
+	    echo "no GPU: installing CPU-only $(TORCH_SPEC)"; $(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; \
+	fi
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	@$(PY) -c "import torch, grkernels; print('grkernels', grkernels.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+	@touch $@
+
+demo: $(STAMP)
+	$(PY) -m grkernels demo --out $(DEMO_OUT) $(DEMO_ARGS)
+
+demo-quick: $(STAMP)
+	$(PY) -m grkernels demo --quick --out $(DEMO_OUT) $(DEMO_ARGS)
+
+quickstart: $(STAMP)
+	$(PY) -m grkernels quickstart
+
+# Triton kernels run on CPU tensors under the interpreter when there is no GPU
+# (tests/conftest.py sets TRITON_INTERPRET=1 in that case).
+test: $(STAMP)
+	$(PY) -m ruff check grkernels tests bench examples
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check grkernels tests bench examples
+
+bench: $(STAMP)
+	$(PY) -m pytest bench -q --benchmark-enable --benchmark-only
+
+bench-gpu: $(STAMP)
+	$(PY) -m grkernels bench --out bench/results
+
+wheel: $(STAMP)
+	$(PY) -m build --wheel --no-isolation
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis .benchmarks $(DEMO_OUT)

@@ -1,0 +1,3 @@
+from grkernels.cli import main
+
+raise SystemExit(main())

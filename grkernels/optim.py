@@ -1,0 +1,475 @@
+"""``GradReg``: gradient regularization as a wrapper around any ``torch.optim.Optimizer``.
+
+Per optimizer step (Karakida et al. 2023, forward finite difference; Ackermann et al. 2026 for RLHF/RLVR):
+
+    g1 = ∇L(θ);  θ' = θ + ε·v with v = clip(g1);  g2 = ∇L(θ');  restore θ;
+    grad = g1 + (γ/ε)·(clip(g2) − v)  ≈  ∇L + γ·H·v          → handed to the base optimizer
+
+This file is the bookkeeping: which parameters take part, the γ schedule, RNG replay, the order of calls, errors,
+state and diagnostics. The arithmetic lives in a backend: ``grkernels.reference.TorchGRStep`` (plain PyTorch, the
+specification) or ``grkernels.kernels.gr_step.TritonGRStep`` (fused kernels), picked in ``_make_backend``.
+
+Host synchronisation: ``perturb()`` and ``restore_and_combine()`` read nothing back from the device. ``step()``
+reads one boolean (were g1 and g2 finite?) right before the base optimizer's step, the same read
+``torch.amp.GradScaler`` makes, so that a non-finite step can be skipped; ``skip_nonfinite=False`` removes it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from grkernels.kernels import resolve_backend
+from grkernels.params import resolve_exclude
+from grkernels.reference import StepPlan, TorchGRStep
+
+ESTIMATORS = ("forward", "central", "exact")
+_IDLE, _PERTURBED, _COMBINED = "idle", "perturbed", "combined"
+
+
+class _RNGReplay:
+    """The CPU and CUDA generator states at the first evaluation, to replay them at θ' (same dropout masks)."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def replay(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class GradReg(torch.optim.Optimizer):
+    r"""Gradient regularization around an existing optimizer: the base optimizer steps with
+    ``g1 + (γ/ε)·(clip(g2) − clip(g1)) ≈ ∇L + γ·H·∇L`` instead of ``g1 = ∇L``.
+
+    Args:
+        optimizer: the base optimizer (an instance). ``GradReg`` shares its ``param_groups`` and ``state``.
+        strength: γ, the weight of the penalty (γ/2)·‖∇L‖² (units of 1/loss: γ·H·g has the units of g).
+        eps: ε, the finite-difference step: θ' = θ + ε·clip(g1) (parameter units per gradient unit).
+        g1_clip: max norm of g1 for the perturbation direction (None: no clipping). Paper default 10.
+        g2_clip: max norm of g2 (None: no clipping). Paper default 10.
+        exclude: parameters left out of GR (neither perturbed nor corrected: they get plain g1): tensors, and/or
+            name substrings when ``named_parameters`` is given. ``grkernels.paper_exclude(model)`` gives the
+            paper's default (embeddings and output head).
+        named_parameters: ``(name, tensor)`` pairs, e.g. ``model.named_parameters()``, for string excludes.
+        warmup_steps: steps before GR starts (plain base-optimizer steps until then).
+        schedule: ``schedule(step) -> float``, a multiplier of every group's strength after warmup.
+        estimator: "forward" (paper; 1 extra pass), "central" (θ ± ε·v, 2 extra passes, robust over ε) or
+            "exact" (double backprop H·v; the closure must call ``loss.backward(create_graph=True)``, or
+            ``opt.backward(loss)``).
+        rounding: "stochastic" (default; unbiased, keeps ε·v alive in bf16/fp16 weights) or "nearest".
+        backend: "torch", "triton" or "auto" (Triton on CUDA when installed).
+        skip_nonfinite: skip (and count, with a warning) a step whose g1 or g2 is not finite. Costs one host read
+            of a boolean per step; with False nothing is read and non-finite gradients reach the base optimizer
+            (the perturbation itself is always protected).
+        seed: seed of the stochastic rounding (the step index is mixed in; resuming reproduces it).
+
+    Per-group overrides: a param group may set ``gr_strength`` (γ for that group) or ``gr_enabled=False``.
+    """
+
+    _step_supports_amp_scaling = True  # so that GradScaler.step() reaches step() and gets a clear error
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        strength: float,
+        eps: float,
+        g1_clip: float | None = 10.0,
+        g2_clip: float | None = 10.0,
+        exclude: Iterable[torch.Tensor | str] | None = None,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+        warmup_steps: int = 0,
+        schedule: Callable[[int], float] | None = None,
+        estimator: str = "forward",
+        rounding: str = "stochastic",
+        backend: str = "auto",
+        skip_nonfinite: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"GradReg wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
+        if isinstance(optimizer, GradReg):
+            raise TypeError("GradReg: the base optimizer is already a GradReg")
+        if not (math.isfinite(strength) and strength >= 0):
+            raise ValueError(f"GradReg: strength must be a finite number >= 0, got {strength}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"GradReg: eps must be a finite number > 0, got {eps}")
+        for name, clip in (("g1_clip", g1_clip), ("g2_clip", g2_clip)):
+            if clip is not None and not clip > 0:
+                raise ValueError(f"GradReg: {name} must be > 0 or None, got {clip}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"GradReg: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"GradReg: rounding must be 'stochastic' or 'nearest', got {rounding!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"GradReg: warmup_steps must be >= 0, got {warmup_steps}")
+        resolve_backend(backend, "cpu", what="GradReg")  # validates the name
+
+        self.optimizer = optimizer
+        self.strength, self.eps = float(strength), float(eps)
+        self.g1_clip, self.g2_clip = g1_clip, g2_clip
+        self.warmup_steps, self.schedule = int(warmup_steps), schedule
+        self.estimator, self.rounding, self.backend = estimator, rounding, backend
+        self.skip_nonfinite, self.seed = skip_nonfinite, int(seed)
+        self._excluded = resolve_exclude(exclude, named_parameters)
+        for group in optimizer.param_groups:
+            self._group_defaults(group)
+
+        # torch.optim.Optimizer's own bookkeeping, without copying the base optimizer's param groups.
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+
+        self._step = 0  # optimizer steps taken (skipped ones included): drives warmup, schedule, seeds
+        self._phase = _IDLE
+        self._plan: StepPlan | None = None
+        self._impl: TorchGRStep | None = None
+        self._point = 0  # perturbation points visited this step
+        self._finite: torch.Tensor | None = None
+        self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
+        self._metrics: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ sharing the base optimizer
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    def _group_defaults(self, group: dict[str, Any]) -> None:
+        group.setdefault("gr_strength", self.strength)
+        group.setdefault("gr_enabled", True)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        self._group_defaults(self.optimizer.param_groups[-1])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return (
+            f"GradReg(strength={self.strength}, eps={self.eps}, estimator={self.estimator!r}, "
+            f"g1_clip={self.g1_clip}, g2_clip={self.g2_clip}, backend={self.backend!r},\n  {self.optimizer!r})"
+        )
+
+    # ------------------------------------------------------------------ schedule
+    def strength_factor(self, step: int | None = None) -> float:
+        """Multiplier of every group's γ at ``step`` (default: the coming step): 0 during warmup."""
+        step = self._step if step is None else step
+        if step < self.warmup_steps:
+            return 0.0
+        return float(self.schedule(step)) if self.schedule is not None else 1.0
+
+    @property
+    def active(self) -> bool:
+        """Whether the coming step does GR (False during warmup, or when every γ is 0). Host-side, no sync."""
+        factor = self.strength_factor()
+        return factor != 0.0 and any(
+            g["gr_enabled"] and g["gr_strength"] * factor != 0.0 for g in self.param_groups
+        )
+
+    @property
+    def extra_passes(self) -> int:
+        """Forward/backward passes at perturbed points this step needs: 1 forward, 2 central, 0 exact/inactive."""
+        if not self.active or self.estimator == "exact":
+            return 0
+        return 2 if self.estimator == "central" else 1
+
+    @property
+    def needs_graph(self) -> bool:
+        """Whether the backward of this step must keep its graph (``create_graph=True``): the exact estimator."""
+        return self.active and self.estimator == "exact"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, with ``create_graph=True`` when the exact estimator needs it."""
+        loss.backward(create_graph=self.needs_graph)
+
+    # ------------------------------------------------------------------ plan and backend
+    def _make_plan(self) -> StepPlan:
+        """Sort parameters with a gradient into GR parameters and keep parameters; validate them."""
+        factor = self.strength_factor()
+        params: list[torch.Tensor] = []
+        coefs: list[float] = []
+        keep: list[torch.Tensor] = []
+        devices: set[torch.device] = set()
+        for group in self.param_groups:
+            gamma = group["gr_strength"] * factor if group["gr_enabled"] else 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # no gradient: left alone
+                if p.grad.is_sparse or p.layout != torch.strided:
+                    raise RuntimeError(
+                        f"GradReg: sparse gradients are not supported (parameter of shape {tuple(p.shape)}); "
+                        "use dense embeddings (sparse=False) or exclude the parameter's group from GradReg"
+                    )
+                if not p.is_floating_point():
+                    raise TypeError(f"GradReg: parameter of dtype {p.dtype} is not floating point")
+                devices.add(p.device)
+                if gamma != 0.0 and id(p) not in self._excluded:
+                    params.append(p)
+                    coefs.append(gamma)
+                else:
+                    keep.append(p)
+        if len(devices) > 1:
+            raise RuntimeError(
+                f"GradReg: parameters are on several devices ({sorted(str(d) for d in devices)}); one GR step "
+                "works on one device. Use one GradReg per device, or DDP/FSDP with one device per process."
+            )
+        return StepPlan(
+            params=params,
+            coefs=coefs,
+            keep=keep,
+            eps=self.eps,
+            g1_clip=self.g1_clip,
+            g2_clip=self.g2_clip,
+            estimator=self.estimator,
+            rounding=self.rounding,
+            seed=self.seed * 1_000_003 + self._step,
+        )
+
+    def _make_backend(self, device: torch.device) -> TorchGRStep:
+        """The one place the GR-step implementation is chosen."""
+        if resolve_backend(self.backend, device, what="GradReg") == "triton":
+            from grkernels.kernels.gr_step import TritonGRStep
+
+            return TritonGRStep(device)
+        return TorchGRStep()
+
+    def _backend_for(self, plan: StepPlan) -> TorchGRStep:
+        if self._impl is None:
+            self._impl = self._make_backend(plan.device)
+        return self._impl
+
+    def _check_no_grad_scaler(self, kwargs: dict[str, Any]) -> None:
+        if "grad_scaler" in kwargs or hasattr(self, "grad_scale") or hasattr(self, "found_inf"):
+            if self._phase == _PERTURBED:
+                self.restore()
+            raise RuntimeError(
+                "GradReg does not support torch.amp.GradScaler (fp16 loss scaling): g1 and g2 would be scaled "
+                "differently from the perturbation. Train in bf16 (autocast needs no scaler) or fp32. "
+                "Parameters were left at θ."
+            )
+
+    # ------------------------------------------------------------------ two-phase API
+    @torch.no_grad()
+    def perturb(self) -> None:
+        """After the backward pass(es) at θ: save g1, zero the GR gradients, move to the next perturbed point.
+
+        Call it ``extra_passes`` times per step, each followed by the same forward/backward pass(es) as at θ:
+        once for the forward estimator (θ + ε·v), twice for the central one (θ + ε·v, then θ − ε·v).
+        """
+        if self.estimator == "exact":
+            raise RuntimeError("GradReg(estimator='exact') has no perturbed pass: call step() after the backward")
+        if not self.active:
+            raise RuntimeError("GradReg.perturb(): GR is inactive this step (warmup or γ = 0); check opt.active")
+        if self._phase == _COMBINED or (self._phase == _PERTURBED and self._point >= self.extra_passes):
+            raise RuntimeError(
+                "GradReg.perturb() called too often: this step's perturbed passes are done; call step()"
+            )
+        if self._phase == _IDLE:
+            self._plan = self._make_plan()
+            self._point = 0
+            if not self._plan.params:
+                raise RuntimeError("GradReg.perturb(): no GR parameter has a gradient; run backward first")
+        self._backend_for(self._plan).perturb(self._plan, self._point)
+        self._point += 1
+        self._phase = _PERTURBED
+
+    @torch.no_grad()
+    def restore_and_combine(self) -> None:
+        """After the backward pass(es) at the perturbed point(s): restore θ bitwise and write the GR gradient
+        into ``.grad`` (excluded parameters get g1). The caller may clip before ``step()``."""
+        if self._phase != _PERTURBED or self._point < self.extra_passes:
+            raise RuntimeError(
+                f"GradReg.restore_and_combine(): expected {self.extra_passes} perturb() call(s) first "
+                f"(state: {self._phase}, perturbed points: {self._point})"
+            )
+        impl = self._backend_for(self._plan)
+        impl.restore_and_combine(self._plan)
+        self._finish_gr(impl)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Abort a perturbed step: θ back bitwise and ``.grad`` back to g1. No-op when nothing is perturbed."""
+        if self._phase == _PERTURBED:
+            self._backend_for(self._plan).restore(self._plan)
+        self._phase, self._point = _IDLE, 0
+
+    def _finish_gr(self, impl: TorchGRStep) -> None:
+        self._metrics = dict(impl.metrics)
+        self._finite = impl.metrics["finite"]
+        self._phase = _COMBINED
+
+    def _combine_exact(self) -> None:
+        """Exact estimator: H·v by double backprop from the graph kept in ``.grad``; ``.grad`` ← g1 + γ·H·v."""
+        plan = self._make_plan()
+        grads = [p.grad for p in plan.params]
+        if not plan.params or not all(g.requires_grad for g in grads):
+            raise RuntimeError(
+                "GradReg(estimator='exact') needs the graph of the gradient: call "
+                "loss.backward(create_graph=True) (or opt.backward(loss)) in the closure / before step()"
+            )
+        impl = self._backend_for(plan)
+        with torch.no_grad():
+            scale = impl.clip_scale_g1(plan)
+        v = [(g.detach() * scale).to(g.dtype) for g in grads]
+        try:
+            hvp = torch.autograd.grad(grads, plan.params, grad_outputs=v, allow_unused=True)
+        except RuntimeError as err:
+            raise RuntimeError(
+                "GradReg(estimator='exact'): the model's ops cannot double-backward (" + str(err).split("\n")[0]
+                + "). Use estimator='forward' or 'central', or ops with double-backward support "
+                "(e.g. attn_implementation='eager')."
+            ) from err
+        for p in plan.params + plan.keep:
+            p.grad = p.grad.detach()  # drop the graph (exact mode only: the only place .grad is rebound)
+        with torch.no_grad():
+            hvp = [torch.zeros_like(p) if h is None else h for p, h in zip(plan.params, hvp)]
+            impl.combine_hvp(plan, hvp)
+        self._plan = plan
+        self._finish_gr(impl)
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """One GR step.
+
+        With a closure (which computes the loss, calls ``loss.backward()`` and returns the loss): evaluate at θ,
+        perturb, evaluate again with the RNG replayed, restore θ bitwise, combine, step the base optimizer;
+        returns the first loss. Without a closure: finish a two-phase step (after ``perturb()`` and the second
+        backward, or after ``restore_and_combine()``), or take a plain step while GR is inactive (warmup).
+        """
+        self._check_no_grad_scaler(kwargs)
+        if closure is None:
+            if self._phase == _PERTURBED:
+                self.restore_and_combine()
+            if self._phase == _IDLE and self.active:
+                if self.estimator != "exact":
+                    raise RuntimeError(
+                        "GradReg.step() needs a closure (re-evaluating the loss at θ + ε·g1), or the two-phase "
+                        "API: backward, opt.perturb(), backward again, opt.step()"
+                    )
+                self._combine_exact()
+            return self._base_step()
+        if self._phase != _IDLE:
+            raise RuntimeError(f"GradReg.step(closure) while a two-phase step is {self._phase}: call step() first")
+
+        self.zero_grad()
+        rng = _RNGReplay()
+        with torch.enable_grad():
+            loss = closure()
+        if self.needs_graph:
+            self._combine_exact()
+            self._base_step()
+            return loss
+        for _ in range(self.extra_passes):
+            self.perturb()
+            try:
+                rng.replay()
+                with torch.enable_grad():
+                    closure()
+            except BaseException:
+                self.restore()  # θ back bitwise before the exception propagates
+                raise
+        if self._phase == _PERTURBED:
+            self.restore_and_combine()
+        self._base_step()
+        return loss
+
+    def _base_step(self) -> None:
+        """Step the base optimizer unless g1/g2 were non-finite (one host read of one boolean)."""
+        if self._phase == _IDLE and self.skip_nonfinite:
+            # Plain step (GR inactive): still never let a non-finite g1 reach the weights.
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+                self._finite = torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]).sum())
+                self._metrics = {"g1_norm": torch.linalg.vector_norm(torch.stack(norms))}
+        finite = self._finite
+        if finite is not None:
+            self._skipped = (~finite).long() + (0 if self._skipped is None else self._skipped.to(finite.device))
+        try:
+            if finite is not None and self.skip_nonfinite and not bool(finite):
+                warnings.warn(
+                    f"GradReg: non-finite gradient at step {self._step} (g1 or g2 has inf/NaN); the step was "
+                    "skipped and the parameters are unchanged",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            else:
+                self.optimizer.step()
+        finally:
+            self._step += 1
+            self._phase, self._point, self._finite = _IDLE, 0, None
+
+    # ------------------------------------------------------------------ diagnostics and state
+    def metrics(self, sync: bool = True) -> dict[str, Any]:
+        """Diagnostics of the last step: ``g1_norm`` and ``g2_norm`` (over GR parameters, before clipping),
+        ``gr_rel`` = ‖GR − g1‖/‖g1‖, ``perturb_ratio`` = ‖θ' − θ‖/‖ε·v‖ (realised over intended), ``skipped``
+        (non-finite steps so far), ``strength`` (γ multiplier of the coming step) and ``step``.
+
+        ``sync=False`` returns the device tensors as they are (no host read); ``sync=True`` returns floats.
+        """
+        out: dict[str, Any] = {k: v for k, v in self._metrics.items() if k != "finite"}
+        if self._skipped is not None:
+            out["skipped"] = self._skipped
+        if sync:
+            out = {k: float(v) for k, v in out.items()}
+            out.setdefault("skipped", 0.0)
+        out["strength"] = self.strength_factor()
+        out["step"] = self._step
+        return out
+
+    def extra_memory_bytes(self) -> int:
+        """Bytes the GR step keeps between perturb() and step() (saved g1, θ, ...), as last allocated."""
+        return 0 if self._impl is None else self._impl.extra_bytes()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus ``"grad_reg"``: GR's step counter and skip count."""
+        sd = self.optimizer.state_dict()
+        sd["grad_reg"] = {
+            "step": self._step,
+            "skipped": int(self._skipped.sum()) if self._skipped is not None else 0,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        gr = sd.pop("grad_reg", None)
+        self.optimizer.load_state_dict(sd)
+        for group in self.optimizer.param_groups:
+            self._group_defaults(group)
+        if gr is not None:
+            self._step = int(gr["step"])
+            self._skipped = torch.tensor(int(gr["skipped"])) if gr.get("skipped") else None
+        self._phase, self._point, self._impl = _IDLE, 0, None

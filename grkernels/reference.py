@@ -1,0 +1,224 @@
+"""The GR step in plain PyTorch: the specification every fast backend must match.
+
+One GR step over the gradient-regularised ("GR") parameters P, with g1 = ∇L(θ) in ``.grad``:
+
+    n1 = ‖g1‖₂ over P,             s1 = min(1, c1 / (n1 + 1e-6))    (1 when c1 is None)
+    v  = s1·g1                     (the clipped direction; "the scale factor applies to the perturbation")
+    θ' = round(θ + ε·v)            (stochastic rounding for bf16/fp16 parameters, see ``stochastic_round``)
+    g2 = ∇L(θ')                    (the caller's second forward/backward, accumulated into ``.grad``)
+    n2 = ‖g2‖₂ over P,             s2 = min(1, c2 / (n2 + 1e-6))
+    θ  ← θ (bitwise, from a saved copy)
+    grad ← g1 + (γ_p/ε)·(s2·g2 − s1·g1)        ≈ ∇L + γ·H·v
+
+The central estimator evaluates g± = ∇L(θ ± ε·v) and uses grad ← g1 + (γ_p/2ε)·(s₊·g₊ − s₋·g₋); the exact
+estimator gets H·v from double backprop and uses grad ← g1 + γ_p·H·v. Parameters outside P that have a gradient
+("keep" parameters: excluded, or in a group with GR off) end the step with their g1, bitwise.
+
+Everything stays on the device: norms, clip factors and the finite flag are 0-d tensors, so no step of this file
+reads a value back to the host. Arithmetic is in float32 (float64 for float64 tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from grkernels.rounding import perturbed_value
+
+NORM_EPS = 1e-6  # added to a norm before dividing by it, as torch.nn.utils.clip_grad_norm_ does
+
+
+@dataclass
+class StepPlan:
+    """What one GR step works on, decided by ``GradReg`` on the host (no tensor values read).
+
+    params: the GR parameters P (each has ``.grad``), all on one device.
+    coefs:  γ_p per parameter of P (the strength of its group after warmup/schedule).
+    keep:   parameters outside P that have a gradient and must end the step with their g1.
+    eps:    ε, the finite-difference step (units of the parameters per unit of clipped gradient).
+    g1_clip, g2_clip: max norms c1, c2 (None: no clipping).
+    estimator: "forward", "central" or "exact".
+    rounding: "stochastic" or "nearest" (bf16/fp16 parameters only; fp32/fp64 always round to nearest).
+    seed:   seed of the stochastic rounding of this step (deterministic for a given seed).
+    """
+
+    params: list[torch.Tensor]
+    coefs: list[float]
+    keep: list[torch.Tensor] = field(default_factory=list)
+    eps: float = 1e-3
+    g1_clip: float | None = 10.0
+    g2_clip: float | None = 10.0
+    estimator: str = "forward"
+    rounding: str = "stochastic"
+    seed: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return (self.params or self.keep)[0].device
+
+
+def accum_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 when any tensor is float64 (so exact-HVP tests stay meaningful), else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def global_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """‖concat(tensors)‖₂ as a 0-d tensor of ``dtype``; per-tensor norms first, in a fixed order."""
+    if not tensors:
+        return torch.zeros((), dtype=dtype)
+    norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
+    return torch.linalg.vector_norm(torch.stack(norms), 2)
+
+
+def clip_scale(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """min(1, c / (‖g‖ + 1e-6)) as a device tensor; 1 when ``max_norm`` is None."""
+    if max_norm is None:
+        return torch.ones_like(norm)
+    return torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
+
+
+class TorchGRStep:
+    """Reference backend. Saves g1 (grad dtype) and θ (param dtype) per GR parameter; g1 per keep parameter.
+
+    Extra memory per GR parameter: grad bytes + param bytes (4 B for bf16, 8 B for fp32), plus one more grad
+    copy for the central estimator; per keep parameter: grad bytes.
+    """
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._plan: StepPlan | None = None
+        self._theta: list[torch.Tensor] = []
+        self._g1: list[torch.Tensor] = []
+        self._g1_keep: list[torch.Tensor] = []
+        self._g_plus: list[torch.Tensor] = []
+        self._s1 = self._s_plus = self._finite = None
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _copies(src: Sequence[torch.Tensor], bufs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy ``src`` into reusable buffers (reallocated only when shapes/dtypes change)."""
+        if len(bufs) != len(src) or any(
+            b.shape != s.shape or b.dtype != s.dtype or b.device != s.device for b, s in zip(bufs, src)
+        ):
+            bufs[:] = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in src]
+        for b, s in zip(bufs, src):
+            b.copy_(s)
+        return bufs
+
+    def extra_bytes(self) -> int:
+        """Bytes held by this backend's buffers right now."""
+        bufs = self._theta + self._g1 + self._g1_keep + self._g_plus
+        return sum(b.numel() * b.element_size() for b in bufs)
+
+    # ------------------------------------------------------------------ the step
+    def perturb(self, plan: StepPlan, point: int) -> None:
+        """Move P to perturbation point ``point`` (0: θ + ε·v; 1, central only: θ − ε·v); zero P's grads.
+
+        Point 0 also saves θ, g1 (and keep parameters' g1) and computes n1, s1. Point 1 saves g₊ and s₊.
+        """
+        grads = [p.grad for p in plan.params]
+        dtype = accum_dtype(grads)
+        if point == 0:
+            self._plan = plan
+            self._copies([p.detach() for p in plan.params], self._theta)
+            self._copies(grads, self._g1)
+            self._copies([p.grad for p in plan.keep], self._g1_keep)
+            n1 = global_norm(grads, dtype)
+            self._s1 = clip_scale(n1, plan.g1_clip)
+            self._finite = torch.isfinite(n1)
+            self.metrics = {"g1_norm": n1}
+            sign = 1.0
+        else:
+            n_plus = global_norm(grads, dtype)
+            self._copies(grads, self._g_plus)
+            self._s_plus = clip_scale(n_plus, plan.g2_clip)
+            self._finite = self._finite & torch.isfinite(n_plus)
+            sign = -1.0
+        # The perturbation ε·s1·g1 (zero where g1 is not finite: a NaN must never reach the weights).
+        step = torch.where(self._finite, self._s1 * (sign * plan.eps), torch.zeros_like(self._s1))
+        realised_sq = torch.zeros((), dtype=dtype, device=plan.device)
+        for i, (p, theta, g1) in enumerate(zip(plan.params, self._theta, self._g1)):
+            new = perturbed_value(theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point)
+            new = torch.where(self._finite, new, theta)
+            p.detach().copy_(new)
+            if point == 0:
+                realised_sq += (new.to(dtype) - theta.to(dtype)).square().sum()
+            p.grad.zero_()
+        if point == 0:
+            intended = plan.eps * self._s1 * self.metrics["g1_norm"]
+            self.metrics["perturb_ratio"] = realised_sq.sqrt() / intended.clamp_min(torch.finfo(dtype).tiny)
+
+    def restore(self, plan: StepPlan) -> None:
+        """Abort: θ back bitwise, every saved gradient back to g1."""
+        for p, theta, g1 in zip(plan.params, self._theta, self._g1):
+            p.detach().copy_(theta)
+            if p.grad is None:
+                p.grad = g1.clone()
+            else:
+                p.grad.copy_(g1)
+        self._restore_keep(plan)
+
+    def _restore_keep(self, plan: StepPlan) -> None:
+        for p, g1 in zip(plan.keep, self._g1_keep):
+            if p.grad is None:
+                p.grad = g1.clone()
+            else:
+                p.grad.copy_(g1)
+
+    def restore_and_combine(self, plan: StepPlan) -> None:
+        """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
+        missing = [i for i, p in enumerate(plan.params) if p.grad is None]
+        if missing:
+            self.restore(plan)
+            raise RuntimeError(
+                f"GradReg: {len(missing)} parameter(s) had a gradient at θ but none after the second "
+                "backward (did the second pass skip part of the model?). Parameters were restored."
+            )
+        grads = [p.grad for p in plan.params]
+        dtype = accum_dtype(grads)
+        n2 = global_norm(grads, dtype)
+        s2 = clip_scale(n2, plan.g2_clip)
+        self._finite = self._finite & torch.isfinite(n2)
+        if plan.estimator == "central":
+            a, sa, b, sb, div = self._g_plus, self._s_plus, grads, s2, 2.0 * plan.eps
+        else:
+            a, sa, b, sb, div = grads, s2, self._g1, self._s1, plan.eps
+        diff_sq = torch.zeros((), dtype=dtype, device=plan.device)
+        for p, theta, g1, ga, gb, gamma in zip(plan.params, self._theta, self._g1, a, b, plan.coefs):
+            p.detach().copy_(theta)
+            correction = (gamma / div) * (sa * ga.to(dtype) - sb * gb.to(dtype))
+            diff_sq += correction.square().sum()
+            p.grad.copy_(g1.to(dtype) + correction)
+        self._restore_keep(plan)
+        self.metrics["g2_norm"] = n2
+        self.metrics["gr_rel"] = diff_sq.sqrt() / self.metrics["g1_norm"].clamp_min(torch.finfo(dtype).tiny)
+        self.metrics["finite"] = self._finite
+
+    def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:
+        """Exact estimator: ``.grad`` ← g1 + γ_p·H·v with H·v from double backprop (``.grad`` holds g1)."""
+        grads = [p.grad for p in plan.params]
+        dtype = accum_dtype(grads)
+        n1 = global_norm(grads, dtype)
+        finite = torch.isfinite(n1)
+        diff_sq = torch.zeros((), dtype=dtype, device=plan.device)
+        for p, hv, gamma in zip(plan.params, hvp, plan.coefs):
+            correction = gamma * hv.to(dtype)
+            diff_sq += correction.square().sum()
+            p.grad.copy_(p.grad.to(dtype) + correction)
+        hv_norm = global_norm(list(hvp), dtype)
+        self.metrics = {
+            "g1_norm": n1,
+            "g2_norm": hv_norm,  # for the exact estimator: ‖H·v‖
+            "perturb_ratio": torch.ones_like(n1),
+            "gr_rel": diff_sq.sqrt() / n1.clamp_min(torch.finfo(dtype).tiny),
+            "finite": finite & torch.isfinite(hv_norm),
+        }
+
+    def clip_scale_g1(self, plan: StepPlan) -> torch.Tensor:
+        """s1 for the exact estimator's direction v = s1·g1 (computed from ``.grad``)."""
+        grads = [p.grad for p in plan.params]
+        return clip_scale(global_norm(grads, accum_dtype(grads)), plan.g1_clip)

@@ -1,0 +1,31 @@
+"""Shared test set-up.
+
+Without a CUDA device the Triton kernels run on CPU tensors under Triton's interpreter,
+which must be switched on before triton is imported anywhere: that is done here, first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from grkernels.kernels import triton_usable  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    """The device kernels are tested on: CUDA when present, else CPU (Triton interpreter)."""
+    return DEVICE
+
+
+requires_triton = pytest.mark.skipif(
+    not triton_usable(DEVICE), reason="triton is not installed (or not usable on this device)"
+)
