@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="grkernels", description="Gradient regularization for RL fine-tuning")
-        parser.add_argument("command", choices=sorted(commands), help="; ".join(f"{k}: {v}" for k, v in commands.items()))
+        parser.add_argument(
+            "command", choices=sorted(commands), help="; ".join(f"{k}: {v}" for k, v in commands.items())
+        )
         parser.parse_args(argv[:1])
         return 2
     command, rest = argv[0], argv[1:]

@@ -301,8 +301,16 @@ class GradReg(torch.optim.Optimizer):
             self._plan = self._make_plan()
             self._point = 0
             if not self._plan.params:
-                raise RuntimeError("GradReg.perturb(): no GR parameter has a gradient; run backward first")
-        self._backend_for(self._plan).perturb(self._plan, self._point)
+                raise RuntimeError(
+                    "GradReg.perturb(): no GR parameter has a gradient: run backward first, or check `exclude` "
+                    "and gr_enabled (every parameter with a gradient is excluded)"
+                )
+        impl = self._backend_for(self._plan)
+        try:
+            impl.perturb(self._plan, self._point)
+        except BaseException:
+            self._phase, self._point = _IDLE, 0  # the backend put θ and g1 back before raising
+            raise
         self._point += 1
         self._phase = _PERTURBED
 
@@ -413,8 +421,11 @@ class GradReg(torch.optim.Optimizer):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             if grads:
                 norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-                self._finite = torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms]).sum())
-                self._metrics = {"g1_norm": torch.linalg.vector_norm(torch.stack(norms))}
+                n1 = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+                self._finite = torch.isfinite(n1)
+                nan = torch.full_like(n1, float("nan"))
+                # Same keys as a GR step, so loggers see one schema: GR changed nothing this step.
+                self._metrics = {"g1_norm": n1, "g2_norm": nan, "gr_rel": torch.zeros_like(n1), "perturb_ratio": nan}
         finite = self._finite
         if finite is not None:
             self._skipped = (~finite).long() + (0 if self._skipped is None else self._skipped.to(finite.device))

@@ -141,13 +141,17 @@ class TorchGRStep:
         # The perturbation ε·s1·g1 (zero where g1 is not finite: a NaN must never reach the weights).
         step = torch.where(self._finite, self._s1 * (sign * plan.eps), torch.zeros_like(self._s1))
         realised_sq = torch.zeros((), dtype=dtype, device=plan.device)
-        for i, (p, theta, g1) in enumerate(zip(plan.params, self._theta, self._g1)):
-            new = perturbed_value(theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point)
-            new = torch.where(self._finite, new, theta)
-            p.detach().copy_(new)
-            if point == 0:
-                realised_sq += (new.to(dtype) - theta.to(dtype)).square().sum()
-            p.grad.zero_()
+        try:
+            for i, (p, theta, g1) in enumerate(zip(plan.params, self._theta, self._g1)):
+                new = perturbed_value(theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point)
+                new = torch.where(self._finite, new, theta)
+                p.detach().copy_(new)
+                if point == 0:
+                    realised_sq += (new.to(dtype) - theta.to(dtype)).square().sum()
+                p.grad.zero_()
+        except BaseException:
+            self.restore(plan)  # θ and g1 are saved in full before anything moves: put them back, then raise
+            raise
         if point == 0:
             intended = plan.eps * self._s1 * self.metrics["g1_norm"]
             self.metrics["perturb_ratio"] = realised_sq.sqrt() / intended.clamp_min(torch.finfo(dtype).tiny)

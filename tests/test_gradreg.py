@@ -452,3 +452,66 @@ def test_gr_math_makes_no_host_sync(backend, monkeypatch):
         m = opt.metrics(sync=False)
     assert all(isinstance(v, torch.Tensor) for k, v in m.items() if k not in ("strength", "step"))
     opt.step()
+
+
+def test_failure_inside_perturb_restores_theta_and_g1(monkeypatch):
+    import grkernels.reference as ref
+
+    model = tanh_mlp(80, dtype=torch.float32)
+    x, y = regression_batch(81, dtype=torch.float32)
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.1), strength=0.5, eps=1e-2, backend="torch")
+    before = snapshot(model)
+    (model(x) - y).square().mean().backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
+    real, calls = ref.perturbed_value, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("out of memory half-way through the perturbation")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ref, "perturbed_value", failing)
+    with pytest.raises(MemoryError):
+        opt.perturb()
+    assert bitwise_equal(snapshot(model), before)
+    assert bitwise_equal([p.grad for p in model.parameters()], g1)
+    monkeypatch.setattr(ref, "perturbed_value", real)
+    opt.perturb()  # usable again
+    (model(x) - y).square().mean().backward()
+    opt.step()
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=12, deadline=None)
+@hypothesis.given(
+    widths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    strength=st.floats(0.01, 3.0),
+    excluded_mask=st.integers(0, 63),
+    seed=st.integers(0, 10_000),
+)
+def test_fuzz_forward_estimator_matches_double_backprop(widths, strength, excluded_mask, seed):
+    torch.manual_seed(seed)
+    dims = [4, *widths, 2]
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    model = nn.Sequential(*layers).double()
+    params = list(model.parameters())
+    excluded = [p for i, p in enumerate(params) if excluded_mask >> i & 1]
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    base = torch.optim.SGD(params, lr=0.0)
+    opt = GradReg(base, strength=strength, eps=1e-6, g1_clip=None, g2_clip=None, exclude=excluded,
+                  backend="torch")
+    cap = GradCapture(base)
+    coefs = [0.0 if any(p is e for e in excluded) else strength for p in params]
+    expected = exact_gr_gradient(lambda: (model(x) - y).square().mean(), params, coefs)
+    if all(c == 0 for c in coefs):
+        with pytest.raises(RuntimeError, match="no GR parameter"):
+            opt.step(make_closure(model, x, y))
+        return
+    opt.step(make_closure(model, x, y))
+    assert rel_err(cap.grads[0], expected) < 1e-4
