@@ -18,11 +18,13 @@ from grkernels import GradReg, paper_exclude
 class TinyLM(nn.Module):
     """Token embedding, a stack of pre-norm transformer blocks with dropout, and an untied output head."""
 
-    def __init__(self, vocab: int = 32, dim: int = 64, layers: int = 2, heads: int = 4, ctx: int = 32) -> None:
+    def __init__(
+        self, vocab: int = 32, dim: int = 64, layers: int = 2, heads: int = 4, ctx: int = 32, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(ctx, dim)
-        block = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=dropout, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
