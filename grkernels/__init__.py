@@ -6,7 +6,24 @@
 """
 
 from grkernels._version import __version__
+from grkernels.ops import (
+    fused_linear_policy_loss,
+    kl_penalty,
+    policy_loss,
+    selective_log_softmax,
+    token_entropy,
+)
 from grkernels.optim import GradReg
 from grkernels.params import PAPER_EXCLUDE_NAMES, paper_exclude
 
-__all__ = ["GradReg", "PAPER_EXCLUDE_NAMES", "__version__", "paper_exclude"]
+__all__ = [
+    "PAPER_EXCLUDE_NAMES",
+    "GradReg",
+    "__version__",
+    "fused_linear_policy_loss",
+    "kl_penalty",
+    "paper_exclude",
+    "policy_loss",
+    "selective_log_softmax",
+    "token_entropy",
+]

@@ -1,0 +1,598 @@
+"""Log-prob, entropy, KL and policy-loss ops for RL fine-tuning of language models.
+
+Each public op takes ``backend="auto" | "torch" | "triton"``; :func:`grkernels.kernels.resolve_backend`
+decides ("auto" = Triton for CUDA tensors, torch otherwise). The torch code in this file is the
+specification: readable, autograd-differentiated, and what the Triton kernels
+(``grkernels/kernels/logprob.py``, ``grkernels/kernels/fused_linear.py``) are tested against.
+
+Only the vocab-sized part (log-sum-exp, chosen-token log-prob, entropy, and their gradient) differs between
+backends. The per-token loss arithmetic (ratios, clipping, KL, aggregation) is O(tokens) and shared: it is
+:func:`policy_loss_from_logp`, written once in torch and differentiated by autograd on both backends.
+
+Units: log-probs and entropies in nats, fp32. Loss definitions follow TRL 1.16's ``GRPOTrainer._compute_loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from grkernels.kernels import check_triton_device, resolve_backend
+
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "fused_linear_policy_loss",
+    "kl_penalty",
+    "logp_and_entropy",
+    "policy_loss",
+    "policy_loss_from_logp",
+    "selective_log_softmax",
+    "token_entropy",
+]
+
+# Canonical aggregation names (verl's vocabulary) and the TRL ``loss_type`` names that mean the same thing.
+LOSS_AGGREGATIONS = {
+    "token_mean": "token_mean",  # sum over all tokens / token count (TRL dapo, bnpo)
+    "dapo": "token_mean",
+    "bnpo": "token_mean",
+    "seq_mean_token_mean": "seq_mean_token_mean",  # mean over sequences of per-sequence token means (TRL grpo)
+    "grpo": "seq_mean_token_mean",
+    "seq_mean_token_sum_norm": "seq_mean_token_sum_norm",  # sum / (batch * max_completion_length) (Dr.GRPO)
+    "dr_grpo": "seq_mean_token_sum_norm",
+    "seq_mean_token_sum": "seq_mean_token_sum",  # mean over sequences of per-sequence token sums (TRL luspo)
+    "luspo": "seq_mean_token_sum",
+}
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input checks (host-side metadata only: shapes, dtypes, devices; never tensor values on CUDA)
+# --------------------------------------------------------------------------------------------------------------
+def _check_logits_ids(logits: torch.Tensor, index: torch.Tensor, what: str) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise ValueError(f"{what}: logits must be a tensor [..., V], got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{what}: logits must be floating point (fp32/bf16/fp16), got dtype {logits.dtype}")
+    if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{what}: token ids must be an integer tensor, got dtype {index.dtype}")
+    if tuple(index.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"{what}: token ids shape {tuple(index.shape)} must equal logits shape without the vocab dim "
+            f"{tuple(logits.shape[:-1])} (logits [..., T, V], ids [..., T], already shifted by the caller)"
+        )
+    if index.device != logits.device:
+        raise ValueError(f"{what}: token ids are on {index.device} but logits on {logits.device}")
+    if logits.numel() == 0:
+        raise ValueError(f"{what}: empty input (logits shape {tuple(logits.shape)})")
+
+
+def _check_temperature(temperature: float, what: str) -> None:
+    if isinstance(temperature, torch.Tensor) or not float(temperature) > 0.0:
+        raise ValueError(f"{what}: temperature must be a positive Python float, got {temperature!r}")
+
+
+def _check_ids_in_range(index: torch.Tensor, vocab: int, active: torch.Tensor | None, what: str) -> None:
+    """Token ids of active tokens must lie in [0, V).
+
+    On CPU a host check raises ValueError. On CUDA the check is ``torch._assert_async``: a device-side
+    assertion enqueued on the stream, so the launch path never waits for the GPU.
+    """
+    bad = (index < 0) | (index >= vocab)
+    if active is not None:
+        bad = bad & active
+    if index.device.type == "cuda":
+        torch._assert_async(~bad.any(), f"{what}: token id outside [0, {vocab}) (vocab size)")
+    elif bool(bad.any()):
+        first = index[bad].flatten()[0].item()
+        raise ValueError(f"{what}: token id {first} outside [0, {vocab}) (vocab size = logits.shape[-1])")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch reference of the vocab-sized part
+# --------------------------------------------------------------------------------------------------------------
+def _torch_logp_entropy(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = True,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference: z = logits / temperature (computed in fp32, or fp64 for fp64 input),
+    logp = z[index] - logsumexp(z), entropy = -sum_j p_j log p_j with p = softmax(z).
+
+    Vocab entries at -inf have p = 0 and contribute 0 to the entropy (0 log 0 := 0), also in the gradient.
+    """
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    if temperature != 1.0:
+        z = z / temperature
+    logp_all = F.log_softmax(z, dim=-1)
+    logp = logp_all.gather(-1, index.long().unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    # without a gradient through H (e.g. entropy only logged), autograd need not keep two more [.., V] tensors
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        p = logp_all.exp()
+        # where() before the product, so that neither the value nor the gradient sees 0 * (-inf)
+        safe = torch.where(p > 0, logp_all, 0.0)
+        entropy = -(p * safe).sum(-1)
+    return logp, entropy
+
+
+def logp_and_entropy(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    temperature: float = 1.0,
+    active: torch.Tensor | None = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    with_entropy: bool = True,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen-token log-prob and entropy of every token, from one pass over the vocabulary.
+
+    Args:
+        logits: ``[..., V]`` (fp32/bf16/fp16).
+        index: ``[...]`` token ids in [0, V) (only checked where ``active``).
+        temperature: logits are divided by it (a Python float; a kernel argument, never recompiles).
+        active: optional bool ``[...]``; inactive tokens read no logits, return 0 and get zero gradient.
+        inplace_backward: Triton only: write d(logits) into the logits buffer (saves one vocab-sized tensor;
+            the logits must not be needed by anything else afterwards).
+        with_entropy: False skips the entropy (returned as zeros).
+        entropy_grad: False returns the entropy without a gradient path (cheaper on the torch backend).
+    Returns:
+        ``(logp, entropy)``, fp32 ``[...]`` each, in nats, differentiable w.r.t. ``logits``.
+    """
+    what = "logp_and_entropy"
+    _check_logits_ids(logits, index, what)
+    _check_temperature(temperature, what)
+    if active is not None:
+        if tuple(active.shape) != tuple(index.shape):
+            raise ValueError(f"{what}: mask shape {tuple(active.shape)} must equal ids shape {tuple(index.shape)}")
+        if active.device != logits.device:
+            raise ValueError(f"{what}: mask is on {active.device} but logits on {logits.device}")
+        active = active.bool() if active.dtype != torch.bool else active
+    vocab = logits.shape[-1]
+    _check_ids_in_range(index, vocab, active, what)
+    if resolve_backend(backend, logits.device, what=what) == "triton":
+        check_triton_device(logits, what=what)
+        from grkernels.kernels.logprob import triton_logp_entropy
+
+        logp, entropy = triton_logp_entropy(logits, index, temperature, active, inplace_backward, with_entropy)
+        return logp, (entropy if entropy_grad else entropy.detach())
+    safe_index = index if active is None else torch.where(active, index, torch.zeros_like(index))
+    logp, entropy = _torch_logp_entropy(logits, safe_index, temperature, with_entropy, entropy_grad)
+    if entropy is None:
+        entropy = torch.zeros_like(logp)
+    if active is not None:
+        logp = torch.where(active, logp, torch.zeros_like(logp))
+        entropy = torch.where(active, entropy, torch.zeros_like(entropy))
+    return logp, entropy
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0, backend: str = "auto"
+) -> torch.Tensor:
+    """fp32 log-probability of the chosen tokens: ``log_softmax(logits / temperature)[..., index]``.
+
+    ``logits`` ``[..., V]``, ``index`` ``[...]`` (ids in [0, V)); returns ``[...]`` fp32 nats, differentiable.
+    The Triton backend saves only a per-token log-sum-exp and recomputes the softmax in backward.
+    """
+    logp, _ = logp_and_entropy(logits, index, temperature, backend=backend, with_entropy=False)
+    return logp
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """fp32 per-token entropy ``H = -sum_j p_j log p_j``, ``p = softmax(logits / temperature)``, in nats.
+
+    ``logits`` ``[..., V]`` -> ``[...]``, differentiable. Entries at -inf count as ``p = 0``.
+    """
+    index = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    _, entropy = logp_and_entropy(logits, index, temperature, backend=backend)
+    return entropy
+
+
+def kl_penalty(
+    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", backend: str = "auto"
+) -> torch.Tensor:
+    """Elementwise estimate of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman's estimators).
+
+    With ``d = ref_logp - logp``: ``k1 = -d``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (>= 0, unbiased).
+    Elementwise and O(tokens): both backends run the same torch expression (a kernel would not be faster
+    than one fused elementwise pass; ``backend`` is validated for a uniform API).
+    """
+    what = "kl_penalty"
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"{what}: estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"{what}: logp shape {tuple(logp.shape)} != ref_logp shape {tuple(ref_logp.shape)}")
+    if logp.device != ref_logp.device:
+        raise ValueError(f"{what}: logp on {logp.device} but ref_logp on {ref_logp.device}")
+    if resolve_backend(backend, logp.device, what=what) == "triton":
+        check_triton_device(logp, what=what)
+    return _kl_from_diff(ref_logp - logp, estimator)
+
+
+def _kl_from_diff(d: torch.Tensor, estimator: str) -> torch.Tensor:
+    """KL estimators as functions of ``d = ref_logp - logp``."""
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    return torch.exp(d) - d - 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the O(tokens) policy-loss epilogue, shared by every backend
+# --------------------------------------------------------------------------------------------------------------
+def _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref_logp, what="policy_loss") -> str:
+    """Validate the loss options; returns the canonical aggregation name."""
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"{what}: kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"{what}: loss_agg must be one of {sorted(LOSS_AGGREGATIONS)}, got {loss_agg!r}")
+    if importance_sampling not in ("token", "sequence"):
+        raise ValueError(f"{what}: importance_sampling must be 'token' or 'sequence', got {importance_sampling!r}")
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError(f"{what}: beta={beta} needs ref_logp (the reference policy's per-token log-probs)")
+    return LOSS_AGGREGATIONS[loss_agg]
+
+
+def _token_weights(mask: torch.Tensor, agg: str, num_items, max_completion_length) -> torch.Tensor:
+    """Per-token weight w_t with ``loss = sum_t w_t l_t`` for each aggregation (0 on masked tokens)."""
+    B, T = mask.shape
+    if agg == "token_mean":
+        return mask / (mask.sum().clamp(min=1.0) if num_items is None else num_items)
+    if agg == "seq_mean_token_mean":
+        return mask / (B * mask.sum(-1, keepdim=True).clamp(min=1.0))
+    if agg == "seq_mean_token_sum_norm":
+        return mask / (B * (T if max_completion_length is None else max_completion_length))
+    return mask / B  # seq_mean_token_sum
+
+
+def _metrics_from_stats(stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fused kernels' stats vector [policy loss, entropy, KL, low clip, high clip] as the metrics dict."""
+    return {
+        "kl": stats[2],
+        "clip_fraction": stats[3] + stats[4],
+        "clip_low_fraction": stats[3],
+        "clip_high_fraction": stats[4],
+        "entropy": stats[1],
+        "policy_loss": stats[0],
+    }
+
+
+def _as_batch(x: torch.Tensor | None, shape: tuple[int, int], name: str, what: str, device) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: {name} must be a tensor")
+    if x.device != device:
+        raise ValueError(f"{what}: {name} is on {x.device} but logits on {device}")
+    if x.numel() != shape[0] * shape[1]:
+        raise ValueError(f"{what}: {name} has shape {tuple(x.shape)}, expected {shape} (same as completion_ids)")
+    return x.reshape(shape)
+
+
+def policy_loss_from_logp(
+    logp: torch.Tensor,
+    entropy: torch.Tensor | None,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl_estimator: str = "k3",
+    loss_agg: str = "token_mean",
+    importance_sampling: str = "token",
+    entropy_coef: float = 0.0,
+    num_items: float | torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    delta: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-clip policy loss from per-token log-probs ``[B, T]`` (see :func:`policy_loss` for the formulas)."""
+    agg = _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref_logp)
+    B, T = logp.shape
+    mask_b = completion_mask.bool() if completion_mask.dtype != torch.bool else completion_mask
+    mask = mask_b.to(logp.dtype)
+    if advantages.numel() == B:  # one advantage per sequence
+        adv = advantages.reshape(B, 1)
+    else:
+        adv = advantages.reshape(B, T)
+    adv = adv.to(logp.dtype)
+    zero = logp.new_zeros(())
+
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    # masked (padding) tokens may carry arbitrary old/ref values: zero their differences *before* exp(),
+    # so that a padded exp() cannot overflow and turn 0 * inf into NaN
+    log_ratio = torch.where(mask_b, logp - old, zero)
+    if importance_sampling == "token":
+        log_w = log_ratio
+    else:  # GSPO: one ratio per sequence, the exp of the mean token log-ratio
+        log_w = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    coef_1 = torch.exp(log_w)
+    coef_2 = torch.clamp(coef_1, 1.0 - clip_low, 1.0 + clip_high)
+    if delta is not None:  # two-sided clipping (INTELLECT-2): cap the unclipped ratio too
+        coef_1 = torch.clamp(coef_1, max=delta)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+
+    if ref_logp is not None:
+        d = torch.where(mask_b, ref_logp.to(logp.dtype) - logp, zero)
+        per_token_kl = _kl_from_diff(d, kl_estimator)
+        if beta != 0.0:
+            per_token = per_token + beta * per_token_kl
+    else:
+        per_token_kl = None
+
+    masked = per_token * mask  # broadcasts [B, 1] (sequence-level) to [B, T]
+    if agg == "token_mean":
+        denom = mask.sum().clamp(min=1.0) if num_items is None else num_items
+        loss = masked.sum() / denom
+    elif agg == "seq_mean_token_mean":
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif agg == "seq_mean_token_sum_norm":
+        L = T if max_completion_length is None else max_completion_length
+        loss = masked.sum() / (B * L)
+    else:  # seq_mean_token_sum
+        loss = masked.sum(-1).mean()
+    policy_part = loss.detach()
+
+    n_tok = mask.sum().clamp(min=1.0)
+    mean_entropy = zero if entropy is None else (entropy * mask).sum() / n_tok
+    if entropy_coef != 0.0:
+        if entropy is None:
+            raise ValueError("policy_loss: entropy_coef != 0 needs the entropy")
+        loss = loss - entropy_coef * mean_entropy
+
+    with torch.no_grad():
+        low = (coef_1 < 1.0 - clip_low) & (adv < 0)
+        high = (coef_1 > 1.0 + clip_high) & (adv > 0)
+        if importance_sampling == "token":
+            frac = lambda x: (x.to(mask.dtype) * mask).sum() / n_tok
+        else:  # one ratio per sequence: the fraction of sequences, as TRL logs it
+            frac = lambda x: x.to(mask.dtype).expand(B, -1)[:, :1].mean()
+        metrics = {
+            "kl": zero if per_token_kl is None else (per_token_kl * mask).sum() / n_tok,
+            "clip_fraction": frac(low | high),
+            "clip_low_fraction": frac(low),
+            "clip_high_fraction": frac(high),
+            "entropy": mean_entropy.detach(),
+            "policy_loss": policy_part,
+        }
+    return loss, metrics
+
+
+def _flatten_for_policy(logits: torch.Tensor, completion_ids: torch.Tensor, what: str) -> tuple[int, int]:
+    if logits.dim() < 2:
+        raise ValueError(f"{what}: logits must be [..., T, V], got shape {tuple(logits.shape)}")
+    _check_logits_ids(logits, completion_ids, what)
+    T = logits.shape[-2]
+    B = logits.numel() // (T * logits.shape[-1])
+    return B, T
+
+
+def _prepare_policy_inputs(B, T, device, advantages, completion_mask, old_logp, ref_logp, what):
+    if not isinstance(advantages, torch.Tensor) or not isinstance(completion_mask, torch.Tensor):
+        raise TypeError(f"{what}: advantages and completion_mask must be tensors")
+    for name, t in (("advantages", advantages), ("completion_mask", completion_mask)):
+        if t.device != device:
+            raise ValueError(f"{what}: {name} is on {t.device} but logits on {device}")
+    if advantages.numel() not in (B, B * T):
+        raise ValueError(
+            f"{what}: advantages has shape {tuple(advantages.shape)}; expected one per sequence ({B}) "
+            f"or one per token ({B}x{T})"
+        )
+    if not advantages.is_floating_point():
+        raise TypeError(f"{what}: advantages must be floating point, got {advantages.dtype}")
+    mask = _as_batch(completion_mask, (B, T), "completion_mask", what, device)
+    old = _as_batch(old_logp, (B, T), "old_logp", what, device)
+    ref = _as_batch(ref_logp, (B, T), "ref_logp", what, device)
+    adv = advantages.reshape(B) if advantages.numel() == B else advantages.reshape(B, T)
+    return adv, mask, old, ref
+
+
+def policy_loss(
+    logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl_estimator: str = "k3",
+    loss_agg: str = "token_mean",
+    temperature: float = 1.0,
+    importance_sampling: str = "token",
+    entropy_coef: float = 0.0,
+    inplace_backward: bool = False,
+    *,
+    num_items: float | torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    delta: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO-family PPO-clip policy loss straight from the logits, as TRL 1.16 defines it.
+
+    Shapes: ``logits [..., T, V]`` (any float dtype), ``completion_ids [..., T]`` (shifted by the caller),
+    ``advantages [...]`` (per sequence) or ``[..., T]``, ``completion_mask [..., T]``, ``old_logp`` /
+    ``ref_logp [..., T]`` fp32. Leading dims are flattened to B sequences.
+
+    Per token, with ``lp = log_softmax(logits / temperature)[id]`` (nats) and mask ``m``:
+
+    - ``r = exp(lp - old_logp)`` (``importance_sampling="token"``), or GSPO's sequence ratio
+      ``r_b = exp(sum_t m (lp - old) / sum_t m)`` (``"sequence"``); ``old_logp=None`` = on-policy
+      (``old = lp.detach()``, so r = 1 with the policy gradient).
+    - ``l = -min(r A, clamp(r, 1 - clip_low, 1 + clip_high) A)`` (``r`` capped at ``delta`` if given),
+      plus ``beta * KL`` with ``KL = kl_penalty(lp, ref_logp, kl_estimator)``.
+    - ``loss_agg``: ``"token_mean"`` (DAPO/BNPO) ``sum(l m) / N`` with ``N = num_items`` (a global token
+      count, e.g. for gradient accumulation) or ``sum(m)``; ``"seq_mean_token_mean"`` (GRPO)
+      ``mean_b(sum_t l m / sum_t m)``; ``"seq_mean_token_sum_norm"`` (Dr.GRPO) ``sum(l m) / (B *
+      max_completion_length)`` (default T); ``"seq_mean_token_sum"`` ``mean_b(sum_t l m)``. TRL's
+      ``loss_type`` names (dapo, bnpo, grpo, dr_grpo, luspo) are accepted as aliases.
+    - ``entropy_coef``: ``loss -= entropy_coef * sum(H m) / sum(m)`` (entropy from the same fused pass).
+
+    Returns ``(loss, metrics)``; ``metrics`` are detached 0-d tensors on the logits' device (no host sync):
+    ``kl`` (masked token mean; 0 without ref_logp), ``clip_fraction`` (+ ``clip_low_fraction``,
+    ``clip_high_fraction``: the region-clipped share, as TRL logs it), ``entropy`` (masked mean, nats),
+    ``policy_loss`` (the loss before the entropy bonus). Masked tokens get exactly zero gradient.
+    ``inplace_backward=True`` (Triton) writes d(logits) into the logits buffer.
+
+    Backends: "torch" is this file's reference (materialises fp32 log-softmax). "triton" with
+    ``importance_sampling="token"`` runs one fused kernel per token that also evaluates the loss and its
+    gradient coefficient (``grkernels/kernels/policy_loss.py``), then one backward pass over the logits;
+    with ``"sequence"`` it runs the log-prob/entropy kernel and this file's epilogue. Either way autograd
+    keeps only the logits plus O(tokens) fp32 vectors.
+    """
+    what = "policy_loss"
+    B, T = _flatten_for_policy(logits, completion_ids, what)
+    adv, mask, old, ref = _prepare_policy_inputs(
+        B, T, logits.device, advantages, completion_mask, old_logp, ref_logp, what
+    )
+    mask_b = mask.bool() if mask.dtype != torch.bool else mask
+    V = logits.shape[-1]
+    if importance_sampling == "token" and resolve_backend(backend, logits.device, what=what) == "triton":
+        # the fused kernel: log-prob, entropy, ratio, clip, KL and the loss gradient in one pass per token
+        agg = _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref)
+        _check_temperature(temperature, what)
+        check_triton_device(logits, what=what)
+        ids = completion_ids.reshape(B, T)
+        _check_ids_in_range(ids, V, mask_b, what)
+        from grkernels.kernels.policy_loss import triton_policy_loss
+
+        mask_f = mask_b.to(torch.float32)
+        inv_ntok = 1.0 / mask_f.sum().clamp(min=1.0)
+        weights = _token_weights(mask_f, agg, num_items, max_completion_length)
+        cfg = dict(
+            temperature=temperature, clip_low=clip_low, clip_high=clip_high, delta=delta, beta=beta,
+            kl_estimator=kl_estimator, entropy_coef=entropy_coef, inplace_backward=inplace_backward,
+        )  # fmt: skip
+        loss, stats = triton_policy_loss(logits.reshape(B, T, V), ids, mask_b, weights, inv_ntok, adv, old, ref, cfg)
+        return loss, _metrics_from_stats(stats)
+    logp, entropy = logp_and_entropy(
+        logits.reshape(B, T, V),
+        completion_ids.reshape(B, T),
+        temperature,
+        active=mask_b,
+        inplace_backward=inplace_backward,
+        backend=backend,
+        entropy_grad=entropy_coef != 0.0,
+    )
+    return policy_loss_from_logp(
+        logp, entropy, adv, mask_b, old, ref, beta, clip_low, clip_high, kl_estimator, loss_agg,
+        importance_sampling, entropy_coef, num_items, max_completion_length, delta,
+    )  # fmt: skip
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    completion_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl_estimator: str = "k3",
+    loss_agg: str = "token_mean",
+    temperature: float = 1.0,
+    importance_sampling: str = "token",
+    entropy_coef: float = 0.0,
+    chunk_size: int = 4096,
+    *,
+    num_items: float | torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    delta: float | None = None,
+    fp32_grad_weight: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`policy_loss` of ``logits = hidden @ weight.T + bias`` without ever holding all the logits.
+
+    ``hidden [..., T, H]``, ``weight [V, H]`` (the LM head), ``bias [V]`` or None. Tokens are processed in
+    chunks of ``chunk_size`` rows. Triton, token-level ratios: each chunk's logits are evaluated once, the fused
+    loss kernel gives every token's loss gradient right away, the chunk is turned into d(logits) in place and
+    ``d hidden = dz W``, ``d W += dz^T h``, ``d b += sum dz`` are formed in the forward (backward only scales
+    them by the upstream scalar). GSPO (sequence-level ratios, which need all of a sequence's log-probs
+    first) and the torch backend: forward keeps only log-probs/entropies/log-sum-exp per token, backward
+    recomputes each chunk's logits (one extra matmul) and then does the same. Peak extra
+    memory is one ``[chunk_size, V]`` logits chunk (+ its fp32 gradient on the torch backend) plus, for a
+    trained weight, the ``[V, H]`` dW accumulator: fp32 by default; ``fp32_grad_weight=False`` sums in the
+    weight's dtype instead (less memory, one rounding of the running sum per chunk). A weight with
+    ``requires_grad=False`` (frozen head, e.g. LoRA) skips its gradient matmul. Masked tokens read no logits
+    in the kernels and get zero gradient (their matmul rows are still computed: compacting them away would
+    need a host sync). Other arguments and the result: as in :func:`policy_loss`.
+    """
+    what = "fused_linear_policy_loss"
+    if hidden.dim() < 2:
+        raise ValueError(f"{what}: hidden must be [..., T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{what}: weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{what}: bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{what}: {name} is on {t.device} but hidden on {hidden.device}")
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{what}: {name} dtype {t.dtype} differs from hidden dtype {hidden.dtype}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{what}: chunk_size must be a positive int, got {chunk_size!r}")
+    _check_temperature(temperature, what)
+    if tuple(completion_ids.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"{what}: completion_ids shape {tuple(completion_ids.shape)} must equal hidden shape without H "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    if hidden.numel() == 0:
+        raise ValueError(f"{what}: empty input (hidden shape {tuple(hidden.shape)})")
+    T = hidden.shape[-2]
+    B = hidden.numel() // (T * hidden.shape[-1])
+    adv, mask, old, ref = _prepare_policy_inputs(
+        B, T, hidden.device, advantages, completion_mask, old_logp, ref_logp, what
+    )
+    mask_b = mask.bool() if mask.dtype != torch.bool else mask
+    ids = completion_ids.reshape(B, T)
+    _check_ids_in_range(ids, weight.shape[0], mask_b, what)
+    use_triton = resolve_backend(backend, hidden.device, what=what) == "triton"
+    if use_triton:
+        check_triton_device(hidden, what=what)
+    if use_triton and importance_sampling == "token":
+        # every token's loss gradient is known in the forward: d(hidden), dW, db are formed chunk by chunk
+        # there (3 matmuls per chunk, no recompute) and only scaled by the upstream gradient in backward
+        agg = _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref)
+        from grkernels.kernels.policy_loss import triton_fused_linear_policy_loss
+
+        mask_f = mask_b.to(torch.float32)
+        inv_ntok = 1.0 / mask_f.sum().clamp(min=1.0)
+        weights = _token_weights(mask_f, agg, num_items, max_completion_length)
+        grad_on = torch.is_grad_enabled()
+        cfg = dict(
+            temperature=temperature, clip_low=clip_low, clip_high=clip_high, delta=delta, beta=beta,
+            kl_estimator=kl_estimator, entropy_coef=entropy_coef, chunk_size=chunk_size,
+            fp32_grad_weight=fp32_grad_weight,
+            needs_grad=(
+                grad_on and hidden.requires_grad,
+                grad_on and weight.requires_grad,
+                grad_on and bias is not None and bias.requires_grad,
+            ),
+        )  # fmt: skip
+        loss, stats = triton_fused_linear_policy_loss(
+            hidden.reshape(B * T, -1).contiguous(), weight, bias, ids, mask_b, weights, inv_ntok, adv, old, ref, cfg
+        )
+        return loss, _metrics_from_stats(stats)
+    from grkernels.kernels.fused_linear import fused_linear_logp_entropy
+
+    logp, entropy = fused_linear_logp_entropy(
+        hidden.reshape(B * T, -1).contiguous(), weight, bias, ids.reshape(-1), mask_b.reshape(-1),
+        temperature, chunk_size, use_triton, fp32_grad_weight,
+    )  # fmt: skip
+    return policy_loss_from_logp(
+        logp.reshape(B, T), entropy.reshape(B, T), adv, mask_b, old, ref, beta, clip_low, clip_high,
+        kl_estimator, loss_agg, importance_sampling, entropy_coef, num_items, max_completion_length, delta,
+    )  # fmt: skip
