@@ -70,6 +70,9 @@ class GradReg(torch.optim.Optimizer):
             of a boolean per step; with False nothing is read and non-finite gradients reach the base optimizer
             (the perturbation itself is always protected).
         seed: seed of the stochastic rounding (the step index is mixed in; resuming reproduces it).
+        lean: Triton backend only: save g1 of fp32 gradients in bf16 (4 instead of 6 bytes per bf16 parameter
+            with fp32 gradients); between perturb() and step() the gradient buffers then hold g − g1, and the
+            GR correction keeps fp32 accuracy (see grkernels.kernels.gr_step). Ignored by the torch backend.
 
     Per-group overrides: a param group may set ``gr_strength`` (γ for that group) or ``gr_enabled=False``.
     """
@@ -93,6 +96,7 @@ class GradReg(torch.optim.Optimizer):
         backend: str = "auto",
         skip_nonfinite: bool = True,
         seed: int = 0,
+        lean: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GradReg wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
@@ -119,6 +123,7 @@ class GradReg(torch.optim.Optimizer):
         self.warmup_steps, self.schedule = int(warmup_steps), schedule
         self.estimator, self.rounding, self.backend = estimator, rounding, backend
         self.skip_nonfinite, self.seed = skip_nonfinite, int(seed)
+        self.lean = bool(lean)
         self._excluded = resolve_exclude(exclude, named_parameters)
         for group in optimizer.param_groups:
             self._group_defaults(group)
@@ -263,7 +268,7 @@ class GradReg(torch.optim.Optimizer):
         if resolve_backend(self.backend, device, what="GradReg") == "triton":
             from grkernels.kernels.gr_step import TritonGRStep
 
-            return TritonGRStep(device)
+            return TritonGRStep(device, lean=self.lean)
         return TorchGRStep()
 
     def _backend_for(self, plan: StepPlan) -> TorchGRStep:

@@ -1,0 +1,218 @@
+"""Fidelity of the GR Hessian-vector estimate: which ε (and estimator, rounding) to use with bf16 weights.
+
+For a small Llama (random init N(0, 0.02), weights on the bf16 grid, LM cross-entropy on random tokens) this
+compares, over an ε sweep, the correction each GR-step variant produces with the float64 double-backprop H·v
+at the same weights (v = g1, clipping off):
+
+    estimate = (GR gradient − g1) / γ        (γ large so that bf16 rounding of the result costs nothing)
+    cos = <estimate, H·v> / (‖estimate‖‖H·v‖)        rel = ‖estimate − H·v‖ / ‖H·v‖
+
+Variants: fp32 weights (the ideal, and the ``lean`` Triton mode that saves g1 in bf16), bf16 weights with the
+forward and central estimators, each with round-to-nearest and stochastic rounding, and the exact estimator
+(double backprop in bf16, no ε). ``perturb_ratio`` = ‖θ' − θ‖/‖ε·v‖ as the backend reports it.
+
+    PYTHONPATH=. python bench/fidelity.py            # CPU, a few minutes; writes bench/results/fidelity_<dev>.json
+    PYTHONPATH=. python bench/fidelity.py --quick    # 3 values of ε, 1 seed
+
+The torch backend is the specification and is what runs here by default; ``--backend triton`` runs the same
+sweep through the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1: slow). Rows marked [triton] always use
+the Triton backend (the lean option exists only there; the other row checks the kernels' own stochastic
+rounding); without Triton they are skipped, and on CPU (interpreted) they run at ε ∈ {1e-4, 1e-3, 1e-2} only
+(``--full-triton`` for all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton rows on CPU tensors (before triton is imported)
+
+EPS_SWEEP = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+INTERPRETED_EPS = (1e-4, 1e-3, 1e-2)  # [triton] rows under TRITON_INTERPRET (CPU) run only these
+GAMMA = 1e4
+
+
+def make_model(seed: int, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, attn_implementation="eager", tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.02)
+            p.copy_(p.to(torch.bfloat16).float())  # on the bf16 grid, as after loading a bf16 checkpoint
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def batch(seed: int, device: str):
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(0, 512, (8, 48), generator=g).to(device)
+
+
+def loss_of(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def flat(ts) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).double() for t in ts])
+
+
+def reference_hv(seed: int, device: str):
+    """float64 double backprop: H·g1 at the bf16-grid weights, g1 in float64."""
+    model = make_model(seed, torch.float64, device)
+    ids = batch(seed, device)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(loss_of(model, ids), params, create_graph=True)
+    v = [g.detach() for g in grads]
+    hv = torch.autograd.grad(grads, params, grad_outputs=v)
+    return flat(hv), float(flat(v).norm())
+
+
+def make_backend(name: str, device: str, lean: bool = False):
+    from grkernels.reference import TorchGRStep
+
+    if name == "torch" and not lean:
+        return TorchGRStep()
+    from grkernels.kernels.gr_step import TritonGRStep
+
+    return TritonGRStep(device, lean=lean)
+
+
+def gr_estimate(seed, dtype, estimator, rounding, eps, backend, device, lean=False):
+    """(estimate of H·g1 as a flat float64 vector, perturb_ratio) for one variant."""
+    from grkernels.reference import StepPlan
+
+    model = make_model(seed, dtype, device)
+    ids = batch(seed, device)
+    params = list(model.parameters())
+    if estimator == "exact":
+        grads = torch.autograd.grad(loss_of(model, ids), params, create_graph=True)
+        hv = torch.autograd.grad(grads, params, grad_outputs=[g.detach() for g in grads])
+        return flat(hv), 1.0
+    impl = make_backend(backend, device, lean)
+    model.zero_grad(set_to_none=True)
+    loss_of(model, ids).backward()
+    g1 = flat(p.grad for p in params)
+    plan = StepPlan(params=params, coefs=[GAMMA] * len(params), eps=eps, g1_clip=None, g2_clip=None,
+                    estimator=estimator, rounding=rounding, seed=seed)
+    for point in range(2 if estimator == "central" else 1):
+        with torch.no_grad():
+            impl.perturb(plan, point)
+        loss_of(model, ids).backward()
+    with torch.no_grad():
+        impl.restore_and_combine(plan)
+    est = (flat(p.grad for p in params) - g1) / GAMMA
+    return est, float(impl.metrics["perturb_ratio"])
+
+
+def cos_rel(est: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    cos = float(est @ ref / (est.norm() * ref.norm()).clamp_min(1e-300))
+    rel = float((est - ref).norm() / ref.norm())
+    return cos, rel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 values of ε, 1 seed")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-lean", action="store_true", help="skip the lean (Triton) rows")
+    ap.add_argument("--full-triton", action="store_true", help="[triton] rows at every ε, also interpreted")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    interpreted = args.device == "cpu"
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    eps_list = [1e-3, 3e-3, 1e-2] if args.quick else EPS_SWEEP
+    seeds = list(range(1 if args.quick else args.seeds))
+
+    from grkernels.kernels import triton_usable
+
+    lean_ok = not args.no_lean and triton_usable(args.device)
+    variants = [  # (label, dtype, estimator, rounding, lean, backend)
+        ("fp32 weights, forward", torch.float32, "forward", "nearest", False, args.backend),
+    ]
+    if lean_ok:
+        variants.append(("fp32 weights, forward, lean (g1 saved in bf16) [triton]", torch.float32, "forward",
+                         "nearest", True, "triton"))
+    variants += [
+        ("bf16, forward, nearest", torch.bfloat16, "forward", "nearest", False, args.backend),
+        ("bf16, forward, stochastic", torch.bfloat16, "forward", "stochastic", False, args.backend),
+        ("bf16, central, nearest", torch.bfloat16, "central", "nearest", False, args.backend),
+        ("bf16, central, stochastic", torch.bfloat16, "central", "stochastic", False, args.backend),
+    ]
+    if lean_ok and args.backend == "torch":  # the kernels' own stochastic rounding (a different RNG stream)
+        variants.append(("bf16, forward, stochastic [triton]", torch.bfloat16, "forward", "stochastic", False,
+                         "triton"))
+    t0 = time.time()
+    refs, g1_norms = {}, []
+    for s in seeds:
+        refs[s], g1n = reference_hv(s, args.device)
+        g1_norms.append(g1n)
+    rows = []
+    for label, dtype, est_name, rounding, lean, backend in variants:
+        row = {"variant": label, "estimator": est_name, "rounding": rounding, "lean": lean, "backend": backend,
+               "weights": str(dtype).replace("torch.", ""), "eps": {}}
+        for eps in eps_list:
+            if backend == "triton" and interpreted and not args.full_triton and eps not in INTERPRETED_EPS:
+                continue  # the interpreter is slow: a few ε are enough to check the kernels
+            cs, rs, prs = [], [], []
+            for s in seeds:
+                est, pr = gr_estimate(s, dtype, est_name, rounding, eps, backend, args.device, lean)
+                c, r = cos_rel(est, refs[s])
+                cs.append(c)
+                rs.append(r)
+                prs.append(pr)
+            row["eps"][f"{eps:g}"] = {"cos": sum(cs) / len(cs), "rel": sum(rs) / len(rs),
+                                      "perturb_ratio": sum(prs) / len(prs)}
+        rows.append(row)
+    ex_c, ex_r = zip(*(cos_rel(gr_estimate(s, torch.bfloat16, "exact", "nearest", 0.0, args.backend, args.device)[0],
+                               refs[s]) for s in seeds))
+    rows.append({"variant": "bf16, exact (double backprop, no ε)", "estimator": "exact", "rounding": "-",
+                 "lean": False, "weights": "bfloat16", "eps": {"-": {"cos": sum(ex_c) / len(ex_c),
+                                                                    "rel": sum(ex_r) / len(ex_r)}}})
+    elapsed = time.time() - t0
+
+    n_params = sum(p.numel() for p in make_model(0, torch.float32, "cpu").parameters())
+    g1n = sum(g1_norms) / len(g1_norms)
+    print(f"\nGR fidelity: Llama {n_params / 1e6:.2f}M params, batch 8x48, ‖g1‖ = {g1n:.2f} (clip off), estimate "
+          f"of H·g1 vs float64 double backprop; cos / relative error (mean of {len(seeds)} seed(s)); "
+          f"backend={args.backend}, device={args.device}, {elapsed:.0f} s")
+    head = "| variant | " + " | ".join(f"ε={e:g}" for e in eps_list) + " |"
+    print(head)
+    print("|---|" + "---|" * len(eps_list))
+    for row in rows:
+        if "-" in row["eps"]:
+            m = row["eps"]["-"]
+            print(f"| {row['variant']} | " + " | ".join([f"{m['cos']:.3f}/{m['rel']:.3f}"] * len(eps_list)) + " |")
+            continue
+        cells = [f"{row['eps'][f'{e:g}']['cos']:.2f}/{row['eps'][f'{e:g}']['rel']:.2f}" if f"{e:g}" in row["eps"]
+                 else "–" for e in eps_list]
+        print(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    print("\nrealised perturbation ratio ‖θ'−θ‖/‖ε·v‖:")
+    for row in rows:
+        if "-" not in row["eps"]:
+            print(f"  {row['variant']}: " + ", ".join(f"{e}: {v['perturb_ratio']:.2f}" for e, v in row["eps"].items()))
+    out = Path(args.out or Path(__file__).parent / "results" / f"fidelity_{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model_params": n_params, "g1_norm": g1n, "seeds": len(seeds), "backend": args.backend,
+                               "device": args.device, "gamma": GAMMA, "seconds": elapsed, "rows": rows},
+                              indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,762 @@
+"""The GR step in fused multi-tensor Triton kernels: norms, perturb, restore + combine, without host syncs.
+
+Same semantics as ``grkernels.reference.TorchGRStep`` (the specification; read its docstring for the math).
+Per dtype group (see ``multi_tensor``) every pass is ONE launch over all tensors of the group, one program per
+chunk of at most ``chunk`` elements. With P the GR parameters, g the gradient, and per element:
+
+    sumsq      reads g                         partial[c] = Σ g²            (accumulated in fp32, fp64 for fp64)
+    perturb@0  reads g, θ                      saves g1 (→ S dtype), θ (bits); θ ← round(θ + step·g);
+                                               g ← 0; partial[c] = Σ (θ' − θ)²    (the realised perturbation)
+    perturb@1  reads g₊, saved θ, saved g1     saves g₊; θ ← round(θ − ε·s1·g1); g ← 0; partial[c] = Σ g₊²
+    combine    reads g2, saved g1, saved θ     θ ← saved bits; g ← g1 + coef·(sa·ga − sb·gb);
+               (+ saved g₊ for central)        partial[c] = Σ correction²
+    restore    reads saved θ, saved g1         θ ← saved bits; g ← g1  (abort)
+
+where step = ε·s1 when g1 is finite (else 0 and θ stays θ), coef = γ_p/ε (forward: ga = g2, sa = s2, gb = g1,
+sb = s1) or γ_p/2ε (central: ga = g₊, sa = s₊, gb = g₋, sb = s₋). The partial sums are per chunk (fixed
+order inside a program); the second stage is a sum over the chunk buffer in a fixed order on the device, and
+norms, clip factors min(1, c/(‖g‖ + 1e-6)), the finite flag and ``step`` are 0-d device tensors computed by the
+same torch expressions as the reference. Nothing in the step reads a value back to the host.
+
+Rounding of the perturbed parameter (low-precision parameters, ``rounding="stochastic"``): x = θ + step·g in
+fp32; for bf16 the fp32 bit pattern plus a uniform 16-bit random integer, truncated to the upper 16 bits
+(P(round up) = the discarded fraction, exactly unbiased); for fp16 the two neighbours lo = rn(x) and
+next(lo toward x) and P(other) = |x − lo| / |other − lo| against a 24-bit uniform. The random integers are
+Philox4x32-10 keyed by the step seed with counter (element index / 4, tensor index, point): deterministic for a
+seed, independent of chunking, one Philox call per 4 elements. Restore never recomputes anything: it writes the
+saved bit patterns back, so it is bitwise whatever the rounding.
+
+Bitwise agreement with the torch backend (``rounding="nearest"``): the element-wise arithmetic is the same
+expression in the same order (FMA contraction disabled), so θ', the combined gradient and keep parameters'
+gradients are bitwise equal whenever the clip factors are exactly 1 (clipping off or inactive). The norms
+themselves are summed in a different order (per chunk here, per tensor there): they agree to ~1e-6 relative,
+and so do θ' and the gradient when clipping is active (the clip factor then differs in its last bits).
+
+Extra memory per GR parameter (bytes; what ``extra_bytes`` counts, plus the small tables):
+
+    | param / grad dtype | default (g1 in grad dtype + θ) | lean (g1 in bf16 + θ) | central adds (g₊) |
+    | bf16 / fp32        | 6                              | 4                     | 4 (lean 2)        |
+    | bf16 / bf16        | 4                              | 4                     | 2                 |
+    | fp16 / fp16        | 4                              | 4                     | 2                 |
+    | fp32 / fp32        | 8                              | 6                     | 4 (lean 2)        |
+    | fp64 / fp64        | 16                             | 16                    | 8                 |
+
+plus, per keep parameter, one copy of its gradient (grad bytes). Each tensor's save slot is padded to a multiple
+of 8 elements (16-byte aligned slots; ≤ 7 elements per tensor).
+
+Lean mode (``lean=True``; only fp32 gradients are affected): g1 is saved in bf16, b = rn_bf16(g1). Saving g1
+rounded naively would put its rounding error r = g1 − b (≤ 2^-9·|g1|) into the difference g2 − g1 and amplify
+it by γ/ε (``bench/fidelity.py``, fp32 weights: cos 0.93 instead of 1.00 at ε = 1e-3 when tried). Instead
+the perturb kernel leaves the difference itself in the gradient buffer: it writes −g1 (forward; exact, g1 is
+still in registers) or −b (central, both points) instead of zeros, so the second backward, which accumulates,
+leaves d = g2 − g1 (or g± − b) in fp32 (measured: cos/rel identical to the fp32 row at every ε). Then
+
+    forward:  ‖g2‖² = ‖g1‖² + Σ(d² + 2·d·b)  (error 2·<d, r>, negligible),  grad = b + (γ/ε)·(s2·d + (s2 − s1)·b)
+    central:  g₊ = d₊ + b (d₊ saved in bf16: its error is 2^-9 of a small number), g₋ = d₋ + b
+
+so the correction keeps fp32 accuracy and only the g1 term of the result carries the bf16 error (≤ 2^-9·|g1|
+per element, not amplified). The price: between ``perturb`` and ``restore_and_combine`` the GR parameters'
+gradient buffers hold −g1 (or −b) plus what the second backward accumulated, not g2 (a hook that reads
+``.grad`` in the second pass sees the difference; anything that overwrites instead of accumulating breaks it).
+Abort (``restore``) in lean mode gives back b, g1 rounded to bf16.
+
+Deviation from the reference, on purpose: at the second point of the central estimator the parameters move to
+θ − ε·s1·g1 even when g₊ is not finite (the reference leaves them at θ). Only g1 enters that point, which is
+finite there, so no NaN can reach the weights; the step's finite flag and result are the same.
+
+Fallbacks and errors: non-dense or differently laid-out parameter/gradient pairs, dtypes other than
+fp64/fp32/bf16/fp16 and CPU tensors outside the interpreter raise a clear error (use ``backend="torch"``). The
+exact estimator (double backprop) is dominated by the second backward; its cheap combine runs through the torch
+reference code.
+
+Launch heuristic: ``BLOCK`` = 2048 elements per loop iteration with 8 warps on CUDA (16 B/thread/iteration for
+fp32 loads: enough bytes in flight per SM), 1024 in the interpreter; ``chunk`` = 65,536 elements per program
+(16k programs per 1e9 elements). Each program runs its full blocks without masks, with the alignment facts
+told to the compiler (chunk starts are multiples of BLOCK, save slots 16-byte aligned, parameter/gradient
+addresses 16-byte aligned when the host saw them so: ``ALIGNED``), so that they compile to vector loads and
+stores (checked in the sm_90 PTX); only the last partial block of a tensor is masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from grkernels.kernels import check_triton_device, interpreter_on
+from grkernels.kernels.multi_tensor import INT_OF, Group, build_groups, check_tensor, layout_key, to_device
+from grkernels.reference import StepPlan, TorchGRStep, accum_dtype, clip_scale
+
+_TL: dict[torch.dtype, tl.dtype] = {
+    torch.float64: tl.float64,
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.int64: tl.int64,
+    torch.int32: tl.int32,
+    torch.int16: tl.int16,
+}
+_ROUND_NEAREST, _ROUND_SR_BF16, _ROUND_SR_GENERIC = 0, 1, 2
+_MODE_FORWARD, _MODE_CENTRAL, _MODE_ABORT = 0, 1, 2
+_SEED_MASK = 2**63 - 1
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _chunk_info(tab_ptr, n_tensors, chunk_ptr, n_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """(tensor row, first element, end element, save-buffer offset, step-wide tensor index) of this program.
+
+    ``start`` is a multiple of CHUNK (so of BLOCK) and ``off`` a multiple of 8 elements (the host pads the
+    save buffers): told to the compiler so that full blocks get vectorised loads and stores."""
+    c = tl.program_id(0)
+    t = tl.load(chunk_ptr + c)
+    start = tl.multiple_of(tl.load(chunk_ptr + n_chunks + c), BLOCK)
+    numel = tl.load(tab_ptr + 2 * n_tensors + t)
+    end = tl.minimum(start + CHUNK, numel)
+    off = tl.multiple_of(tl.load(tab_ptr + 3 * n_tensors + t), 8)
+    row = tl.load(tab_ptr + 4 * n_tensors + t)
+    return t, start, end, off, row
+
+
+@triton.jit
+def _addr(tab_ptr, col, n_tensors, t, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address in column ``col`` of the table, as a pointer to DT (16-byte aligned when ALIGNED)."""
+    ptr = tl.load(tab_ptr + col * n_tensors + t).to(tl.pointer_type(DT))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _ld(ptr, m, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr, mask=m, other=0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _st(ptr, v, m, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, v, mask=m)
+    else:
+        tl.store(ptr, v)
+
+
+@triton.jit
+def _cvt(x, DT: tl.constexpr):
+    """x converted to DT with round-to-nearest-even, like torch's ``.to``/``copy_``.
+
+    bf16 goes through fp32 (torch also rounds fp64 → fp32 → bf16) and is rounded with integer ops exactly as
+    c10::BFloat16 does (bits + 0x7FFF + lsb, NaN → 0x7FC0): a few integer ops, and Triton's CPU interpreter
+    does not round fp32 → bf16 to nearest-even.
+    """
+    if DT == tl.bfloat16:
+        xf = x.to(tl.float32)
+        bits = xf.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(xf != xf, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _sumsq_block(g_ptr, g1s_ptr, i, end, acc, G_FLT: tl.constexpr, S_FLT: tl.constexpr, ACC: tl.constexpr,
+                 NORM: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    idx = i + tl.arange(0, BLOCK)
+    m = idx < end
+    g = _ld(g_ptr + idx, m, MASKED).to(G_FLT, bitcast=True).to(ACC)
+    if NORM == 0:
+        acc += g * g
+    else:
+        b = _ld(g1s_ptr + idx, m, MASKED).to(S_FLT, bitcast=True).to(ACC)
+        if NORM == 1:
+            gb = g + b
+            acc += gb * gb
+        else:
+            acc += g * g + 2.0 * (g * b)
+    return acc
+
+
+@triton.jit
+def _sumsq_kernel(
+    tab_ptr,
+    n_tensors,
+    chunk_ptr,
+    n_chunks,
+    part_ptr,
+    g1s_ptr,
+    base_ptr,
+    G_INT: tl.constexpr,
+    G_FLT: tl.constexpr,
+    S_INT: tl.constexpr,
+    S_FLT: tl.constexpr,
+    ACC: tl.constexpr,
+    NORM: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """partial[c] over this program's chunk (ACC precision, fixed order) of, with d = the gradient buffer and
+    b = the saved (bf16) g1:  NORM 0: Σ d²;  1: Σ (d + b)²;  2: base[c] + Σ (d² + 2·d·b) with base[c] = Σ g1²
+    of the same chunk (lean forward: ‖d + g1‖² without g1, whose bf16 copy is inexact; see the class)."""
+    t, start, end, off, row = _chunk_info(tab_ptr, n_tensors, chunk_ptr, n_chunks, CHUNK, BLOCK)
+    g_ptr = _addr(tab_ptr, 1, n_tensors, t, G_INT, ALIGNED)
+    acc = tl.zeros([BLOCK], ACC)
+    n_full = (end - start) // BLOCK
+    for j in range(0, n_full):
+        i = tl.multiple_of(start + j * BLOCK, BLOCK)
+        acc = _sumsq_block(g_ptr, g1s_ptr + off, i, end, acc, G_FLT, S_FLT, ACC, NORM, False, BLOCK)
+    tail = start + n_full * BLOCK
+    if tail < end:
+        acc = _sumsq_block(g_ptr, g1s_ptr + off, tail, end, acc, G_FLT, S_FLT, ACC, NORM, True, BLOCK)
+    total = tl.sum(acc, axis=0)
+    if NORM == 2:
+        total += tl.load(base_ptr + tl.program_id(0))
+    tl.store(part_ptr + tl.program_id(0), total)
+
+
+@triton.jit
+def _round_to(x, seed, q, row, point, P_FLT: tl.constexpr, W: tl.constexpr, ROUND: tl.constexpr):
+    """x (W precision, shape [R, 4]) rounded to P_FLT: to nearest, or stochastically (see module docstring).
+
+    ``q`` [R, 1] is the element index / 4 (int64): one Philox call gives the 4 random words of a row.
+    """
+    if ROUND == 0:
+        return _cvt(x, P_FLT)
+    else:
+        zero = (q * 0).to(tl.uint32)
+        c0 = q.to(tl.uint32)
+        c1 = (q >> 32).to(tl.uint32)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + row.to(tl.uint32), zero + point)
+        lane = tl.arange(0, 4)[None, :]
+        r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+        if ROUND == 1:
+            # bf16 from fp32: add 16 random bits below the kept ones, then truncate (sign-magnitude: rounds the
+            # magnitude up with probability = the discarded fraction, for either sign)
+            bits = x.to(tl.uint32, bitcast=True) + (r & 0xFFFF)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            lo = _cvt(x, P_FLT)
+            lo_w = lo.to(W)
+            lo_b = lo.to(tl.int16, bitcast=True)
+            away = tl.abs(x) > tl.abs(lo_w)
+            # the neighbour of lo on x's side: one step of the magnitude (bits ± 1), or the smallest subnormal
+            # of x's sign when lo is zero (0x8001 = -32767 as int16)
+            other_b = tl.where(lo_w == 0, tl.where(x > 0, 1, -32767), tl.where(away, lo_b + 1, lo_b - 1))
+            other = other_b.to(tl.int16).to(P_FLT, bitcast=True)
+            gap = tl.abs(other.to(W) - lo_w)
+            p_other = tl.where(gap > 0, tl.abs(x - lo_w) / gap, 0.0)
+            u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+            return tl.where(u < p_other, other, lo)
+
+
+@triton.jit
+def _perturb_block(p_ptr, src_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, step, finite, seed, row, acc,
+                   SRC_INT: tl.constexpr, SRC_FLT: tl.constexpr, MASTER: tl.constexpr,
+                   P_INT: tl.constexpr, P_FLT: tl.constexpr, G_INT: tl.constexpr, G_FLT: tl.constexpr,
+                   S_INT: tl.constexpr, S_FLT: tl.constexpr, SAVE_CAST: tl.constexpr, W: tl.constexpr,
+                   ACC: tl.constexpr, POINT: tl.constexpr, ROUND: tl.constexpr, PRELOAD: tl.constexpr,
+                   MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    R: tl.constexpr = BLOCK // 4
+    rows = tl.arange(0, R)[:, None]
+    idx = i + (rows * 4 + tl.arange(0, 4)[None, :])
+    m = idx < end
+    g_bits = _ld(g_ptr + idx, m, MASKED)
+    g = g_bits.to(G_FLT, bitcast=True)
+    if POINT == 0:
+        th_bits = _ld(p_ptr + idx, m, MASKED)
+        _st(ths_ptr + idx, th_bits, m, MASKED)
+        if SAVE_CAST:
+            _st(g1s_ptr + idx, _cvt(g, S_FLT).to(S_INT, bitcast=True), m, MASKED)
+        else:
+            _st(g1s_ptr + idx, g_bits, m, MASKED)
+        d = g.to(W)  # the exact g1 (in lean mode too: the saved copy may be rounded, this is not)
+    else:
+        th_bits = _ld(ths_ptr + idx, m, MASKED)
+        if SAVE_CAST:
+            _st(gps_ptr + idx, _cvt(g, S_FLT).to(S_INT, bitcast=True), m, MASKED)
+        else:
+            _st(gps_ptr + idx, g_bits, m, MASKED)
+        b = _ld(g1s_ptr + idx, m, MASKED).to(S_FLT, bitcast=True)
+        if PRELOAD == 0:
+            ga = g.to(ACC)
+        else:
+            ga = g.to(ACC) + b.to(ACC)
+        acc += ga * ga
+        d = b.to(W)
+    th = th_bits.to(P_FLT, bitcast=True)
+    if MASTER:  # perturb from the (unchanged) master weight: one rounding into the model's weight
+        x = _ld(src_ptr + idx, m, MASKED).to(SRC_FLT, bitcast=True).to(W) + step * d
+    else:
+        x = th.to(W) + step * d
+    new = _round_to(x, seed, i // 4 + rows, row, POINT, P_FLT, W, ROUND)
+    new = tl.where(finite, new, th)  # never let a NaN/inf of g1 reach the weights
+    _st(p_ptr + idx, new.to(P_INT, bitcast=True), m, MASKED)
+    if POINT == 0:
+        delta = new.to(ACC) - th.to(ACC)
+        if MASKED:
+            delta = tl.where(m, delta, 0.0)
+        acc += delta * delta
+    if PRELOAD == 0:
+        _st(g_ptr + idx, tl.zeros([R, 4], G_INT), m, MASKED)
+    elif PRELOAD == 1:
+        _st(g_ptr + idx, (-g).to(G_INT, bitcast=True), m, MASKED)
+    else:
+        if POINT == 0:
+            nb = -(_cvt(g, S_FLT).to(G_FLT))  # −b, b = the value just saved
+        else:
+            nb = -(b.to(G_FLT))
+        _st(g_ptr + idx, nb.to(G_INT, bitcast=True), m, MASKED)
+    return acc
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _perturb_kernel(
+    tab_ptr,
+    n_tensors,
+    chunk_ptr,
+    n_chunks,
+    g1s_ptr,
+    ths_ptr,
+    gps_ptr,
+    part_ptr,
+    step_ptr,
+    finite_ptr,
+    seed,
+    P_INT: tl.constexpr,
+    P_FLT: tl.constexpr,
+    G_INT: tl.constexpr,
+    G_FLT: tl.constexpr,
+    S_INT: tl.constexpr,
+    S_FLT: tl.constexpr,
+    SAVE_CAST: tl.constexpr,
+    W: tl.constexpr,
+    ACC: tl.constexpr,
+    POINT: tl.constexpr,
+    ROUND: tl.constexpr,
+    PRELOAD: tl.constexpr,
+    SRC_INT: tl.constexpr,
+    SRC_FLT: tl.constexpr,
+    MASTER: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Point 0: save g1 and θ, θ ← round(θ + step·g1), g ← 0, partial = Σ(θ' − θ)².
+    Point 1: save g₊, θ ← round(θ_saved + step·g1_saved), g ← 0, partial = Σ g₊².
+    Lean mode (PRELOAD 1: g ← −g1; 2: g ← −b, b = bf16(g1) as saved) instead of g ← 0; at point 1 the buffer
+    then holds d₊ = g₊ − b: d₊ is saved and partial = Σ (d₊ + b)².
+    The tile is [BLOCK/4, 4]: one Philox call gives the random words of a row of 4 elements.
+    MASTER: θ is the model's weight (table column 5) and the perturbation is computed from the master (column
+    0, never written): θ ← round(master + step·g1)."""
+    t, start, end, off, row = _chunk_info(tab_ptr, n_tensors, chunk_ptr, n_chunks, CHUNK, BLOCK)
+    p_ptr = _addr(tab_ptr, 5, n_tensors, t, P_INT, ALIGNED)
+    src_ptr = _addr(tab_ptr, 0, n_tensors, t, SRC_INT, ALIGNED)
+    g_ptr = _addr(tab_ptr, 1, n_tensors, t, G_INT, ALIGNED)
+    step = tl.load(step_ptr).to(W)
+    finite = tl.load(finite_ptr) != 0
+    acc = tl.zeros([BLOCK // 4, 4], ACC)
+    n_full = (end - start) // BLOCK
+    for j in range(0, n_full):
+        i = tl.multiple_of(start + j * BLOCK, BLOCK)
+        acc = _perturb_block(
+            p_ptr, src_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, i, end, step, finite, seed, row,
+            acc, SRC_INT, SRC_FLT, MASTER, P_INT, P_FLT, G_INT, G_FLT, S_INT, S_FLT, SAVE_CAST, W, ACC, POINT,
+            ROUND, PRELOAD, False, BLOCK,
+        )  # fmt: skip
+    tail = start + n_full * BLOCK
+    if tail < end:
+        acc = _perturb_block(
+            p_ptr, src_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, tail, end, step, finite, seed, row,
+            acc, SRC_INT, SRC_FLT, MASTER, P_INT, P_FLT, G_INT, G_FLT, S_INT, S_FLT, SAVE_CAST, W, ACC, POINT,
+            ROUND, PRELOAD, True, BLOCK,
+        )  # fmt: skip
+    tl.store(part_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@triton.jit
+def _combine_block(p_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, coef, sa, sb, acc,
+                   G_INT: tl.constexpr, G_FLT: tl.constexpr, S_FLT: tl.constexpr, ACC: tl.constexpr,
+                   MODE: tl.constexpr, DELTA: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    idx = i + tl.arange(0, BLOCK)
+    m = idx < end
+    _st(p_ptr + idx, _ld(ths_ptr + idx, m, MASKED), m, MASKED)
+    g1 = _ld(g1s_ptr + idx, m, MASKED).to(S_FLT, bitcast=True)
+    if MODE == 2:
+        out = _cvt(g1, G_FLT)
+    else:
+        g1a = g1.to(ACC)
+        g = _ld(g_ptr + idx, m, MASKED).to(G_FLT, bitcast=True).to(ACC)
+        if MODE == 1:
+            ga = _ld(gps_ptr + idx, m, MASKED).to(S_FLT, bitcast=True).to(ACC)
+            gb = g
+            if DELTA:
+                ga = ga + g1a
+                gb = gb + g1a
+            corr = coef * (sa * ga - sb * gb)
+        elif DELTA:
+            corr = coef * (sa * g + (sa - sb) * g1a)
+        else:
+            corr = coef * (sa * g - sb * g1a)
+        out = _cvt(g1a + corr, G_FLT)
+        if MASKED:
+            corr = tl.where(m, corr, 0.0)
+        acc += corr * corr
+    _st(g_ptr + idx, out.to(G_INT, bitcast=True), m, MASKED)
+    return acc
+
+
+@triton.jit
+def _combine_kernel(
+    tab_ptr,
+    n_tensors,
+    chunk_ptr,
+    n_chunks,
+    g1s_ptr,
+    ths_ptr,
+    gps_ptr,
+    part_ptr,
+    coef_ptr,
+    sa_ptr,
+    sb_ptr,
+    P_INT: tl.constexpr,
+    G_INT: tl.constexpr,
+    G_FLT: tl.constexpr,
+    S_INT: tl.constexpr,
+    S_FLT: tl.constexpr,
+    ACC: tl.constexpr,
+    MODE: tl.constexpr,
+    DELTA: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """θ ← saved bits; forward/central: g ← g1 + coef·(sa·ga − sb·gb), partial = Σ correction²; abort: g ← g1.
+
+    Lean mode (DELTA, the buffer holds d = g − g1 (forward) or d = g − b (central), b = saved bf16 g1):
+    forward: correction = coef·(s2·d + (s2 − s1)·b); central: ga = d₊(saved) + b, gb = d₋ + b."""
+    t, start, end, off, row = _chunk_info(tab_ptr, n_tensors, chunk_ptr, n_chunks, CHUNK, BLOCK)
+    p_ptr = _addr(tab_ptr, 5, n_tensors, t, P_INT, ALIGNED)  # the model's weight (the parameter, or its copy)
+    g_ptr = _addr(tab_ptr, 1, n_tensors, t, G_INT, ALIGNED)
+    acc = tl.zeros([BLOCK], ACC)
+    if MODE != 2:
+        coef = tl.load(coef_ptr + t)
+        sa = tl.load(sa_ptr)
+        sb = tl.load(sb_ptr)
+    else:
+        coef = tl.zeros((), ACC)
+        sa = coef
+        sb = coef
+    n_full = (end - start) // BLOCK
+    for j in range(0, n_full):
+        i = tl.multiple_of(start + j * BLOCK, BLOCK)
+        acc = _combine_block(p_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, i, end, coef, sa, sb, acc,
+                             G_INT, G_FLT, S_FLT, ACC, MODE, DELTA, False, BLOCK)
+    tail = start + n_full * BLOCK
+    if tail < end:
+        acc = _combine_block(p_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, tail, end, coef, sa, sb,
+                             acc, G_INT, G_FLT, S_FLT, ACC, MODE, DELTA, True, BLOCK)
+    if MODE != 2:
+        tl.store(part_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------- backend
+class TritonGRStep:
+    """Fused backend of ``GradReg``: same methods and semantics as ``TorchGRStep`` (see the module docstring
+    for the kernels, the bitwise guarantees and the memory per parameter).
+
+    Args:
+        device: the device of the parameters (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        lean: save g1 (and g₊) of fp32 gradients in bf16: 4 instead of 6 bytes per bf16 parameter; the
+            gradient buffer then carries g − g1 between perturb and combine (see the module docstring).
+        chunk: elements per program (a multiple of ``block``); default 65,536.
+        block: elements per loop iteration (a power of two ≥ 16); default 2048 on CUDA, 1024 interpreted.
+        grad_attr: the attribute holding each parameter's gradient (``"grad"``; e.g. ``"main_grad"`` for
+            fp32 gradient buffers kept next to bf16 parameters, as Megatron-style trainers do).
+        model_attr: fp32 master weights (the hook): when the GR parameters are the optimizer's fp32 masters and
+            ``getattr(master, model_attr)`` is the low-precision weight the model computes with, the kernels
+            perturb that weight from the master, ``w ← round(master + ε·v)`` (one rounding, stochastic if asked,
+            from the exact master rather than from the already-rounded w), save and restore w bitwise, and never
+            write the master. Extra memory per parameter: g1 + w bytes (6 B for fp32 grads, bf16 w).
+    """
+
+    name = "triton"
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        *,
+        lean: bool = False,
+        chunk: int | None = None,
+        block: int | None = None,
+        grad_attr: str = "grad",
+        model_attr: str | None = None,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else None
+        if self.device is not None:
+            check_triton_device(torch.empty(0, device=self.device), what="GradReg")
+        on_gpu = self.device is not None and self.device.type == "cuda"
+        self.block = int(block or (2048 if on_gpu and not interpreter_on() else 1024))
+        self.chunk = int(chunk or 65536)
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"TritonGRStep: block must be a power of two >= 16, got {self.block}")
+        if self.chunk < self.block or self.chunk % self.block:
+            raise ValueError(f"TritonGRStep: chunk must be a positive multiple of block, got {self.chunk}")
+        self.num_warps = 8 if self.block >= 2048 else 4
+        self.lean = bool(lean)
+        self.grad_attr = grad_attr
+        self.model_attr = model_attr
+        self.metrics: dict[str, torch.Tensor] = {}
+        self._torch = TorchGRStep()  # the exact estimator's combine (see module docstring)
+        self._groups: list[Group] = []
+        self._key: tuple = ()
+        self._saved: list[dict[str, torch.Tensor]] = []  # per group: g1, theta (, gplus) flat buffers
+        self._keep_bufs: list[torch.Tensor] = []
+        self._part: torch.Tensor | None = None
+        self._coef_cache: dict[tuple, list[torch.Tensor]] = {}
+        self._n1 = self._s1 = self._finite = self._n_plus = self._s_plus = None
+        self._grad_ptrs: tuple = ()
+
+    # ------------------------------------------------------------------ helpers
+    def _grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [getattr(p, self.grad_attr) for p in params]
+
+    def _save_dtype(self, g_dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16 if self.lean and g_dtype == torch.float32 else g_dtype
+
+    def _layout(self, plan: StepPlan, grads: list[torch.Tensor]) -> list[Group]:
+        """Launch tables for the plan's tensors (rebuilt only when an address or size changed)."""
+        params = [p.detach() for p in plan.params]
+        models = None
+        if self.model_attr is not None:
+            models = [getattr(p, self.model_attr, None) for p in plan.params]
+            if any(m is None for m in models):
+                raise RuntimeError(
+                    f"TritonGRStep(model_attr={self.model_attr!r}): a GR parameter has no such attribute"
+                )
+            models = [m.detach() for m in models]
+        key = layout_key(params, grads, models)
+        if key != self._key:
+            for i, (p, g) in enumerate(zip(params, grads)):
+                check_tensor(p, g, "GradReg")
+                if models is not None:
+                    check_tensor(models[i], g, "GradReg (model weight of a master)")
+                check_triton_device(p, what="GradReg")
+            self._groups = build_groups(params, grads, self.chunk, plan.device, models)
+            self._key = key
+        return self._groups
+
+    def _ensure_saved(self, acc: torch.dtype, central: bool, device: torch.device) -> None:
+        """Flat save buffers per group (reused while sizes and dtypes stay), and the partial-sum buffer."""
+        want = []
+        for grp in self._groups:
+            s = self._save_dtype(grp.g_dtype)
+            want.append({"g1": (grp.total, s), "theta": (grp.total, grp.p_dtype)})
+            if central:
+                want[-1]["gplus"] = (grp.total, s)
+        if len(self._saved) != len(want) or any(
+            set(w) != set(b) or any(b[k].numel() != n or b[k].dtype != d for k, (n, d) in w.items())
+            for w, b in zip(want, self._saved)
+        ):
+            self._saved = [{k: torch.empty(n, dtype=d, device=device) for k, (n, d) in w.items()} for w in want]
+        n_chunks = max(1, sum(g.n_chunks for g in self._groups))
+        if self._part is None or self._part.shape[1] != n_chunks or self._part.dtype != acc:
+            self._part = torch.zeros(5, n_chunks, dtype=acc, device=device)  # n1, realised, n+, corr, n2
+
+    def _save_keep(self, plan: StepPlan) -> None:
+        grads = self._grads(plan.keep)
+        if len(self._keep_bufs) != len(grads) or any(
+            b.shape != g.shape or b.dtype != g.dtype or b.device != g.device for b, g in zip(self._keep_bufs, grads)
+        ):
+            self._keep_bufs = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+        if grads:
+            torch._foreach_copy_(self._keep_bufs, grads)
+
+    def _restore_keep(self, plan: StepPlan) -> None:
+        have = [(p, b) for p, b in zip(plan.keep, self._keep_bufs) if getattr(p, self.grad_attr) is not None]
+        for p, b in zip(plan.keep, self._keep_bufs):
+            if getattr(p, self.grad_attr) is None:
+                setattr(p, self.grad_attr, b.clone())
+        if have:
+            torch._foreach_copy_([getattr(p, self.grad_attr) for p, _ in have], [b for _, b in have])
+
+    def _delta(self, grp: Group) -> bool:
+        """Lean mode on this group: g1 saved rounded, so the gradient buffer carries g − g1 (see the class)."""
+        return self._save_dtype(grp.g_dtype) != grp.g_dtype
+
+    def _sumsq(self, row: int, estimator: str | None = None) -> torch.Tensor:
+        """Launch the Σg² pass of every group into partial row ``row``; returns the global norm (0-d).
+
+        ``estimator`` set: the norm of g2 at combine time (lean groups hold a difference, see the class)."""
+        for gi, grp in enumerate(self._groups):
+            norm = 0 if estimator is None or not self._delta(grp) else (1 if estimator == "central" else 2)
+            g1s = self._saved[gi]["g1"] if self._saved else self._part
+            s = g1s.dtype if norm else grp.g_dtype
+            _sumsq_kernel[(grp.n_chunks,)](
+                grp.tab, grp.n_tensors, grp.chunks, grp.n_chunks, self._part[row, grp.chunk_base :],
+                g1s.view(INT_OF[s]) if norm else g1s, self._part[0, grp.chunk_base :],
+                G_INT=_TL[INT_OF[grp.g_dtype]], G_FLT=_TL[grp.g_dtype], S_INT=_TL[INT_OF[s]], S_FLT=_TL[s],
+                ACC=_TL[self._part.dtype], NORM=norm, ALIGNED=grp.aligned,
+                CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps,
+            )  # fmt: skip
+        return self._part[row].sum().clamp_min(0).sqrt()
+
+    def _coefs(self, plan: StepPlan, div: float, acc: torch.dtype) -> list[torch.Tensor]:
+        """γ_p/div per tensor, per group, as ACC device tables (cached by value: uploaded when γ changes)."""
+        key = (tuple(plan.coefs), div, acc, self._key)
+        hit = self._coef_cache.get(key)
+        if hit is None:
+            hit = [
+                to_device(torch.tensor([plan.coefs[r] / div for r in grp.rows], dtype=acc), plan.device)
+                for grp in self._groups
+            ]
+            self._coef_cache = {key: hit}  # one entry: a schedule changing γ every step must not grow it
+        return hit
+
+    def _launch_combine(self, mode: int, coefs: list[torch.Tensor] | None, sa, sb) -> None:
+        acc = self._part.dtype
+        for gi, grp in enumerate(self._groups):
+            buf = self._saved[gi]
+            s = buf["g1"].dtype
+            gplus = buf.get("gplus", buf["g1"])
+            coef = coefs[gi] if coefs is not None else self._part
+            _combine_kernel[(grp.n_chunks,)](
+                grp.tab, grp.n_tensors, grp.chunks, grp.n_chunks,
+                buf["g1"].view(INT_OF[s]), buf["theta"].view(INT_OF[grp.p_dtype]), gplus.view(INT_OF[s]),
+                self._part[3, grp.chunk_base :], coef,
+                sa if sa is not None else self._part, sb if sb is not None else self._part,
+                P_INT=_TL[INT_OF[grp.p_dtype]], G_INT=_TL[INT_OF[grp.g_dtype]], G_FLT=_TL[grp.g_dtype],
+                S_INT=_TL[INT_OF[s]], S_FLT=_TL[s], ACC=_TL[acc], MODE=mode, DELTA=self._delta(grp),
+                ALIGNED=grp.aligned,
+                CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
+            )  # fmt: skip
+
+    def extra_bytes(self) -> int:
+        """Bytes held by this backend's buffers right now: saved g1/θ/g₊, keep gradients, tables, partials."""
+        bufs = [b for d in self._saved for b in d.values()] + self._keep_bufs
+        n = sum(b.numel() * b.element_size() for b in bufs)
+        n += sum(g.table_bytes() for g in self._groups)
+        if self._part is not None:
+            n += self._part.numel() * self._part.element_size()
+        return n + self._torch.extra_bytes()
+
+    def saved_bytes(self) -> int:
+        """Bytes of the per-parameter save buffers only (what the per-parameter budget counts)."""
+        return sum(b.numel() * b.element_size() for d in self._saved for b in d.values())
+
+    # ------------------------------------------------------------------ the step
+    def perturb(self, plan: StepPlan, point: int) -> None:
+        """Move P to perturbation point ``point`` (0: θ + ε·v; 1, central only: θ − ε·v); zero P's grads.
+
+        Point 0 also saves θ, g1 (and keep parameters' g1) and computes n1, s1 and the realised perturbation
+        ratio; point 1 saves g₊ and computes n₊, s₊ in the same pass.
+        """
+        grads = self._grads(plan.params)
+        if any(g is None for g in grads):
+            raise RuntimeError("GradReg: a GR parameter has no gradient at the perturbation point")
+        acc = accum_dtype(grads)
+        self._layout(plan, grads)
+        self._grad_ptrs = tuple(g.data_ptr() for g in grads)  # lean mode: the combine must find these buffers
+        if point == 0:
+            self._ensure_saved(acc, plan.estimator == "central", plan.device)
+            self._save_keep(plan)
+            self._n1 = self._sumsq(0)
+            self._s1 = clip_scale(self._n1, plan.g1_clip)
+            self._finite = torch.isfinite(self._n1)
+            self.metrics = {"g1_norm": self._n1}
+            sign, row = 1.0, 1
+        else:
+            if self._finite is None or not self._saved:
+                raise RuntimeError("GradReg: perturbation point 1 before point 0")
+            self._ensure_saved(acc, True, plan.device)  # no-op when point 0 already allocated g+ buffers
+            sign, row = -1.0, 2
+        step = torch.where(self._finite, self._s1 * (sign * plan.eps), torch.zeros_like(self._s1))
+        finite_i8 = self._finite.view(torch.int8)
+        seed = int(plan.seed) & _SEED_MASK
+        for gi, grp in enumerate(self._groups):
+            buf = self._saved[gi]
+            s = buf["g1"].dtype
+            w = torch.float64 if grp.src_dtype == torch.float64 else torch.float32
+            if plan.rounding == "stochastic" and grp.p_dtype == torch.bfloat16 and w == torch.float32:
+                rnd = _ROUND_SR_BF16
+            elif plan.rounding == "stochastic" and grp.p_dtype == torch.float16:
+                rnd = _ROUND_SR_GENERIC
+            else:
+                rnd = _ROUND_NEAREST
+            gplus = buf.get("gplus", buf["g1"])
+            _perturb_kernel[(grp.n_chunks,)](
+                grp.tab, grp.n_tensors, grp.chunks, grp.n_chunks,
+                buf["g1"].view(INT_OF[s]), buf["theta"].view(INT_OF[grp.p_dtype]), gplus.view(INT_OF[s]),
+                self._part[row, grp.chunk_base :], step, finite_i8, seed,
+                P_INT=_TL[INT_OF[grp.p_dtype]], P_FLT=_TL[grp.p_dtype], G_INT=_TL[INT_OF[grp.g_dtype]],
+                G_FLT=_TL[grp.g_dtype], S_INT=_TL[INT_OF[s]], S_FLT=_TL[s], SAVE_CAST=s != grp.g_dtype,
+                W=_TL[w], ACC=_TL[acc], POINT=point, ROUND=rnd,
+                PRELOAD=0 if not self._delta(grp) else (1 if point == 0 and plan.estimator != "central" else 2),
+                SRC_INT=_TL[INT_OF[grp.src_dtype]], SRC_FLT=_TL[grp.src_dtype], MASTER=self.model_attr is not None,
+                ALIGNED=grp.aligned,
+                CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
+            )  # fmt: skip
+        if point == 0:
+            realised = self._part[1].sum().sqrt()
+            intended = plan.eps * self._s1 * self._n1
+            self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(acc).tiny)
+        else:
+            self._n_plus = self._part[2].sum().sqrt()
+            self._s_plus = clip_scale(self._n_plus, plan.g2_clip)
+            self._finite = self._finite & torch.isfinite(self._n_plus)
+
+    def restore(self, plan: StepPlan) -> None:
+        """Abort: θ back bitwise, every saved gradient back to g1 (bf16-rounded for fp32 grads if ``lean``)."""
+        if not self._saved:
+            return
+        for p in plan.params:
+            if getattr(p, self.grad_attr) is None:
+                setattr(p, self.grad_attr, torch.zeros_like(p, memory_format=torch.preserve_format))
+        self._layout(plan, self._grads(plan.params))
+        self._launch_combine(_MODE_ABORT, None, None, None)
+        self._restore_keep(plan)
+
+    def restore_and_combine(self, plan: StepPlan) -> None:
+        """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
+        missing = [i for i, p in enumerate(plan.params) if getattr(p, self.grad_attr) is None]
+        if missing:
+            self.restore(plan)
+            raise RuntimeError(
+                f"GradReg: {len(missing)} parameter(s) had a gradient at θ but none after the second "
+                "backward (did the second pass skip part of the model?). Parameters were restored."
+            )
+        grads = self._grads(plan.params)
+        acc = self._part.dtype
+        if tuple(g.data_ptr() for g in grads) != self._grad_ptrs and any(self._delta(g) for g in self._groups):
+            self.restore(plan)
+            raise RuntimeError(
+                "GradReg(lean=True): the gradient buffers were replaced between perturb() and the combine (e.g. "
+                "zero_grad(set_to_none=True)); lean mode needs the second backward to accumulate into the same "
+                "buffers. Parameters were restored (gradients: g1 rounded to bf16)."
+            )
+        self._layout(plan, grads)
+        n2 = self._sumsq(4, plan.estimator)
+        s2 = clip_scale(n2, plan.g2_clip)
+        self._finite = self._finite & torch.isfinite(n2)
+        if plan.estimator == "central":
+            mode, sa, sb, div = _MODE_CENTRAL, self._s_plus, s2, 2.0 * plan.eps
+        else:
+            mode, sa, sb, div = _MODE_FORWARD, s2, self._s1, plan.eps
+        self._launch_combine(mode, self._coefs(plan, div, acc), sa, sb)
+        self._restore_keep(plan)
+        self.metrics["g2_norm"] = n2
+        self.metrics["gr_rel"] = self._part[3].sum().sqrt() / self._n1.clamp_min(torch.finfo(acc).tiny)
+        self.metrics["finite"] = self._finite
+
+    def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:
+        """Exact estimator: ``.grad`` ← g1 + γ_p·H·v (the torch reference's combine; see module docstring)."""
+        self._torch.combine_hvp(plan, hvp)
+        self.metrics = self._torch.metrics
+
+    def clip_scale_g1(self, plan: StepPlan) -> torch.Tensor:
+        """s1 for the exact estimator's direction v = s1·g1 (computed from ``.grad``)."""
+        return self._torch.clip_scale_g1(plan)
