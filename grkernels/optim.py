@@ -27,22 +27,10 @@ import torch
 from grkernels.kernels import resolve_backend
 from grkernels.params import resolve_exclude
 from grkernels.reference import StepPlan, TorchGRStep
+from grkernels.rng import RNGState
 
 ESTIMATORS = ("forward", "central", "exact")
 _IDLE, _PERTURBED, _COMBINED = "idle", "perturbed", "combined"
-
-
-class _RNGReplay:
-    """The CPU and CUDA generator states at the first evaluation, to replay them at θ' (same dropout masks)."""
-
-    def __init__(self) -> None:
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-    def replay(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
 
 
 class GradReg(torch.optim.Optimizer):
@@ -398,7 +386,7 @@ class GradReg(torch.optim.Optimizer):
             raise RuntimeError(f"GradReg.step(closure) while a two-phase step is {self._phase}: call step() first")
 
         self.zero_grad()
-        rng = _RNGReplay()
+        rng = RNGState()
         with torch.enable_grad():
             loss = closure()
         if self.needs_graph:

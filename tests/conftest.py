@@ -19,6 +19,11 @@ from grkernels.kernels import triton_usable  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+if DEVICE == "cpu":
+    # The test models are tiny: one intra-op thread is as fast, and far faster when CI's two cores are shared
+    # (measured on the TRL tests: 91 s -> 14 s). Multi-process tests set their own workers' threads.
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def device() -> str:

@@ -166,12 +166,6 @@ def _has(mod: str) -> bool:
 WITH_HF = _has("transformers") and _has("accelerate")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

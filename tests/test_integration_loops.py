@@ -12,16 +12,6 @@ from torch import nn
 
 from grkernels.integrations.reference_reset import ReferenceReset, mix_into_reference
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when the CI cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 

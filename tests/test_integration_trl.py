@@ -33,16 +33,6 @@ from trl import GRPOTrainer  # noqa: E402
 from grkernels.integrations.hf import grad_reg_settings, grad_reg_trainer  # noqa: E402
 from grkernels.integrations.trl import GradRegGRPOConfig, GradRegGRPOTrainer, grad_reg_config  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when the CI cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 GAMMA, EPS = 1.0, 1e-2  # large γ/ε: the GR correction is a sizeable part of the gradient (test sensitivity)
 EXCLUDED = ("model.embed_tokens.weight", "lm_head.weight")  # what the paper leaves out (default exclusion)
 CHARS = "abcdefgh "

@@ -48,6 +48,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from grkernels.rng import RNGState
+
 __all__ = [
     "GradRegArguments",
     "GradRegTrainerMixin",
@@ -129,25 +131,13 @@ def grad_reg_settings(args: Any, overrides: dict[str, Any] | None = None) -> dic
     return out
 
 
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
 @dataclass
 class _Captured:
     """One micro-batch of the current accumulation window, as the first pass saw it."""
 
     raw: Any  # what the training loop passed to training_step
     prepared: Any  # what _prepare_inputs returned (what compute_loss saw)
-    rng: tuple[torch.Tensor, list[torch.Tensor] | None]  # RNG state right before compute_loss
+    rng: RNGState  # RNG state right before compute_loss
     num_items_in_batch: Any = None
     pinned: dict[str, Any] = dataclasses.field(default_factory=dict)  # input keys added for the replay
     aux: dict[str, Any] = dataclasses.field(default_factory=dict)  # other first-pass values a subclass pins
@@ -280,7 +270,7 @@ class GradRegTrainerMixin:
         prepared = super()._prepare_inputs(inputs)
         if self._gr_capturing:
             # RNG state after generation (which samples) and right before the forward: replayed at theta'
-            self._gr_window.append(_Captured(raw=inputs, prepared=prepared, rng=_rng_state()))
+            self._gr_window.append(_Captured(raw=inputs, prepared=prepared, rng=RNGState()))
         return prepared
 
     def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -333,13 +323,13 @@ class GradRegTrainerMixin:
 
     def _grad_reg_second_pass(self, model: torch.nn.Module, window: list[_Captured]) -> None:
         gr = self._grad_reg
-        rng_after = _rng_state()
+        rng_after = RNGState()
         try:
             for _ in range(gr.extra_passes):
                 gr.perturb()
                 with self._grad_reg_replay_guard():
                     for k, entry in enumerate(window):
-                        _set_rng_state(entry.rng)
+                        entry.rng.replay()
                         self._gr_replay = entry
                         try:
                             with self._grad_reg_sync_context(model, last=k == len(window) - 1):
@@ -351,7 +341,7 @@ class GradRegTrainerMixin:
             gr.restore()  # theta back bitwise, .grad = g1
             raise
         finally:
-            _set_rng_state(rng_after)
+            rng_after.replay()
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
