@@ -1,0 +1,172 @@
+"""``grkernels demo``: command-line front end of the reward-hacking experiment."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from grkernels.demo.grpo import METHODS, RLConfig
+from grkernels.demo.worlds import WORLDS, Sizes
+
+# What --quick changes (each still overridable by its own flag).
+QUICK = {"seeds": 1, "steps": 150}
+DEFAULTS = {"seeds": 3, "steps": 250}
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(t) for t in text.split(",") if t.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from err
+    return parse
+
+
+def _clip(text: str) -> float | None:
+    v = float(text)
+    return None if v <= 0 else v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="grkernels demo",
+        description="Reward-hacking experiment: GRPO on a learned proxy reward with a hidden gold reward, "
+        "comparing no regularisation, KL, KL with reference resets, gradient regularisation (GR) and GR+KL. "
+        "Prints a table and writes results.json, table.txt and demo.png into --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = RLConfig()
+    s = Sizes()
+    g = p.add_argument_group("run")
+    g.add_argument("--quick", action="store_true", help=f"a ~3-minute version: {QUICK} (flags override)")
+    g.add_argument("--out", default="demo_out", help="output directory")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: min(2, CPU count) on CPU, 1 on CUDA)")
+    g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="backend of grkernels' policy loss (auto: Triton on CUDA, torch on CPU)")
+    g.add_argument("--no-plot", action="store_true", help="skip demo.png")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("experiment")
+    g.add_argument("--methods", type=_csv(str), default=METHODS, help=f"comma list from {','.join(METHODS)}")
+    g.add_argument("--worlds", type=_csv(str), default=WORLDS,
+                   help="comma list from collapse (world 0), rare (world B)")
+    g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
+    g.add_argument("--seed", type=int, default=0, help="first seed")
+    g.add_argument("--steps", type=int, default=None, help=f"RL steps per run (default {DEFAULTS['steps']})")
+    g = p.add_argument_group("KL penalty and reference resets")
+    g.add_argument("--beta", type=float, default=d.beta, help="KL coefficient (kl, kl_reset, gr_kl)")
+    g.add_argument("--kl-estimator", default=d.kl_estimator, choices=("k1", "k2", "k3"))
+    g.add_argument("--reset-interval", type=int, default=d.reset_interval, help="steps between reference resets")
+    g.add_argument("--reset-alpha", type=float, default=d.reset_alpha, help="ref ← α·policy + (1−α)·ref")
+    g = p.add_argument_group("gradient regularisation (grkernels.GradReg)")
+    g.add_argument("--gamma", type=_csv(float), default=(10.0,),
+                   help="GR strength γ; a comma list runs one GR variant per value (paper: 0.01)")
+    g.add_argument("--eps", type=float, default=d.eps, help="finite-difference step ε (paper: 0.001)")
+    g.add_argument("--g1-clip", type=_clip, default=d.g1_clip, help="max norm of g1 (0: off)")
+    g.add_argument("--g2-clip", type=_clip, default=d.g2_clip, help="max norm of g2 (0: off)")
+    g.add_argument("--gr-exclude", default=d.gr_exclude, choices=("paper", "none"),
+                   help="paper: no GR on embeddings and output head (as the paper)")
+    g.add_argument("--gr-estimator", default=d.gr_estimator, choices=("forward", "central", "exact"))
+    g.add_argument("--gr-lr-scale", type=float, default=d.gr_lr_scale,
+                   help="learning-rate multiplier for GR methods (the paper's runs used ~1.67)")
+    g = p.add_argument_group("GRPO")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--prompts", type=int, default=d.prompts_per_step, help="prompts per step")
+    g.add_argument("--group", type=int, default=d.group, help="completions per prompt")
+    g.add_argument("--adv-std", action="store_true", help="divide advantages by the group std (the paper does not)")
+    g.add_argument("--clip-eps", type=float, default=d.clip_eps, help="PPO clip range")
+    g.add_argument("--loss-agg", default=d.loss_agg, help="loss aggregation (token_mean, grpo, dr_grpo, ...)")
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the final gradient (0: off)")
+    g.add_argument("--eval-samples", type=int, default=d.eval_samples, help="samples for the final evaluation")
+    g = p.add_argument_group("sizes (make it larger on a GPU)")
+    g.add_argument("--vocab", type=int, default=s.vocab)
+    g.add_argument("--prompt-len", type=int, default=s.prompt_len)
+    g.add_argument("--completion-len", type=int, default=s.completion_len)
+    g.add_argument("--layers", type=int, default=s.layers, help="policy and reward-model layers")
+    g.add_argument("--width", type=int, default=s.width, help="policy and reward-model hidden size")
+    g.add_argument("--heads", type=int, default=s.heads)
+    g = p.add_argument_group("initial policy, reward model, worlds")
+    g.add_argument("--sft-steps", type=int, default=300, help="steps of fitting the initial policy to the chain")
+    g.add_argument("--rm-pairs", type=int, default=2000, help="labelled pairs to train the reward model")
+    g.add_argument("--rm-steps", type=int, default=150, help="reward-model training steps (batch 64 pairs)")
+    g.add_argument("--label-temp", type=float, default=0.1, help="labeller noise τ: P(a≻b) = σ((u_a−u_b)/τ)")
+    g.add_argument("--rare-penalty", type=float, default=0.3, help="rare world: gold −= this · fracS")
+    g.add_argument("--rare-bonus", type=float, default=2.0, help="rare world: labeller's utility += this · fracS")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """Turn parsed arguments into an :class:`~grkernels.demo.experiment.ExperimentConfig` (validating them)."""
+    import torch
+
+    from grkernels.demo.experiment import ExperimentConfig, canonical_world
+
+    base = QUICK if args.quick else DEFAULTS
+    seeds = args.seeds if args.seeds is not None else base["seeds"]
+    steps = args.steps if args.steps is not None else base["steps"]
+    if seeds < 1 or steps < 1:
+        raise ValueError(f"--seeds and --steps must be >= 1 (got {seeds}, {steps})")
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available in this torch build / machine")
+    workers = args.workers
+    if workers is None:
+        workers = 1 if device != "cpu" else min(2, os.cpu_count() or 1)
+    if any(g < 0 for g in args.gamma) or args.eps <= 0:
+        raise ValueError(f"--gamma must be >= 0 and --eps > 0 (got {args.gamma}, {args.eps})")
+    sizes = Sizes(vocab=args.vocab, prompt_len=args.prompt_len, completion_len=args.completion_len,
+                  layers=args.layers, width=args.width, heads=args.heads)
+    if sizes.width % sizes.heads:
+        raise ValueError(f"--width ({sizes.width}) must be divisible by --heads ({sizes.heads})")
+    if sizes.vocab < 8:
+        raise ValueError(f"--vocab must be >= 8 (the rare world picks 1/4 of the vocabulary), got {sizes.vocab}")
+    rl = RLConfig(steps=steps, prompts_per_step=args.prompts, group=args.group, lr=args.lr,
+                  gr_lr_scale=args.gr_lr_scale, beta=args.beta, kl_estimator=args.kl_estimator,
+                  reset_interval=args.reset_interval, reset_alpha=args.reset_alpha, gamma=args.gamma[0],
+                  eps=args.eps, g1_clip=args.g1_clip, g2_clip=args.g2_clip, gr_exclude=args.gr_exclude,
+                  gr_estimator=args.gr_estimator, adv_std=args.adv_std, clip_eps=args.clip_eps,
+                  loss_agg=args.loss_agg, max_grad_norm=args.max_grad_norm, eval_samples=args.eval_samples)
+    if rl.group < 2:
+        raise ValueError(f"--group must be >= 2 (advantages are relative within a group), got {rl.group}")
+    return ExperimentConfig(
+        methods=tuple(args.methods), worlds=tuple(canonical_world(w) for w in args.worlds),
+        seeds=tuple(range(args.seed, args.seed + seeds)), gammas=tuple(args.gamma), sizes=sizes, rl=rl,
+        sft_steps=args.sft_steps, rm_pairs=args.rm_pairs, rm_steps=args.rm_steps, label_temp=args.label_temp,
+        rare_penalty=args.rare_penalty, rare_bonus=args.rare_bonus,
+        device=device, workers=workers, backend=args.backend,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``grkernels demo [options]``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    from grkernels.demo.experiment import run_experiment
+    from grkernels.demo.report import format_table, write_results
+
+    n_runs = len(cfg.worlds) * len(cfg.seeds) * len(cfg.variants())
+    print(f"grkernels demo: {len(cfg.worlds)} world(s) x {len(cfg.variants())} method(s) x {len(cfg.seeds)} "
+          f"seed(s) = {n_runs} runs of {cfg.rl.steps} steps on {cfg.device} with {cfg.workers} worker(s)",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    results = run_experiment(cfg, show_progress=not args.no_progress)
+    paths = write_results(results, args.out, make_plot=not args.no_plot)
+    print(format_table(results))
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""The RL loop of the demo: GRPO-style updates of one policy, for one method and one seed.
+
+Per step: ``prompts_per_step`` random prompts, ``group`` completions each, sampled from the
+current policy; proxy rewards from the reward model; group-centred advantages (divided by the
+group std only with ``adv_std=True``; the GR paper's recipe does not); one update on the batch
+with ``grkernels.ops.policy_loss`` (PPO-clip with pinned old log-probs, optional KL penalty to a
+reference) and Adam, wrapped in ``grkernels.GradReg`` for the GR methods.
+
+Methods:
+    ``none``      no regularisation
+    ``kl``        + β·KL(π‖π_ref) penalty in the loss (π_ref = the initial policy)
+    ``kl_reset``  KL whose reference is reset to the current policy every ``reset_interval`` steps
+                  (π_ref ← α·π + (1 − α)·π_ref, as TRL's ``sync_ref_model``)
+    ``gr``        forward finite-difference gradient regularisation (γ, ε), GR off embeddings/head
+    ``gr_kl``     GR and the KL penalty together
+
+Metrics per step describe the policy that produced the step's samples (before its update):
+proxy and gold reward (means, gold units), KL(π‖π_init) per sequence (exact sum over positions of
+the per-position KL on the sampled prefixes, nats), entropy (mean per token, nats), the proxy's
+pairwise accuracy against gold within each group, ‖g1‖ (norm of the loss gradient over all
+parameters) and ‖GR − g1‖/‖g1‖ (0 without GR).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from grkernels.demo.policy import TinyTransformer, completion_logits, sample, sample_with_logits
+from grkernels.demo.reward_model import RewardModel, group_pair_accuracy
+from grkernels.demo.worlds import World, random_prompts, repetition_penalty
+from grkernels.integrations.reference_reset import mix_into_reference
+
+METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
+METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "loss")
+
+
+@dataclass
+class RLConfig:
+    """Knobs of one RL run (defaults: the demo's; GR defaults follow the paper's recipe except γ)."""
+
+    method: str = "none"
+    steps: int = 250
+    prompts_per_step: int = 16
+    group: int = 8
+    lr: float = 2e-4
+    gr_lr_scale: float = 1.0       # the paper's runs used ~1.67x KL's lr for GR; 1.0 keeps the comparison clean
+    beta: float = 0.3
+    kl_estimator: str = "k3"
+    reset_interval: int = 50
+    reset_alpha: float = 1.0
+    gamma: float = 0.1
+    eps: float = 0.01
+    g1_clip: float | None = 10.0
+    g2_clip: float | None = 10.0
+    gr_exclude: str = "paper"      # "paper" (embeddings + head, as the paper) or "none"
+    gr_estimator: str = "forward"
+    adv_std: bool = False
+    clip_eps: float = 0.2
+    loss_agg: str = "token_mean"
+    temperature: float = 1.0
+    max_grad_norm: float = 0.0     # 0 = no clipping of the final gradient
+    eval_samples: int = 512
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.method in ("kl", "kl_reset", "gr_kl") and self.beta > 0
+
+    @property
+    def uses_gr(self) -> bool:
+        return self.method in ("gr", "gr_kl")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+@torch.no_grad()
+def _kl_entropy(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-position KL(π‖π_ref) summed over the completion (per sequence), and mean token entropy."""
+    lp = F.log_softmax(logits.float(), -1)
+    lq = F.log_softmax(ref_logits.float(), -1)
+    p = lp.exp()
+    kl = (p * (lp - lq)).sum(-1).sum(-1).mean()
+    ent = -(p * lp).sum(-1).mean()
+    return kl, ent
+
+
+def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
+    """Adam (lr scaled by ``gr_lr_scale`` for GR methods), wrapped in ``grkernels.GradReg`` for GR methods."""
+    lr = cfg.lr * (cfg.gr_lr_scale if cfg.uses_gr else 1.0)
+    base = torch.optim.Adam(policy.parameters(), lr=lr)
+    if not cfg.uses_gr:
+        return base
+    from grkernels import GradReg, paper_exclude
+
+    exclude = paper_exclude(policy) if cfg.gr_exclude == "paper" else None
+    return GradReg(base, strength=cfg.gamma, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
+                   exclude=exclude, estimator=cfg.gr_estimator, seed=seed)
+
+
+def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLConfig, seed: int,
+           device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
+           backend: str = "auto") -> dict:
+    """Train a copy of ``init_policy`` on ``rm``'s proxy with ``cfg.method``; returns curves and a final eval.
+
+    Reproducible for a given ``seed`` (and thread count): prompts come from their own generator, so
+    every method sees the same prompt sequence; sampling uses a second generator.
+    Returns ``{"curves": {metric: [per-step floats]}, "final": {...}, "gr_skipped": int}``.
+    """
+    from grkernels.ops import policy_loss
+
+    s = world.base.sizes
+    P, T = s.prompt_len, s.completion_len
+    policy = copy.deepcopy(init_policy).to(device)
+    init = copy.deepcopy(init_policy).to(device).requires_grad_(False)
+    ref = copy.deepcopy(init) if cfg.method in ("kl_reset",) else init
+    opt = make_optimizer(policy, cfg, seed)
+    params = [p for p in policy.parameters()]
+    widx = sum(map(ord, world.name))
+    g_prompt = torch.Generator(device=device).manual_seed(1_000_003 * seed + widx)
+    g_sample = torch.Generator(device=device).manual_seed(2_000_029 * seed + widx)
+    n = cfg.prompts_per_step * cfg.group
+    mask = torch.ones(n, T, dtype=torch.bool, device=device)
+    beta = cfg.beta if cfg.uses_kl else 0.0
+    rows = []
+
+    def loss_fn(seqs, comps, adv, old_logp, ref_logp):
+        logits = completion_logits(policy, seqs, P)
+        loss, _ = policy_loss(logits, comps, adv, mask, old_logp=old_logp, ref_logp=ref_logp, beta=beta,
+                              clip_low=cfg.clip_eps, clip_high=cfg.clip_eps, kl_estimator=cfg.kl_estimator,
+                              loss_agg=cfg.loss_agg, temperature=cfg.temperature, backend=backend)
+        return loss
+
+    for step in range(cfg.steps):
+        prompts = random_prompts(s, cfg.prompts_per_step, g_prompt, device).repeat_interleave(cfg.group, 0)
+        policy.eval()
+        # logits0: what each token was drawn from (KV-cached path; equals a fresh forward up to rounding).
+        comps, logits0 = sample_with_logits(policy, prompts, T, g_sample, temperature=cfg.temperature)
+        seqs = torch.cat([prompts, comps], 1)
+        with torch.no_grad():
+            proxy = rm.proxy(prompts, comps)
+            gold = world.gold(prompts, comps)
+            old_logp = _logp(logits0 / cfg.temperature, comps)
+            init_logits = completion_logits(init, seqs, P)
+            kl_init, ent = _kl_entropy(logits0, init_logits)
+            ref_logp = None
+            if beta > 0:
+                ref_logits = init_logits if ref is init else completion_logits(ref, seqs, P)
+                ref_logp = _logp(ref_logits / cfg.temperature, comps)
+            acc = group_pair_accuracy(proxy, gold, cfg.group)
+            r = proxy.view(-1, cfg.group)
+            adv = r - r.mean(1, keepdim=True)
+            if cfg.adv_std:
+                adv = adv / (r.std(1, keepdim=True) + 1e-4)
+            adv = adv.reshape(-1)
+
+        policy.train()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(seqs, comps, adv, old_logp, ref_logp)
+        loss.backward()
+        g1 = _grad_norm(params)
+        gr_rel = torch.zeros((), device=device)
+        if cfg.uses_gr and opt.active:
+            opt.perturb()
+            loss_fn(seqs, comps, adv, old_logp, ref_logp).backward()
+            opt.restore_and_combine()
+            gr_rel = opt.metrics(sync=False)["gr_rel"].detach().float()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        if cfg.method == "kl_reset" and cfg.reset_interval > 0 and (step + 1) % cfg.reset_interval == 0:
+            mix_into_reference(ref, policy, cfg.reset_alpha)
+
+        rows.append(torch.stack([
+            proxy.mean(), gold.mean(), kl_init, ent, acc.float(), g1.float(), gr_rel.to(g1.device).float(),
+            repetition_penalty(comps, s.vocab).mean(), world.frac_rare(comps).mean(), loss.detach().float(),
+        ]))  # stays on the device: one host transfer after the loop, not one per step
+        if progress is not None:
+            progress(1)
+
+    curves_t = torch.stack(rows).double().cpu()
+    curves = {k: curves_t[:, i].tolist() for i, k in enumerate(METRICS)}
+    final = evaluate(world, policy, init, rm, cfg.eval_samples, seed, device)
+    skipped = 0
+    if cfg.uses_gr:
+        skipped = int(opt.metrics().get("skipped", 0))
+    return {"curves": curves, "final": final, "gr_skipped": skipped}
+
+
+@torch.no_grad()
+def evaluate(world: World, policy: TinyTransformer, init: TinyTransformer, rm: RewardModel, n: int, seed: int,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Gold, proxy, KL to init, entropy and repetition of ``policy`` on ``n`` fresh samples (fixed eval seed)."""
+    s = world.base.sizes
+    policy.eval()
+    g = torch.Generator(device=device).manual_seed(3_000_017 * seed + 11)
+    prompts = random_prompts(s, n, g, device)
+    comps = sample(policy, prompts, s.completion_len, g)
+    seqs = torch.cat([prompts, comps], 1)
+    kl, ent = _kl_entropy(completion_logits(policy, seqs, s.prompt_len), completion_logits(init, seqs, s.prompt_len))
+    top_frac = F.one_hot(comps, s.vocab).float().mean(1).max(1).values.mean()
+    return {
+        "gold": float(world.gold(prompts, comps).mean()),
+        "proxy": float(rm.proxy(prompts, comps).mean()),
+        "kl": float(kl),
+        "entropy": float(ent),
+        "rep": float(repetition_penalty(comps, s.vocab).mean()),
+        "frac_rare": float(world.frac_rare(comps).mean()),
+        "top_token_frac": float(top_frac),
+    }

@@ -1,0 +1,161 @@
+"""Reporting: the terminal table, the PNG plot (matplotlib, Agg) and ``results.json``.
+
+results.json (schema ``grkernels.demo/v1``; NaN written as null)::
+
+    {"schema", "config", "env", "wall_s", "smoothing_window",
+     "worlds": {world: {"setup": [{seed, rm_acc_utility, rm_acc_gold, init_gold, ...}],
+                        "matched": {"kl": K*, "proxy_gain": G*},
+                        "spearman_gn_acc_pooled": float,
+                        "methods": {label: {"config": {...},
+                                            "summary": {metric: {"mean", "std", "n", "values"}},
+                                            "runs": [{"seed", "wall_s", "final": {...}, "gr_skipped",
+                                                      "curves": {metric: [per step]}}]}}}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+# Columns of the table: (summary key, header, format).
+COLUMNS = (
+    ("peak_gold_gain", "peak", "{:+.2f}"),
+    ("final_gold_gain", "final", "{:+.2f}"),
+    ("gold_at_kl_gain", "@KL*", "{:+.2f}"),
+    ("gold_at_proxy_gain", "@Δproxy*", "{:+.2f}"),
+    ("final_proxy", "proxy", "{:+.2f}"),
+    ("final_kl", "KL", "{:.1f}"),
+    ("final_entropy", "entropy", "{:.2f}"),
+    ("rm_acc_late", "RM acc", "{:.2f}"),
+    ("spearman_gn_acc", "ρ(‖g‖,acc)", "{:+.2f}"),
+    ("spearman_gn_acc_diff", "ρΔ", "{:+.2f}"),
+    ("gr_rel_mean", "‖GR−g1‖/‖g1‖", "{:.2f}"),
+)
+
+
+def _cell(stat: dict, fmt: str) -> str:
+    m, s, n = stat["mean"], stat["std"], stat["n"]
+    if n == 0 or not math.isfinite(m):
+        return "n/a"
+    txt = fmt.format(m)
+    if n > 1:
+        txt += "±" + fmt.format(s).lstrip("+")
+    return txt
+
+
+def format_table(results: dict) -> str:
+    """Plain-text table per world: mean ± std over seeds of every summary column."""
+    lines = []
+    for wname, w in results["worlds"].items():
+        setup = w["setup"]
+        rm_u = sum(s["rm_acc_utility"] for s in setup) / len(setup)
+        rm_g = sum(s["rm_acc_gold"] for s in setup) / len(setup)
+        g0 = sum(s["init_gold"] for s in setup) / len(setup)
+        lines.append(
+            f"world {wname}: initial gold {g0:+.2f}; reward model held-out pair accuracy {rm_u:.2f} vs labeller, "
+            f"{rm_g:.2f} vs gold; matched at KL*={w['matched']['kl']:.2f} nats, "
+            f"Δproxy*={w['matched']['proxy_gain']:.2f}; pooled ρ(‖g1‖, RM acc) = "
+            f"{w['spearman_gn_acc_pooled']:+.2f}"
+        )
+        rows = [["", "Δgold:", "", "", ""] + [""] * (len(COLUMNS) - 4), ["method"] + [h for _, h, _ in COLUMNS]]
+        for label, m in w["methods"].items():
+            rows.append([label] + [_cell(m["summary"][k], f) for k, _, f in COLUMNS])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for j, r in enumerate(rows):
+            lines.append("  " + "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                                          for i, c in enumerate(r)))
+            if j == 1:
+                lines.append("  " + "  ".join("-" * wd for wd in widths))
+        lines.append("")
+    lines.append(
+        "Δgold = gold minus the initial policy's gold (per seed). peak: max of the smoothed per-step gold; "
+        "final: fresh samples of the last policy; @KL* / @Δproxy*: smoothed gold where KL to the initial "
+        "policy / the proxy gain first reach the smallest peak of all runs of the world; proxy, KL (nats per "
+        "sequence), entropy (nats per token): final policy; RM acc: the proxy's pairwise accuracy against gold "
+        "on the last 20% of steps; ρ: Spearman over steps between ‖g1‖ and the proxy's pairwise accuracy "
+        "against gold (the GR paper's premise predicts < 0), ρΔ: the same on step-to-step changes; "
+        "mean ± std over seeds."
+    )
+    return "\n".join(lines)
+
+
+def _mean_band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    n = min(len(c) for c in curves)
+    mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+    lo = [min(c[i] for c in curves) for i in range(n)]
+    hi = [max(c[i] for c in curves) for i in range(n)]
+    return mean, lo, hi
+
+
+def plot(results: dict, path: str) -> str:
+    """One row per world: gold vs step, proxy vs step (mean over seeds, min–max band), gold vs KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from grkernels.demo.experiment import smooth
+
+    window = results.get("smoothing_window", 10)
+    worlds = list(results["worlds"].items())
+    fig, axes = plt.subplots(len(worlds), 3, figsize=(15, 4.2 * len(worlds)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (wname, w) in enumerate(worlds):
+        g0 = {s["seed"]: s["init_gold"] for s in w["setup"]}
+        for j, (label, m) in enumerate(w["methods"].items()):
+            if not m["runs"]:
+                continue
+            col = colors[j % len(colors)]
+            ls = "--" if label.startswith("gr") else "-"  # GR variants dashed: overlaps stay visible
+            for ax, key in ((axes[row][0], "gold"), (axes[row][1], "proxy")):
+                base = {r["seed"]: g0[r["seed"]] if key == "gold" else 0.0 for r in m["runs"]}
+                mean, lo, hi = _mean_band([[v - base[r["seed"]] for v in smooth(r["curves"][key], window)]
+                                           for r in m["runs"]])
+                steps = range(len(mean))
+                ax.plot(steps, mean, color=col, linestyle=ls, label=label)
+                if len(m["runs"]) > 1:
+                    ax.fill_between(steps, lo, hi, color=col, alpha=0.15, linewidth=0)
+            for i, r in enumerate(m["runs"]):  # one line per seed
+                axes[row][2].plot(smooth(r["curves"]["kl"], window),
+                                  [v - g0[r["seed"]] for v in smooth(r["curves"]["gold"], window)],
+                                  color=col, linestyle=ls, alpha=0.8, linewidth=1, label=label if i == 0 else None)
+        axes[row][0].set_title(f"{wname}: gold reward (hidden) − initial gold")
+        axes[row][1].set_title(f"{wname}: proxy reward (optimised)")
+        axes[row][2].set_title(f"{wname}: gold − initial gold vs KL to the initial policy")
+        axes[row][0].set_xlabel("step")
+        axes[row][1].set_xlabel("step")
+        axes[row][2].set_xlabel("KL(π‖π_init) per sequence [nats]")
+        axes[row][2].set_xscale("symlog", linthresh=1.0)
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=8)
+    fig.suptitle(f"grkernels demo: mean over seeds, band = min..max, moving average of {window} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _clean(x):
+    """NaN/inf → None for strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_results(results: dict, out_dir: str, make_plot: bool = True) -> dict[str, str]:
+    """Write ``results.json``, ``table.txt`` and (optionally) ``demo.png`` into ``out_dir``; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, "results.json"), "table": os.path.join(out_dir, "table.txt")}
+    with open(paths["json"], "w") as f:
+        json.dump(_clean(results), f, allow_nan=False)
+    with open(paths["table"], "w") as f:
+        f.write(format_table(results) + "\n")
+    if make_plot:
+        paths["plot"] = plot(results, os.path.join(out_dir, "demo.png"))
+    return paths
