@@ -58,10 +58,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check grkernels tests bench examples
 
 bench: $(STAMP)
-	$(PY) -m pytest bench -q --benchmark-enable --benchmark-only
+	$(PY) -m pytest bench/bench_*.py -q --benchmark-enable --benchmark-only
 
 bench-gpu: $(STAMP)
-	$(PY) -m grkernels bench --out bench/results
+	$(PY) -m grkernels bench
 
 wheel: $(STAMP)
 	$(PY) -m build --wheel --no-isolation

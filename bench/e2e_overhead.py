@@ -2,7 +2,7 @@
 
     python bench/e2e_overhead.py                          # GPU: a ~110M-parameter model in bf16
     python bench/e2e_overhead.py --dim 128 --layers 2     # CPU-sized
-    python bench/e2e_overhead.py --out bench/results      # writes <device>_overhead.json there
+    (writes bench/results/<device>_overhead.json; --out PATH to choose another file)
 
 A plain step = zero_grad, forward, backward, AdamW step. A GR step (forward estimator) = the same plus a second
 forward/backward at θ + ε·g1 and the perturb / restore / combine work; its floor is ~2× for a model whose step time
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=20 if cuda else 8)
     ap.add_argument("--backends", default="torch,triton" if cuda else "torch")
-    ap.add_argument("--out", default=None, help="folder for <device>_overhead.json")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>_overhead.json)")
     args = ap.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -129,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['variant']:<22} {1e3 * r['median_s']:>10.2f} {r['ratio']:>8.2f} "
               f"{1e3 * r.get('gr_math_s', float('nan')):>11.2f} {r.get('extra_bytes_per_param', 0):>8.2f}")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"{result['device']}_overhead.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        print("wrote", path)
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"{result['device']}_overhead.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
     return 0
 
 

@@ -206,7 +206,8 @@ def main() -> None:
     for row in rows:
         if "-" not in row["eps"]:
             print(f"  {row['variant']}: " + ", ".join(f"{e}: {v['perturb_ratio']:.2f}" for e, v in row["eps"].items()))
-    out = Path(args.out or Path(__file__).parent / "results" / f"fidelity_{args.device}.json")
+    dev = torch.cuda.get_device_name(args.device).replace(" ", "-") if args.device.startswith("cuda") else "cpu"
+    out = Path(args.out or Path(__file__).parent / "results" / f"{dev}_fidelity.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model_params": n_params, "g1_norm": g1n, "seeds": len(seeds), "backend": args.backend,
                                "device": args.device, "gamma": GAMMA, "seconds": elapsed, "rows": rows},

@@ -1,10 +1,10 @@
 """``grkernels bench``: run the benchmark scripts in ``bench/`` (a source checkout) and collect their JSON.
 
-    grkernels bench --out bench/results            # every script that exists
+    grkernels bench                                # every script that exists
     grkernels bench --only overhead,gr_step        # a subset
 
 The scripts live in the repository, not in the wheel: they compare against baselines (torch.compile, Liger-Kernel,
-TRL) that grkernels does not depend on. Each takes ``--out DIR`` and writes ``<device>_<name>.json`` there.
+TRL) that grkernels does not depend on. Each writes ``bench/results/<device>_<name>.json``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ SCRIPTS = {  # name -> script in bench/
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="grkernels bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/results")
     ap.add_argument("--only", default=",".join(SCRIPTS), help=f"comma-separated subset of {sorted(SCRIPTS)}")
     ap.add_argument("--bench-dir", default="bench", help="the repository's bench/ folder")
     args = ap.parse_args(argv)
@@ -40,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name}: {path} not found (run from a source checkout)", file=sys.stderr)
             failed.append(name)
             continue
-        print(f"[bench] {name}: {path} --out {args.out}", flush=True)
+        print(f"[bench] {name}: {path}", flush=True)
         saved = sys.argv
-        sys.argv = [path, "--out", args.out]
+        sys.argv = [path]
         try:
             runpy.run_path(path, run_name="__main__")
         except SystemExit as stop:
