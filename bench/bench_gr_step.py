@@ -7,13 +7,10 @@ the torch backend of ``GradReg`` (``TorchGRStep``, the specification), a ``torch
 a reference-style per-parameter loop (both in ``bench/baselines_gr_step.py``), and on CUDA the Triton kernels.
 Dtype mixes: bf16 params with bf16 grads, fp32 params with fp32 grads, and bf16 params with fp32 gradient
 buffers (``main_grad``; the torch backend needs ``.grad`` of the parameter dtype, so it is skipped there).
-Last, the end-to-end cost of a GR step over a plain AdamW step on a small Llama (printed as a ratio).
 The full-size GPU measurement (1B-shaped set, bandwidth) is ``bench/gpu_gr_step.py``.
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -100,52 +97,4 @@ def test_gr_step_math(benchmark, impl, mix):
     benchmark.extra_info["params"] = n
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(DEVICE)
-
-
-def test_end_to_end_gr_over_plain_step(benchmark):
-    """GR step (forward estimator, auto backend) over a plain AdamW step on a 3.7M-parameter Llama."""
-    from grkernels import GradReg, paper_exclude
-
-    model = _tiny_llama()
-    ids = torch.randint(0, 1000, (8, 64), device=DEVICE)
-
-    def closure():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss
-
-    plain = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    gr = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-5), strength=1e-2, eps=1e-3,
-                 exclude=paper_exclude(model), backend="auto")
-
-    def plain_step():
-        plain.zero_grad()
-        closure()
-        plain.step()
-        _sync()
-
-    def gr_step():
-        gr.step(closure)
-        _sync()
-
-    for f in (plain_step, gr_step):
-        f()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        plain_step()
-        times.append(time.perf_counter() - t)
-    t_plain = min(times)  # minima: the least disturbed runs on a shared machine
-    benchmark.pedantic(gr_step, rounds=5, warmup_rounds=0)
-    t_gr = benchmark.stats.stats.min if benchmark.stats else float("nan")
-    benchmark.extra_info["plain_s"] = t_plain
-    benchmark.extra_info["gr_over_plain"] = t_gr / t_plain
-    print(f"\nGR step / plain step on {DEVICE} (min of 5): {t_gr * 1e3:.1f} ms / {t_plain * 1e3:.1f} ms "
-          f"= {t_gr / t_plain:.2f}x")
+# The end-to-end ratio of a GR step over a plain step is bench/bench_overhead.py (and bench/e2e_overhead.py).
