@@ -58,6 +58,11 @@ class GradReg(torch.optim.Optimizer):
             of a boolean per step; with False nothing is read and non-finite gradients reach the base optimizer
             (the perturbation itself is always protected).
         seed: seed of the stochastic rounding (the step index is mixed in; resuming reproduces it).
+        master_weights: for optimizers that step fp32 master copies of low-precision model weights: the name of
+            the attribute on each master (a parameter of the base optimizer) holding the model's weight. GR then
+            perturbs that weight from the master, w ← round(master + ε·v) (one rounding, not two), and restores it
+            bitwise; the masters are never written. The caller copies model gradients into ``master.grad`` after
+            each backward, as mixed-precision trainers do.
         lean: Triton backend only: save g1 of fp32 gradients in bf16 (4 instead of 6 bytes per bf16 parameter
             with fp32 gradients); between perturb() and step() the gradient buffers then hold g − g1, and the
             GR correction keeps fp32 accuracy (see grkernels.kernels.gr_step). Ignored by the torch backend.
@@ -84,6 +89,7 @@ class GradReg(torch.optim.Optimizer):
         backend: str = "auto",
         skip_nonfinite: bool = True,
         seed: int = 0,
+        master_weights: str | None = None,
         lean: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -112,6 +118,7 @@ class GradReg(torch.optim.Optimizer):
         self.estimator, self.rounding, self.backend = estimator, rounding, backend
         self.skip_nonfinite, self.seed = skip_nonfinite, int(seed)
         self.lean = bool(lean)
+        self.master_weights = master_weights
         self._excluded = resolve_exclude(exclude, named_parameters)
         for group in optimizer.param_groups:
             self._group_defaults(group)
@@ -234,6 +241,14 @@ class GradReg(torch.optim.Optimizer):
                     coefs.append(gamma)
                 else:
                     keep.append(p)
+        if self.master_weights is not None:
+            for p in params:
+                w = getattr(p, self.master_weights, None)
+                if not isinstance(w, torch.Tensor) or w.shape != p.shape or w.device != p.device:
+                    raise RuntimeError(
+                        f"GradReg(master_weights={self.master_weights!r}): a GR parameter of shape {tuple(p.shape)} "
+                        "has no such attribute holding a model weight of the same shape and device"
+                    )
         if len(devices) > 1:
             raise RuntimeError(
                 f"GradReg: parameters are on several devices ({sorted(str(d) for d in devices)}); one GR step "
@@ -249,6 +264,7 @@ class GradReg(torch.optim.Optimizer):
             estimator=self.estimator,
             rounding=self.rounding,
             seed=self.seed * 1_000_003 + self._step,
+            model_attr=self.master_weights,
         )
 
     def _make_backend(self, device: torch.device) -> TorchGRStep:
@@ -256,7 +272,7 @@ class GradReg(torch.optim.Optimizer):
         if resolve_backend(self.backend, device, what="GradReg") == "triton":
             from grkernels.kernels.gr_step import TritonGRStep
 
-            return TritonGRStep(device, lean=self.lean)
+            return TritonGRStep(device, lean=self.lean, model_attr=self.master_weights)
         return TorchGRStep()
 
     def _backend_for(self, plan: StepPlan) -> TorchGRStep:

@@ -42,6 +42,10 @@ class StepPlan:
     estimator: "forward", "central" or "exact".
     rounding: "stochastic" or "nearest" (bf16/fp16 parameters only; fp32/fp64 always round to nearest).
     seed:   seed of the stochastic rounding of this step (deterministic for a given seed).
+    model_attr: fp32 master weights: when set, each GR parameter is an optimizer's master and
+            ``getattr(master, model_attr)`` is the low-precision weight the model computes with. That weight is
+            perturbed from the master (w ← round(master + ε·v), one rounding), saved and restored bitwise; the
+            master is never written.
     """
 
     params: list[torch.Tensor]
@@ -53,6 +57,13 @@ class StepPlan:
     estimator: str = "forward"
     rounding: str = "stochastic"
     seed: int = 0
+    model_attr: str | None = None
+
+    def weights(self) -> list[torch.Tensor]:
+        """The tensors the perturbation is written into: the parameters, or their model weights (masters)."""
+        if self.model_attr is None:
+            return [p.detach() for p in self.params]
+        return [getattr(p, self.model_attr).detach() for p in self.params]
 
     @property
     def device(self) -> torch.device:
@@ -124,7 +135,7 @@ class TorchGRStep:
         dtype = accum_dtype(grads)
         if point == 0:
             self._plan = plan
-            self._copies([p.detach() for p in plan.params], self._theta)
+            self._copies(plan.weights(), self._theta)
             self._copies(grads, self._g1)
             self._copies([p.grad for p in plan.keep], self._g1_keep)
             n1 = global_norm(grads, dtype)
@@ -141,11 +152,16 @@ class TorchGRStep:
         # The perturbation ε·s1·g1 (zero where g1 is not finite: a NaN must never reach the weights).
         step = torch.where(self._finite, self._s1 * (sign * plan.eps), torch.zeros_like(self._s1))
         realised_sq = torch.zeros((), dtype=dtype, device=plan.device)
+        masters = [p.detach() for p in plan.params] if plan.model_attr else [None] * len(plan.params)
         try:
-            for i, (p, theta, g1) in enumerate(zip(plan.params, self._theta, self._g1)):
-                new = perturbed_value(theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point)
+            for i, (p, w, theta, g1, master) in enumerate(
+                zip(plan.params, plan.weights(), self._theta, self._g1, masters)
+            ):
+                new = perturbed_value(
+                    theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point, source=master
+                )
                 new = torch.where(self._finite, new, theta)
-                p.detach().copy_(new)
+                w.copy_(new)
                 if point == 0:
                     realised_sq += (new.to(dtype) - theta.to(dtype)).square().sum()
                 p.grad.zero_()
@@ -158,8 +174,8 @@ class TorchGRStep:
 
     def restore(self, plan: StepPlan) -> None:
         """Abort: θ back bitwise, every saved gradient back to g1."""
-        for p, theta, g1 in zip(plan.params, self._theta, self._g1):
-            p.detach().copy_(theta)
+        for p, w, theta, g1 in zip(plan.params, plan.weights(), self._theta, self._g1):
+            w.copy_(theta)
             if p.grad is None:
                 p.grad = g1.clone()
             else:
@@ -192,8 +208,8 @@ class TorchGRStep:
         else:
             a, sa, b, sb, div = grads, s2, self._g1, self._s1, plan.eps
         diff_sq = torch.zeros((), dtype=dtype, device=plan.device)
-        for p, theta, g1, ga, gb, gamma in zip(plan.params, self._theta, self._g1, a, b, plan.coefs):
-            p.detach().copy_(theta)
+        for p, w, theta, g1, ga, gb, gamma in zip(plan.params, plan.weights(), self._theta, self._g1, a, b, plan.coefs):
+            w.copy_(theta)
             correction = (gamma / div) * (sa * ga.to(dtype) - sb * gb.to(dtype))
             diff_sq += correction.square().sum()
             p.grad.copy_(g1.to(dtype) + correction)

@@ -47,14 +47,17 @@ def perturbed_value(
     seed: int,
     index: int,
     point: int,
+    source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """θ + step·direction in θ's dtype; ``step`` is a 0-d device tensor (no host read).
 
     Computed in float32 (float64 for float64 parameters); bf16/fp16 results are stochastically rounded when
-    ``rounding == "stochastic"``, else rounded to nearest.
+    ``rounding == "stochastic"``, else rounded to nearest. With ``source`` (an fp32 master of the low-precision
+    θ), the sum starts from the master: one rounding of master + step·direction into θ's dtype.
     """
     wide = torch.float64 if theta.dtype == torch.float64 else torch.float32
-    x = theta.to(wide) + step.to(wide) * direction.to(wide)
+    start = theta if source is None else source
+    x = start.to(wide) + step.to(wide) * direction.to(wide)
     if theta.dtype in LOW_PRECISION and rounding == "stochastic":
         gen = torch.Generator(device=theta.device)
         gen.manual_seed(rounding_seed(seed, index, point))

@@ -515,3 +515,47 @@ def test_fuzz_forward_estimator_matches_double_backprop(widths, strength, exclud
     expected = exact_gr_gradient(lambda: (model(x) - y).square().mean(), params, coefs)
     opt.step(make_closure(model, x, y))
     assert rel_err(cap.grads[0], expected) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_master_weights_are_perturbed_once_from_fp32_masters(backend):
+    torch.manual_seed(90)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3)).to(torch.bfloat16)
+    masters = [nn.Parameter(p.detach().float() + 1e-3 * torch.randn(p.shape)) for p in model.parameters()]
+    with torch.no_grad():  # the model computes with its bf16 copy of the masters
+        for m, p in zip(masters, model.parameters()):
+            m.model_weight = p
+            p.copy_(m)
+    base = torch.optim.SGD(masters, lr=0.05)
+    opt = GradReg(base, strength=0.3, eps=1e-2, g1_clip=None, g2_clip=None, rounding="nearest",
+                  master_weights="model_weight", backend=backend)
+    x, y = regression_batch(91, dtype=torch.bfloat16)
+    seen, grads = [], []
+
+    def closure():
+        model.zero_grad(set_to_none=True)
+        loss = (model(x) - y).float().square().mean()
+        loss.backward()
+        seen.append([p.detach().clone() for p in model.parameters()])
+        grads.append([p.grad.float() for p in model.parameters()])
+        for m, p in zip(masters, model.parameters()):  # what a mixed-precision trainer does
+            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad.float())
+        return loss
+
+    masters_before = [m.detach().clone() for m in masters]
+    at_base_step = []
+    base.register_step_pre_hook(lambda *a: at_base_step.append(
+        (snapshot(model), [m.detach().clone() for m in masters], [m.grad.clone() for m in masters])))
+    opt.step(closure)
+    g1, g2 = grads
+    expected_w = [(m + 1e-2 * g).to(torch.bfloat16) for m, g in zip(masters_before, g1)]
+    assert bitwise_equal(seen[1], expected_w)  # one rounding, from the master
+    weights, masters_seen, combined = at_base_step[0]
+    assert bitwise_equal(weights, seen[0]) and bitwise_equal(masters_seen, masters_before)
+    expected = [a + (0.3 / 1e-2) * (b - a) for a, b in zip(g1, g2)]
+    assert rel_err(combined, expected) < 1e-5
+    with pytest.raises(RuntimeError, match="master_weights"):
+        bad = GradReg(torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1), strength=1.0, eps=1e-2,
+                      master_weights="model_weight", backend=backend)
+        bad.param_groups[0]["params"][0].grad = torch.ones(3)
+        bad.perturb()
