@@ -91,31 +91,64 @@ def make_backend(name: str, device: str, lean: bool = False):
     return TritonGRStep(device, lean=lean)
 
 
-def gr_estimate(seed, dtype, estimator, rounding, eps, backend, device, lean=False):
-    """(estimate of H·g1 as a flat float64 vector, perturb_ratio) for one variant."""
+def gr_estimate(seed, dtype, estimator, rounding, eps, backend, device, lean=False, eps_mode="absolute",
+                loss_scale=1.0):
+    """(estimate of H·g1 as a flat float64 vector, perturb_ratio) for one variant. ``loss_scale`` multiplies the
+    loss (so g1 by s and H·g1 by s²): how a setting behaves when the gradient's scale changes."""
     from grkernels.reference import StepPlan
 
     model = make_model(seed, dtype, device)
     ids = batch(seed, device)
     params = list(model.parameters())
+
+    def loss_fn(m, i):
+        return loss_of(m, i) * loss_scale if loss_scale != 1.0 else loss_of(m, i)
+
     if estimator == "exact":
-        grads = torch.autograd.grad(loss_of(model, ids), params, create_graph=True)
+        grads = torch.autograd.grad(loss_fn(model, ids), params, create_graph=True)
         hv = torch.autograd.grad(grads, params, grad_outputs=[g.detach() for g in grads])
         return flat(hv), 1.0
     impl = make_backend(backend, device, lean)
     model.zero_grad(set_to_none=True)
-    loss_of(model, ids).backward()
+    loss_fn(model, ids).backward()
     g1 = flat(p.grad for p in params)
     plan = StepPlan(params=params, coefs=[GAMMA] * len(params), eps=eps, g1_clip=None, g2_clip=None,
-                    estimator=estimator, rounding=rounding, seed=seed)
+                    estimator=estimator, rounding=rounding, seed=seed, eps_mode=eps_mode)
     for point in range(2 if estimator == "central" else 1):
         with torch.no_grad():
             impl.perturb(plan, point)
-        loss_of(model, ids).backward()
+        loss_fn(model, ids).backward()
     with torch.no_grad():
         impl.restore_and_combine(plan)
     est = (flat(p.grad for p in params) - g1) / GAMMA
     return est, float(impl.metrics["perturb_ratio"])
+
+
+LOSS_SCALES = (0.1, 1.0, 10.0)
+SCALE_SETTINGS = [  # (label, estimator, eps, eps_mode)
+    ("forward, ε = 1e-3 absolute (paper)", "forward", 1e-3, "absolute"),
+    ("forward, ε = 0.02 radius", "forward", 2e-2, "radius"),
+    ("central, ε = 1e-3 absolute", "central", 1e-3, "absolute"),
+    ("central, ε = 0.01 radius", "central", 1e-2, "radius"),
+]
+
+
+def scale_sweep(seeds, refs, backend: str, device: str) -> list[dict]:
+    """cos/rel of fixed settings as the loss (so the gradient) is scaled: absolute ε vs eps_mode='radius'."""
+    rows = []
+    for label, est_name, eps, mode in SCALE_SETTINGS:
+        row = {"variant": label, "estimator": est_name, "eps": eps, "eps_mode": mode, "scale": {}}
+        for sc in LOSS_SCALES:
+            cs, rs = [], []
+            for s in seeds:
+                est, _ = gr_estimate(s, torch.bfloat16, est_name, "stochastic", eps, backend, device,
+                                     eps_mode=mode, loss_scale=sc)
+                c, r = cos_rel(est, refs[s] * sc * sc)  # H·g1 scales with s²
+                cs.append(c)
+                rs.append(r)
+            row["scale"][f"{sc:g}"] = {"cos": sum(cs) / len(cs), "rel": sum(rs) / len(rs)}
+        rows.append(row)
+    return rows
 
 
 def cos_rel(est: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -132,6 +165,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-lean", action="store_true", help="skip the lean (Triton) rows")
     ap.add_argument("--full-triton", action="store_true", help="[triton] rows at every ε, also interpreted")
+    ap.add_argument("--no-scale-sweep", action="store_true", help="skip the gradient-scale table (eps_mode)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     interpreted = args.device == "cpu"
@@ -184,6 +218,7 @@ def main() -> None:
     rows.append({"variant": "bf16, exact (double backprop, no ε)", "estimator": "exact", "rounding": "-",
                  "lean": False, "weights": "bfloat16", "eps": {"-": {"cos": sum(ex_c) / len(ex_c),
                                                                     "rel": sum(ex_r) / len(ex_r)}}})
+    scale_rows = [] if args.no_scale_sweep else scale_sweep(seeds, refs, args.backend, args.device)
     elapsed = time.time() - t0
 
     n_params = sum(p.numel() for p in make_model(0, torch.float32, "cpu").parameters())
@@ -206,11 +241,20 @@ def main() -> None:
     for row in rows:
         if "-" not in row["eps"]:
             print(f"  {row['variant']}: " + ", ".join(f"{e}: {v['perturb_ratio']:.2f}" for e, v in row["eps"].items()))
+    if scale_rows:
+        print(f"\nSame settings when the gradient's scale changes (loss × s, so ‖g1‖ ≈ {g1n:.2f}·s); bf16 weights, "
+              "stochastic rounding; cos / relative error:")
+        print("| setting | " + " | ".join(f"s={sc:g}" for sc in LOSS_SCALES) + " |")
+        print("|---|" + "---|" * len(LOSS_SCALES))
+        for row in scale_rows:
+            cells = [f"{row['scale'][f'{sc:g}']['cos']:.2f}/{row['scale'][f'{sc:g}']['rel']:.2f}" for sc in LOSS_SCALES]
+            print(f"| {row['variant']} | " + " | ".join(cells) + " |")
     dev = torch.cuda.get_device_name(args.device).replace(" ", "-") if args.device.startswith("cuda") else "cpu"
     out = Path(args.out or Path(__file__).parent / "results" / f"{dev}_fidelity.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model_params": n_params, "g1_norm": g1n, "seeds": len(seeds), "backend": args.backend,
-                               "device": args.device, "gamma": GAMMA, "seconds": elapsed, "rows": rows},
+                               "device": args.device, "gamma": GAMMA, "seconds": elapsed, "rows": rows,
+                               "scale_rows": scale_rows},
                               indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
     print(f"wrote {out}")
 

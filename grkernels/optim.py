@@ -40,7 +40,11 @@ class GradReg(torch.optim.Optimizer):
     Args:
         optimizer: the base optimizer (an instance). ``GradReg`` shares its ``param_groups`` and ``state``.
         strength: γ, the weight of the penalty (γ/2)·‖∇L‖² (units of 1/loss: γ·H·g has the units of g).
-        eps: ε, the finite-difference step: θ' = θ + ε·clip(g1) (parameter units per gradient unit).
+        eps: ε, the finite-difference step: θ' = θ + ε·clip(g1) (parameter units per gradient unit), or with
+            ``eps_mode="radius"`` the perturbation's norm: θ' = θ + ε·v/‖v‖ (parameter units).
+        eps_mode: "absolute" (the paper's) or "radius". The finite difference is accurate when ε·‖v‖ is in a
+            window set by the weights' precision (≈ 0.01–0.03 for bf16 weights, BENCHMARKS.md); "radius" keeps
+            the perturbation there whatever the gradient's scale, and still estimates γ·H·v (it divides by ε/‖v‖).
         g1_clip: max norm of g1 for the perturbation direction (None: no clipping). Paper default 10.
         g2_clip: max norm of g2 (None: no clipping). Paper default 10.
         exclude: parameters left out of GR (neither perturbed nor corrected: they get plain g1): tensors, and/or
@@ -85,6 +89,7 @@ class GradReg(torch.optim.Optimizer):
         warmup_steps: int = 0,
         schedule: Callable[[int], float] | None = None,
         estimator: str = "forward",
+        eps_mode: str = "absolute",
         rounding: str = "stochastic",
         backend: str = "auto",
         skip_nonfinite: bool = True,
@@ -103,8 +108,18 @@ class GradReg(torch.optim.Optimizer):
         for name, clip in (("g1_clip", g1_clip), ("g2_clip", g2_clip)):
             if clip is not None and not clip > 0:
                 raise ValueError(f"GradReg: {name} must be > 0 or None, got {clip}")
+        if g1_clip != g2_clip and estimator != "exact":
+            warnings.warn(
+                f"GradReg: g1_clip={g1_clip} and g2_clip={g2_clip} differ. The correction is (γ/ε)·(s2·g2 − s1·g1): "
+                "whenever only one clip is active its factor no longer cancels, and the correction grows like "
+                "‖g‖/ε. Clip both at the same norm (the paper: 10 and 10) unless you mean it.",
+                UserWarning,
+                stacklevel=2,
+            )
         if estimator not in ESTIMATORS:
             raise ValueError(f"GradReg: estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if eps_mode not in ("absolute", "radius"):
+            raise ValueError(f"GradReg: eps_mode must be 'absolute' or 'radius', got {eps_mode!r}")
         if rounding not in ("stochastic", "nearest"):
             raise ValueError(f"GradReg: rounding must be 'stochastic' or 'nearest', got {rounding!r}")
         if warmup_steps < 0:
@@ -115,7 +130,7 @@ class GradReg(torch.optim.Optimizer):
         self.strength, self.eps = float(strength), float(eps)
         self.g1_clip, self.g2_clip = g1_clip, g2_clip
         self.warmup_steps, self.schedule = int(warmup_steps), schedule
-        self.estimator, self.rounding, self.backend = estimator, rounding, backend
+        self.estimator, self.eps_mode, self.rounding, self.backend = estimator, eps_mode, rounding, backend
         self.skip_nonfinite, self.seed = skip_nonfinite, int(seed)
         self.lean = bool(lean)
         self.master_weights = master_weights
@@ -179,8 +194,9 @@ class GradReg(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"GradReg(strength={self.strength}, eps={self.eps}, estimator={self.estimator!r}, "
-            f"g1_clip={self.g1_clip}, g2_clip={self.g2_clip}, backend={self.backend!r},\n  {self.optimizer!r})"
+            f"GradReg(strength={self.strength}, eps={self.eps}, eps_mode={self.eps_mode!r}, "
+            f"estimator={self.estimator!r}, g1_clip={self.g1_clip}, g2_clip={self.g2_clip}, "
+            f"backend={self.backend!r},\n  {self.optimizer!r})"
         )
 
     # ------------------------------------------------------------------ schedule
@@ -265,6 +281,7 @@ class GradReg(torch.optim.Optimizer):
             rounding=self.rounding,
             seed=self.seed * 1_000_003 + self._step,
             model_attr=self.master_weights,
+            eps_mode=self.eps_mode,
         )
 
     def _make_backend(self, device: torch.device) -> TorchGRStep:

@@ -10,6 +10,10 @@ One GR step over the gradient-regularised ("GR") parameters P, with g1 = ∇L(θ
     θ  ← θ (bitwise, from a saved copy)
     grad ← g1 + (γ_p/ε)·(s2·g2 − s1·g1)        ≈ ∇L + γ·H·v
 
+With ``eps_mode="radius"`` the step is ε_eff = ε/‖v‖, so that ‖θ' − θ‖ = ε whatever the gradient's scale (the
+fidelity of the finite difference depends on ε·‖v‖, see BENCHMARKS.md); the combine divides by ε_eff, so the
+estimate still targets γ·H·v.
+
 The central estimator evaluates g± = ∇L(θ ± ε·v) and uses grad ← g1 + (γ_p/2ε)·(s₊·g₊ − s₋·g₋); the exact
 estimator gets H·v from double backprop and uses grad ← g1 + γ_p·H·v. Parameters outside P that have a gradient
 ("keep" parameters: excluded, or in a group with GR off) end the step with their g1, bitwise.
@@ -41,6 +45,7 @@ class StepPlan:
     g1_clip, g2_clip: max norms c1, c2 (None: no clipping).
     estimator: "forward", "central" or "exact".
     rounding: "stochastic" or "nearest" (bf16/fp16 parameters only; fp32/fp64 always round to nearest).
+    eps_mode: "absolute" (θ' = θ + ε·v, the paper's) or "radius" (θ' = θ + ε·v/‖v‖).
     seed:   seed of the stochastic rounding of this step (deterministic for a given seed).
     model_attr: fp32 master weights: when set, each GR parameter is an optimizer's master and
             ``getattr(master, model_attr)`` is the low-precision weight the model computes with. That weight is
@@ -58,6 +63,7 @@ class StepPlan:
     rounding: str = "stochastic"
     seed: int = 0
     model_attr: str | None = None
+    eps_mode: str = "absolute"
 
     def weights(self) -> list[torch.Tensor]:
         """The tensors the perturbation is written into: the parameters, or their model weights (masters)."""
@@ -90,6 +96,26 @@ def clip_scale(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     return torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
 
 
+def v_norm(plan: StepPlan, s1: torch.Tensor, n1: torch.Tensor) -> torch.Tensor | None:
+    """‖v‖ = s1·‖g1‖ when ``eps_mode == "radius"`` (then ε_eff = ε/‖v‖); None for "absolute"."""
+    return s1 * n1 if plan.eps_mode == "radius" else None
+
+
+def perturb_scale(plan: StepPlan, s1: torch.Tensor, vnorm: torch.Tensor | None, sign: float) -> torch.Tensor:
+    """The multiplier m of g1 in θ' = θ + m·g1: ±s1·ε (absolute) or ±s1·ε/‖v‖ (radius), a device tensor."""
+    if vnorm is None:
+        return s1 * (sign * plan.eps)
+    return s1 * (sign * plan.eps) / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny)
+
+
+def combine_scales(
+    sa: torch.Tensor, sb: torch.Tensor, vnorm: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip factors of the two gradients in γ_p/(k·ε_eff)·(sa·ga − sb·gb), with the coefficient kept as the
+    host float γ_p/(k·ε): in radius mode 1/ε_eff = ‖v‖/ε, so ‖v‖ multiplies the (device) clip factors."""
+    return (sa, sb) if vnorm is None else (sa * vnorm, sb * vnorm)
+
+
 class TorchGRStep:
     """Reference backend. Saves g1 (grad dtype) and θ (param dtype) per GR parameter; g1 per keep parameter.
 
@@ -105,7 +131,7 @@ class TorchGRStep:
         self._g1: list[torch.Tensor] = []
         self._g1_keep: list[torch.Tensor] = []
         self._g_plus: list[torch.Tensor] = []
-        self._s1 = self._s_plus = self._finite = None
+        self._s1 = self._s_plus = self._finite = self._vnorm = None
         self.metrics: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -140,6 +166,7 @@ class TorchGRStep:
             self._copies([p.grad for p in plan.keep], self._g1_keep)
             n1 = global_norm(grads, dtype)
             self._s1 = clip_scale(n1, plan.g1_clip)
+            self._vnorm = v_norm(plan, self._s1, n1)
             self._finite = torch.isfinite(n1)
             self.metrics = {"g1_norm": n1}
             sign = 1.0
@@ -150,7 +177,7 @@ class TorchGRStep:
             self._finite = self._finite & torch.isfinite(n_plus)
             sign = -1.0
         # The perturbation ε·s1·g1 (zero where g1 is not finite: a NaN must never reach the weights).
-        step = torch.where(self._finite, self._s1 * (sign * plan.eps), torch.zeros_like(self._s1))
+        step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
         realised_sq = torch.zeros((), dtype=dtype, device=plan.device)
         masters = [p.detach() for p in plan.params] if plan.model_attr else [None] * len(plan.params)
         try:
@@ -169,7 +196,7 @@ class TorchGRStep:
             self.restore(plan)  # θ and g1 are saved in full before anything moves: put them back, then raise
             raise
         if point == 0:
-            intended = plan.eps * self._s1 * self.metrics["g1_norm"]
+            intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self.metrics["g1_norm"]
             self.metrics["perturb_ratio"] = realised_sq.sqrt() / intended.clamp_min(torch.finfo(dtype).tiny)
 
     def restore(self, plan: StepPlan) -> None:
@@ -207,6 +234,7 @@ class TorchGRStep:
             a, sa, b, sb, div = self._g_plus, self._s_plus, grads, s2, 2.0 * plan.eps
         else:
             a, sa, b, sb, div = grads, s2, self._g1, self._s1, plan.eps
+        sa, sb = combine_scales(sa, sb, self._vnorm)
         diff_sq = torch.zeros((), dtype=dtype, device=plan.device)
         for p, w, theta, g1, ga, gb, gamma in zip(plan.params, plan.weights(), self._theta, self._g1, a, b, plan.coefs):
             w.copy_(theta)

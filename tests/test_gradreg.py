@@ -559,3 +559,58 @@ def test_master_weights_are_perturbed_once_from_fp32_masters(backend):
                       master_weights="model_weight", backend=backend)
         bad.param_groups[0]["params"][0].grad = torch.ones(3)
         bad.perturb()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["forward", "central"])
+def test_radius_mode_fixes_perturbation_norm_and_still_estimates_hv(backend, estimator):
+    model = tanh_mlp(100)
+    x, y = regression_batch(101)
+    radius = 1e-6 if estimator == "forward" else 1e-4
+    opt, base = gr_opt(model, backend, eps=radius, eps_mode="radius", estimator=estimator)
+    cap = GradCapture(base)
+    params = list(model.parameters())
+    expected = exact_gr_gradient(lambda: (model(x) - y).square().mean(), params, [0.5] * len(params))
+    before = snapshot(model)
+    moved = []
+
+    def closure():
+        moved.append(sum(float((p.detach() - b).square().sum()) for p, b in zip(params, before)) ** 0.5)
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert moved[0] == 0.0 and all(m == pytest.approx(radius, rel=1e-6) for m in moved[1:])  # ‖θ' − θ‖ = ε
+    # ‖g1‖ is far from 1: ε_eff = ε/‖g1‖ differs from ε, and the estimate still targets H·g1.
+    assert abs(opt.metrics()["g1_norm"] - 1.0) > 0.2
+    assert rel_err(cap.grads[0], expected) < 1e-4
+    assert opt.metrics()["perturb_ratio"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_radius_mode_backends_agree():
+    pytest.importorskip("grkernels.kernels.gr_step")
+    from grkernels.kernels import triton_usable
+
+    if not triton_usable("cpu"):
+        pytest.skip("triton not usable here")
+    got = []
+    for backend in ("torch", "triton"):
+        model = tanh_mlp(102, dtype=torch.float32)
+        x, y = regression_batch(103, dtype=torch.float32)
+        opt, base = gr_opt(model, backend, eps=0.05, eps_mode="radius", g1_clip=0.1, g2_clip=0.1)
+        cap = GradCapture(base)
+        opt.step(make_closure(model, x, y))
+        got.append(cap.grads[0])
+    assert opt.metrics()["g1_norm"] > 0.1  # both clips active
+    # Not bitwise: the backends sum the global norms in different orders (see tests/test_gr_step_triton.py).
+    assert rel_err(got[1], got[0]) < 1e-5
+
+
+def test_mismatched_clips_warn():
+    params = [nn.Parameter(torch.zeros(2))]
+    with pytest.warns(UserWarning, match="differ"):
+        GradReg(torch.optim.SGD(params, lr=0.1), strength=1.0, eps=1e-3, g1_clip=10.0, g2_clip=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradReg(torch.optim.SGD(params, lr=0.1), strength=1.0, eps=1e-3, g1_clip=10.0, g2_clip=10.0)

@@ -87,7 +87,15 @@ import triton.language as tl
 
 from grkernels.kernels import check_triton_device, interpreter_on
 from grkernels.kernels.multi_tensor import INT_OF, Group, build_groups, check_tensor, layout_key, to_device
-from grkernels.reference import StepPlan, TorchGRStep, accum_dtype, clip_scale
+from grkernels.reference import (
+    StepPlan,
+    TorchGRStep,
+    accum_dtype,
+    clip_scale,
+    combine_scales,
+    perturb_scale,
+    v_norm,
+)
 
 _TL: dict[torch.dtype, tl.dtype] = {
     torch.float64: tl.float64,
@@ -518,7 +526,7 @@ class TritonGRStep:
         self._keep_bufs: list[torch.Tensor] = []
         self._part: torch.Tensor | None = None
         self._coef_cache: dict[tuple, list[torch.Tensor]] = {}
-        self._n1 = self._s1 = self._finite = self._n_plus = self._s_plus = None
+        self._n1 = self._s1 = self._finite = self._n_plus = self._s_plus = self._vnorm = None
         self._grad_ptrs: tuple = ()
 
     # ------------------------------------------------------------------ helpers
@@ -666,6 +674,7 @@ class TritonGRStep:
             self._save_keep(plan)
             self._n1 = self._sumsq(0)
             self._s1 = clip_scale(self._n1, plan.g1_clip)
+            self._vnorm = v_norm(plan, self._s1, self._n1)
             self._finite = torch.isfinite(self._n1)
             self.metrics = {"g1_norm": self._n1}
             sign, row = 1.0, 1
@@ -674,7 +683,7 @@ class TritonGRStep:
                 raise RuntimeError("GradReg: perturbation point 1 before point 0")
             self._ensure_saved(acc, True, plan.device)  # no-op when point 0 already allocated g+ buffers
             sign, row = -1.0, 2
-        step = torch.where(self._finite, self._s1 * (sign * plan.eps), torch.zeros_like(self._s1))
+        step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
         finite_i8 = self._finite.view(torch.int8)
         seed = int(plan.seed) & _SEED_MASK
         for gi, grp in enumerate(self._groups):
@@ -702,7 +711,7 @@ class TritonGRStep:
             )  # fmt: skip
         if point == 0:
             realised = self._part[1].sum().sqrt()
-            intended = plan.eps * self._s1 * self._n1
+            intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self._n1
             self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(acc).tiny)
         else:
             self._n_plus = self._part[2].sum().sqrt()
@@ -746,6 +755,7 @@ class TritonGRStep:
             mode, sa, sb, div = _MODE_CENTRAL, self._s_plus, s2, 2.0 * plan.eps
         else:
             mode, sa, sb, div = _MODE_FORWARD, s2, self._s1, plan.eps
+        sa, sb = combine_scales(sa, sb, self._vnorm)
         self._launch_combine(mode, self._coefs(plan, div, acc), sa, sb)
         self._restore_keep(plan)
         self.metrics["g2_norm"] = n2
