@@ -359,12 +359,15 @@ def test_config_parses_from_command_line(tmp_path):
     (args,) = HfArgumentParser(GradRegGRPOConfig).parse_args_into_dataclasses([
         "--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
         "--grad_reg_strength", "0.25", "--grad_reg_eps", "0.002", "--grad_reg_g1_clip", "0",
-        "--grad_reg_exclude", "embed", "lm_head", "--grad_reg_warmup_steps", "3",
+        "--grad_reg_exclude", "embed", "lm_head", "--grad_reg_warmup_steps", "3", "--grad_reg_eps_mode", "radius",
     ])
     assert args.grad_reg_strength == 0.25 and args.grad_reg_eps == 0.002 and args.grad_reg_warmup_steps == 3
     s = grad_reg_settings(args)
     assert s["grad_reg_g1_clip"] is None and s["grad_reg_g2_clip"] == 10.0  # <= 0 disables, default kept
     assert s["grad_reg_exclude"] == ["embed", "lm_head"]
+    assert s["grad_reg_eps_mode"] == "radius"
+    with pytest.raises(ValueError, match="grad_reg_eps_mode"):
+        grad_reg_settings(args, {"eps_mode": "relative"})
     with pytest.raises(ValueError, match="grad_reg_eps"):
         GradRegGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", grad_reg_eps=0.0)
     with pytest.raises(ValueError, match="grad_reg_strength"):

@@ -94,6 +94,11 @@ class GradRegArguments:
     grad_reg_estimator: str = field(
         default="forward", metadata={"help": "GR estimator: 'forward' (paper), 'central' or 'exact'."}
     )
+    grad_reg_eps_mode: str = field(
+        default="absolute",
+        metadata={"help": "'absolute' (paper: theta' = theta + eps*clip(g1)) or 'radius' (theta' = theta + "
+                  "eps*v/|v|: a perturbation of norm eps whatever the gradient scale; see BENCHMARKS.md)."},
+    )
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(GradRegArguments))
@@ -120,6 +125,8 @@ def grad_reg_settings(args: Any, overrides: dict[str, Any] | None = None) -> dic
         raise ValueError(f"grad_reg_strength must be a finite number >= 0, got {s}")
     if not math.isfinite(e) or e <= 0:
         raise ValueError(f"grad_reg_eps must be a finite number > 0, got {e}")
+    if out["grad_reg_eps_mode"] not in ("absolute", "radius"):
+        raise ValueError(f"grad_reg_eps_mode must be 'absolute' or 'radius', got {out['grad_reg_eps_mode']!r}")
     if int(out["grad_reg_warmup_steps"]) < 0:
         raise ValueError(f"grad_reg_warmup_steps must be >= 0, got {out['grad_reg_warmup_steps']}")
     out["grad_reg_g1_clip"] = _clip_value(out["grad_reg_g1_clip"])
@@ -251,6 +258,7 @@ class GradRegTrainerMixin:
             named_parameters=list(opt_model.named_parameters()),
             warmup_steps=int(cfg["grad_reg_warmup_steps"]),
             estimator=cfg["grad_reg_estimator"],
+            eps_mode=cfg["grad_reg_eps_mode"],
         )
         self._grad_reg = self.optimizer
         return self.optimizer
