@@ -24,8 +24,8 @@ def _clip(norm: torch.Tensor, c: float | None) -> torch.Tensor:
     return torch.ones_like(norm) if c is None else torch.clamp(c / (norm + 1e-6), max=1.0)
 
 
-class ForeachGRStep:
-    """The GR step with ``torch._foreach`` ops (one kernel per op per dtype group, roughly)."""
+class _Baseline:
+    """What both baselines keep: the settings, the saved θ and g1 (their extra memory)."""
 
     def __init__(self, eps: float, gamma: float, g1_clip: float | None = 10.0, g2_clip: float | None = 10.0):
         self.eps, self.gamma, self.g1_clip, self.g2_clip = eps, gamma, g1_clip, g2_clip
@@ -34,6 +34,10 @@ class ForeachGRStep:
 
     def extra_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.theta + self.g1)
+
+
+class ForeachGRStep(_Baseline):
+    """The GR step with ``torch._foreach`` ops (one kernel per op per dtype group, roughly)."""
 
     @staticmethod
     def _norm(ts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -64,16 +68,8 @@ class ForeachGRStep:
         torch._foreach_copy_(grads, a)
 
 
-class LoopGRStep:
+class LoopGRStep(_Baseline):
     """The GR step as a per-parameter loop with host reads, like the public reference implementation."""
-
-    def __init__(self, eps: float, gamma: float, g1_clip: float | None = 10.0, g2_clip: float | None = 10.0):
-        self.eps, self.gamma, self.g1_clip, self.g2_clip = eps, gamma, g1_clip, g2_clip
-        self.theta: list[torch.Tensor] = []
-        self.g1: list[torch.Tensor] = []
-
-    def extra_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.theta + self.g1)
 
     def _scale(self, grads: list[torch.Tensor], c: float | None) -> float:
         norm = sum(float(g.float().norm()) ** 2 for g in grads) ** 0.5  # one host read per tensor
