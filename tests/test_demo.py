@@ -242,3 +242,12 @@ def test_two_workers_give_the_same_results():
     a = _strip(run_experiment(cfg, show_progress=False))
     b = _strip(run_experiment(dataclasses.replace(cfg, workers=2), show_progress=False))
     assert a == b
+
+
+def test_lowlr_control_is_none_with_a_smaller_step(tiny_setup):
+    a = _run(tiny_setup, method="none")
+    same = _run(tiny_setup, method="none_lowlr", lowlr_scale=1.0)
+    assert same["curves"] == a["curves"] and same["final"] == a["final"]
+    slow = _run(tiny_setup, method="none_lowlr", lowlr_scale=0.5)
+    assert slow["curves"]["gold"][0] == a["curves"]["gold"][0] and slow["final"] != a["final"]
+    assert all(r == 0 for r in slow["curves"]["gr_rel"])

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from grkernels.demo.grpo import METHODS, RLConfig
+from grkernels.demo.grpo import DEFAULT_METHODS, METHODS, RLConfig
 from grkernels.demo.worlds import WORLDS, Sizes
 
 # What --quick changes (each still overridable by its own flag).
@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-plot", action="store_true", help="skip demo.png")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("experiment")
-    g.add_argument("--methods", type=_csv(str), default=METHODS, help=f"comma list from {','.join(METHODS)}")
+    g.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS,
+                   help=f"comma list from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; none_lowlr is "
+                   "the 'smaller step' control: no regularisation, lr × --lowlr-scale)")
     g.add_argument("--worlds", type=_csv(str), default=WORLDS,
                    help="comma list from collapse (world 0), rare (world B)")
     g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate multiplier for GR methods (the paper's runs used ~1.67)")
     g = p.add_argument_group("GRPO")
     g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lowlr-scale", type=float, default=d.lowlr_scale, help="lr multiplier of none_lowlr")
     g.add_argument("--prompts", type=int, default=d.prompts_per_step, help="prompts per step")
     g.add_argument("--group", type=int, default=d.group, help="completions per prompt")
     g.add_argument("--adv-std", action="store_true", help="divide advantages by the group std (the paper does not)")
@@ -129,7 +132,8 @@ def config_from_args(args: argparse.Namespace):
     if sizes.vocab < 8:
         raise ValueError(f"--vocab must be >= 8 (the rare world picks 1/4 of the vocabulary), got {sizes.vocab}")
     rl = RLConfig(steps=steps, prompts_per_step=args.prompts, group=args.group, lr=args.lr,
-                  gr_lr_scale=args.gr_lr_scale, beta=args.beta, kl_estimator=args.kl_estimator,
+                  gr_lr_scale=args.gr_lr_scale, lowlr_scale=args.lowlr_scale, beta=args.beta,
+                  kl_estimator=args.kl_estimator,
                   reset_interval=args.reset_interval, reset_alpha=args.reset_alpha, gamma=args.gamma[0],
                   eps=args.eps, g1_clip=args.g1_clip, g2_clip=args.g2_clip, gr_exclude=args.gr_exclude,
                   gr_estimator=args.gr_estimator, adv_std=args.adv_std, clip_eps=args.clip_eps,

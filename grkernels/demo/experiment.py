@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from grkernels.demo.grpo import METHODS, RLConfig, run_rl
+from grkernels.demo.grpo import DEFAULT_METHODS, RLConfig, run_rl
 from grkernels.demo.policy import pretrain_policy, sample
 from grkernels.demo.reward_model import train_reward_model
 from grkernels.demo.worlds import WORLD_ALIASES, WORLDS, Sizes, make_base, make_world, random_prompts
@@ -44,7 +44,7 @@ SCHEMA = "grkernels.demo/v1"
 class ExperimentConfig:
     """Everything one ``grkernels demo`` run needs (the CLI fills it)."""
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     worlds: tuple[str, ...] = WORLDS
     seeds: tuple[int, ...] = (0, 1, 2)
     gammas: tuple[float, ...] = (10.0,)

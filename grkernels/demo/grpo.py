@@ -35,7 +35,9 @@ from grkernels.demo.reward_model import RewardModel, group_pair_accuracy
 from grkernels.demo.worlds import World, random_prompts, repetition_penalty
 from grkernels.integrations.reference_reset import mix_into_reference
 
-METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
+DEFAULT_METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
+# none_lowlr: the control for "is GR more than a smaller step?" (no regularisation, lr × lowlr_scale); opt-in.
+METHODS = (*DEFAULT_METHODS, "none_lowlr")
 METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "loss")
 
 
@@ -49,6 +51,7 @@ class RLConfig:
     group: int = 8
     lr: float = 2e-4
     gr_lr_scale: float = 1.0       # the paper's runs used ~1.67x KL's lr for GR; 1.0 keeps the comparison clean
+    lowlr_scale: float = 0.5       # lr multiplier of the none_lowlr control
     beta: float = 0.3
     kl_estimator: str = "k3"
     reset_interval: int = 50
@@ -104,7 +107,7 @@ def _kl_entropy(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[torch.T
 
 def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
     """Adam (lr scaled by ``gr_lr_scale`` for GR methods), wrapped in ``grkernels.GradReg`` for GR methods."""
-    lr = cfg.lr * (cfg.gr_lr_scale if cfg.uses_gr else 1.0)
+    lr = cfg.lr * (cfg.gr_lr_scale if cfg.uses_gr else cfg.lowlr_scale if cfg.method == "none_lowlr" else 1.0)
     base = torch.optim.Adam(policy.parameters(), lr=lr)
     if not cfg.uses_gr:
         return base
