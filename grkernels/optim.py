@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from grkernels.kernels import resolve_backend
+from grkernels.kernels import check_triton_device, resolve_backend
 from grkernels.params import resolve_exclude
 from grkernels.reference import StepPlan, TorchGRStep
 from grkernels.rng import RNGState
@@ -287,6 +287,7 @@ class GradReg(torch.optim.Optimizer):
     def _make_backend(self, device: torch.device) -> TorchGRStep:
         """The one place the GR-step implementation is chosen."""
         if resolve_backend(self.backend, device, what="GradReg") == "triton":
+            check_triton_device(torch.empty(0, device=device), what="GradReg")  # clear error before the import
             from grkernels.kernels.gr_step import TritonGRStep
 
             return TritonGRStep(device, lean=self.lean, model_attr=self.master_weights)

@@ -614,3 +614,19 @@ def test_mismatched_clips_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GradReg(torch.optim.SGD(params, lr=0.1), strength=1.0, eps=1e-3, g1_clip=10.0, g2_clip=10.0)
+
+
+def test_triton_backend_without_triton_or_off_device_is_a_clear_error(monkeypatch):
+    import grkernels.kernels as K
+
+    model = tanh_mlp(110, dtype=torch.float32)
+    x, y = regression_batch(111, dtype=torch.float32)
+    monkeypatch.setattr(K, "triton_installed", lambda: False)
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.1), strength=0.5, eps=1e-2, backend="triton")
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        opt.step(make_closure(model, x, y))
+    monkeypatch.setattr(K, "triton_installed", lambda: True)
+    monkeypatch.setattr(K, "interpreter_on", lambda: False)  # CPU tensors outside the interpreter
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.1), strength=0.5, eps=1e-2, backend="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        opt.step(make_closure(model, x, y))
