@@ -30,6 +30,11 @@ from grkernels.reference import StepPlan, TorchGRStep
 from grkernels.rng import RNGState
 
 ESTIMATORS = ("forward", "central", "exact")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2, tensor parallel), without importing torch.distributed eagerly."""
+    return type(t).__name__ == "DTensor" or type(t.data).__name__ == "DTensor"
 _IDLE, _PERTURBED, _COMBINED = "idle", "perturbed", "combined"
 
 
@@ -251,6 +256,11 @@ class GradReg(torch.optim.Optimizer):
                     )
                 if not p.is_floating_point():
                     raise TypeError(f"GradReg: parameter of dtype {p.dtype} is not floating point")
+                if _is_dtensor(p):
+                    raise NotImplementedError(
+                        "GradReg: sharded DTensor parameters (FSDP2 / tensor parallel) are not supported yet: the "
+                        "norms of g1 and g2 would be taken over local shards. Use DDP or a single device."
+                    )
                 devices.add(p.device)
                 if gamma != 0.0 and id(p) not in self._excluded:
                     params.append(p)

@@ -630,3 +630,22 @@ def test_triton_backend_without_triton_or_off_device_is_a_clear_error(monkeypatc
     opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.1), strength=0.5, eps=1e-2, backend="triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         opt.step(make_closure(model, x, y))
+
+
+def test_dtensor_parameters_are_refused(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        opt = GradReg(torch.optim.SGD([p], lr=0.1), strength=0.5, eps=1e-2)
+        with pytest.raises(NotImplementedError, match="DTensor"):
+            opt.step(lambda: p.square().sum().backward())
+    finally:
+        dist.destroy_process_group()
