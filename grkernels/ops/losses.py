@@ -19,17 +19,6 @@ import torch.nn.functional as F
 
 from grkernels.kernels import check_triton_device, resolve_backend
 
-__all__ = [
-    "LOSS_AGGREGATIONS",
-    "fused_linear_policy_loss",
-    "kl_penalty",
-    "logp_and_entropy",
-    "policy_loss",
-    "policy_loss_from_logp",
-    "selective_log_softmax",
-    "token_entropy",
-]
-
 # Canonical aggregation names (verl's vocabulary) and the TRL ``loss_type`` names that mean the same thing.
 LOSS_AGGREGATIONS = {
     "token_mean": "token_mean",  # sum over all tokens / token count (TRL dapo, bnpo)
