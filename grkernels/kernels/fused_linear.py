@@ -21,6 +21,25 @@ import torch
 from grkernels.kernels import triton_usable
 
 
+def accumulate_head_grads(
+    dz: torch.Tensor,
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+    rows: slice,
+) -> None:
+    """For one token chunk with logits z = h·Wᵀ + b and dL/dz = ``dz``: grad_h[rows] = dz·W, grad_W += dzᵀ·h
+    (fp32 accumulation), grad_b += Σ dz. A None gradient is skipped (frozen weight / no bias / h not needed)."""
+    if grad_h is not None:
+        torch.mm(dz, weight, out=grad_h[rows])
+    if grad_w is not None:
+        _addmm_fp32_(grad_w, dz.t(), h)
+    if grad_b is not None:
+        grad_b += dz.sum(0, dtype=torch.float32)
+
+
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` into an fp32 ``acc`` without first rounding the bf16/fp16 product to bf16/fp16."""
     if acc.dtype == a.dtype:
@@ -138,12 +157,8 @@ class FusedLinearLogProbEntropy(torch.autograd.Function):
                     z, ids[s:e], (mx[s:e], log_s[s:e]), ent[s:e], g_lp[s:e], None if g_ent is None else g_ent[s:e],
                     ctx.inv_temp,
                 )  # fmt: skip
-            if need_h:
-                torch.mm(dz, weight, out=grad_h[s:e])
-            if need_w:
-                _addmm_fp32_(grad_w, dz.t(), h)
-            if need_b:
-                grad_b += dz.sum(0, dtype=torch.float32)
+            accumulate_head_grads(dz, weight, h, grad_h if need_h else None, grad_w if need_w else None,
+                                  grad_b if need_b else None, slice(s, e))
             del z, dz
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)

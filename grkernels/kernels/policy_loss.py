@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grkernels.kernels.fused_linear import _addmm_fp32_
+from grkernels.kernels.fused_linear import accumulate_head_grads
 from grkernels.kernels.logprob import _as_3d, _row_logp_entropy, launch_config, logp_entropy_backward
 
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2}
@@ -250,12 +250,8 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
                 continue
             g_ent = None if g_ent_all is None else g_ent_all[s:e]
             logp_entropy_backward(z3, z3, ids_f[s:e], None, (mx, log_s), ent, g_lp, g_ent, inv_temp)
-            if need_h:
-                torch.mm(z, weight, out=grad_h[s:e])
-            if need_w:
-                _addmm_fp32_(grad_w, z.t(), h)
-            if need_b:
-                grad_b += z.sum(0, dtype=torch.float32)
+            accumulate_head_grads(z, weight, h, grad_h if need_h else None, grad_w if need_w else None,
+                                  grad_b if need_b else None, slice(s, e))
             del z, z3
         loss, stats = _loss_and_stats(out, inv_ntok, coef)
         # keep the gradients in the parameters' dtypes until backward (the fp32 accumulator is freed here)
