@@ -93,20 +93,12 @@ def bench_one(name, params, grads, device, eps=1e-3, gamma=1e-2):
 
     from grkernels.reference import StepPlan
 
-    if name == "triton":
+    if name in ("triton", "triton-nearest"):
         from grkernels.kernels.gr_step import TritonGRStep
 
         impl = TritonGRStep(device, grad_attr="main_grad")
-        plan = StepPlan(params=params, coefs=[gamma] * len(params), eps=eps, rounding="stochastic")
-
-        def step():
-            impl.perturb(plan, 0)
-            impl.restore_and_combine(plan)
-    elif name == "triton-nearest":
-        from grkernels.kernels.gr_step import TritonGRStep
-
-        impl = TritonGRStep(device, grad_attr="main_grad")
-        plan = StepPlan(params=params, coefs=[gamma] * len(params), eps=eps, rounding="nearest")
+        rounding = "nearest" if name == "triton-nearest" else "stochastic"
+        plan = StepPlan(params=params, coefs=[gamma] * len(params), eps=eps, rounding=rounding)
 
         def step():
             impl.perturb(plan, 0)
