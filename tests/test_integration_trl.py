@@ -450,3 +450,97 @@ def test_unsupported_backends_raise_clear_errors(tmp_path, flag, match):
     with pytest.raises(NotImplementedError, match=match):
         tr.create_optimizer()
     assert tr.grad_reg is None
+
+
+# ---------------------------------------------------------------- configs pickle; Trainer checkpoints resume
+def _ready_configs():
+    from transformers import TrainingArguments
+
+    from grkernels.integrations import trl as gtrl
+
+    made = [grad_reg_config(TrainingArguments), GradRegGRPOConfig]
+    return made + [getattr(gtrl, f"GradReg{n}Config") for n in ("RLOO", "SFT", "DPO", "KTO", "Reward")]
+
+
+@pytest.mark.parametrize("cls", _ready_configs(), ids=lambda c: c.__name__)
+def test_every_config_pickles_and_deepcopies(tmp_path, cls):
+    import copy
+    import pickle
+
+    args = cls(output_dir=str(tmp_path), use_cpu=True, report_to="none", grad_reg_strength=0.375,
+               grad_reg_exclude=["embed"], save_steps=7)
+    for clone in (pickle.loads(pickle.dumps(args)), copy.deepcopy(args)):
+        assert type(clone) is cls
+        assert clone.to_dict() == args.to_dict()
+        assert grad_reg_settings(clone) == grad_reg_settings(args)
+
+
+def _run_checkpointed(out, max_steps, resume=None):
+    from transformers import TrainingArguments
+
+    args = grad_reg_config(TrainingArguments)(
+        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=max_steps,
+        learning_rate=1e-2, use_cpu=True, report_to="none", save_steps=1, logging_steps=1, max_grad_norm=1.0,
+        grad_reg_strength=GAMMA, grad_reg_eps=EPS, dataloader_drop_last=True, seed=0, disable_tqdm=True,
+    )
+    tr = grad_reg_trainer(Trainer)(model=make_model(), args=args, train_dataset=LMData())
+    tr.train(resume_from_checkpoint=resume)
+    return tr
+
+
+def test_trainer_checkpoints_and_resume_exactly(tmp_path):
+    """save_steps=1: every step writes a checkpoint (training_args.bin is torch.save of the GR config); resuming
+    from the first one reproduces the uninterrupted run bitwise (GR's step counter is in the optimizer state)."""
+    import subprocess
+    import sys
+
+    full = _run_checkpointed(tmp_path / "a", 3)
+    resumed = _run_checkpointed(tmp_path / "b", 3, resume=str(tmp_path / "a" / "checkpoint-1"))
+    assert (tmp_path / "a" / "checkpoint-3" / "training_args.bin").exists()
+    assert resumed.grad_reg.metrics()["step"] == full.grad_reg.metrics()["step"] == 3
+    for (n, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), n
+    # another process can read the saved arguments back (the class is re-made from its importable base)
+    code = ("import sys, torch; a = torch.load(sys.argv[1], weights_only=False); "
+            "print(type(a).__name__, a.grad_reg_strength, a.save_steps)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a" / "checkpoint-2" / "training_args.bin")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["GradRegTrainingArguments", str(GAMMA), "1"]
+
+
+# ---------------------------------------------------------------- no import cycle hf <-> trl
+def test_hf_layer_does_not_import_trl():
+    """The generic layer names no host: no import of trl in hf.py (static), and it works with trl unimportable;
+    a GRPOTrainer subclass still gets the GRPO pinning, registered by grkernels.integrations.trl itself."""
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    import grkernels.integrations.hf as hf
+
+    tree = ast.parse(pathlib.Path(hf.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m.split(".")[0] == "trl" or m.endswith("integrations.trl")}
+    assert "GRPO" not in "".join(ast.unparse(n) for n in tree.body if not isinstance(n, ast.Expr))
+
+    code = (
+        "import sys; sys.modules['trl'] = None\n"  # `import trl` now raises ImportError
+        "from transformers import Trainer\n"
+        "from grkernels.integrations.hf import grad_reg_trainer\n"
+        "cls = grad_reg_trainer(Trainer)\n"
+        "assert [c.__name__ for c in cls.__mro__[1:3]] == ['GradRegTrainerMixin', 'Trainer'], cls.__mro__\n"
+        "assert 'grkernels.integrations.trl' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+    class MyGRPO(GRPOTrainer):
+        pass
+
+    from grkernels.integrations.trl import GradRegGRPOMixin
+
+    assert grad_reg_trainer(MyGRPO).__mro__[1] is GradRegGRPOMixin

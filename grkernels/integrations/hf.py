@@ -40,7 +40,10 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib
+import importlib.util
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +59,7 @@ __all__ = [
     "grad_reg_config",
     "grad_reg_settings",
     "grad_reg_trainer",
+    "register_trainer_mixin",
 ]
 
 
@@ -365,23 +369,71 @@ class GradRegTrainerMixin:
         return super().log(logs, *args, **kwargs)
 
 
-@functools.cache
+#: Host-specific mixins, ``(host base class, mixin)``: ``grad_reg_trainer`` puts each mixin whose base is in the
+#: trainer's MRO before :class:`GradRegTrainerMixin`. Integration modules add theirs with
+#: :func:`register_trainer_mixin` (``grkernels.integrations.trl`` registers the GRPO pinning).
+_TRAINER_MIXINS: list[tuple[type, type]] = []
+
+
+def register_trainer_mixin(base: type, mixin: type) -> None:
+    """Make :func:`grad_reg_trainer` add ``mixin`` (before :class:`GradRegTrainerMixin`) to subclasses of ``base``.
+
+    For loss-specific pinning that the generic replay cannot know (values of the first pass that the loss
+    reads back detached, e.g. "old" log-probs).
+    """
+    if (base, mixin) not in _TRAINER_MIXINS:
+        _TRAINER_MIXINS.append((base, mixin))
+        _grad_reg_trainer.cache_clear()
+
+
+def _load_host_integrations(trainer_cls: type) -> None:
+    """Import ``grkernels.integrations.<pkg>`` for each top-level package ``pkg`` in the trainer's MRO, where
+    such a module exists: it registers its mixins (the generic layer names no host)."""
+    for pkg in {c.__module__.partition(".")[0] for c in trainer_cls.__mro__}:
+        name = f"{__package__}.{pkg}"
+        if name == __name__ or name in sys.modules:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None:
+            importlib.import_module(name)
+
+
 def grad_reg_trainer(trainer_cls: type) -> type:
     """``trainer_cls`` with gradient regularization: ``GradRegTrainerMixin`` first in its bases.
 
-    GRPO trainers (subclasses of ``trl.GRPOTrainer``) also get the old-log-prob pinning of
-    :class:`grkernels.integrations.trl.GradRegGRPOMixin`. The result is cached per class.
+    Mixins registered for a base of ``trainer_cls`` (:func:`register_trainer_mixin`) come before it; the
+    integration module of the trainer's package (``grkernels.integrations.<package>``) is imported first so that
+    its mixins are registered. Cached per class.
     """
-    bases: tuple[type, ...] = (GradRegTrainerMixin, trainer_cls)
-    try:
-        from trl import GRPOTrainer
-    except ImportError:  # TRL is optional
-        GRPOTrainer = None
-    if GRPOTrainer is not None and issubclass(trainer_cls, GRPOTrainer):
-        from grkernels.integrations.trl import GradRegGRPOMixin
+    _load_host_integrations(trainer_cls)
+    return _grad_reg_trainer(trainer_cls)
 
-        bases = (GradRegGRPOMixin, *bases)
+
+@functools.cache
+def _grad_reg_trainer(trainer_cls: type) -> type:
+    mixins = tuple(m for b, m in _TRAINER_MIXINS if issubclass(trainer_cls, b) and not issubclass(trainer_cls, m))
+    bases: tuple[type, ...] = (*mixins, GradRegTrainerMixin, trainer_cls)
     return type(f"GradReg{trainer_cls.__name__}", bases, {"__module__": trainer_cls.__module__})
+
+
+class _PicklableConfig:
+    """Base of the classes :func:`grad_reg_config` makes. Such a class is made at run time, so pickle cannot
+    find it by name; an instance pickles as "``grad_reg_config(<its importable base>)``, then its fields", which
+    works in any process (Trainer checkpoints ``torch.save`` the arguments)."""
+
+    _grad_reg_base: type
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _new_config, (type(self)._grad_reg_base,), dict(self.__dict__)
+
+
+def _new_config(config_cls: type) -> Any:
+    """An empty instance of ``grad_reg_config(config_cls)`` (unpickling fills its fields)."""
+    cls = grad_reg_config(config_cls)
+    return cls.__new__(cls)
 
 
 @functools.cache
@@ -389,13 +441,19 @@ def grad_reg_config(config_cls: type) -> type:
     """``config_cls`` (a ``TrainingArguments`` dataclass) plus the ``grad_reg_*`` fields, validated on init.
 
     E.g. ``grad_reg_config(TrainingArguments)(output_dir="out", grad_reg_strength=1e-3)``; parsable by
-    ``HfArgumentParser``. The result is cached per class.
+    ``HfArgumentParser``; instances pickle (and ``torch.save``) in any process as long as ``config_cls`` is
+    importable. The result is cached per class.
     """
 
     def __post_init__(self) -> None:
         config_cls.__post_init__(self)
         grad_reg_settings(self)  # raises on bad values
 
-    cls = type(f"GradReg{config_cls.__name__}", (config_cls, GradRegArguments),
-               {"__post_init__": __post_init__, "__module__": config_cls.__module__})
-    return dataclass(cls)
+    name = f"GradReg{config_cls.__name__}"
+    cls = type(name, (config_cls, GradRegArguments, _PicklableConfig),
+               {"__post_init__": __post_init__, "__module__": __name__, "__qualname__": name,
+                "_grad_reg_base": config_cls})
+    cls = dataclass(cls)
+    if name not in globals():  # the class itself pickles by name in this process (the first one of that name)
+        globals()[name] = cls
+    return cls

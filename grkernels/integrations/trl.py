@@ -38,6 +38,7 @@ from grkernels.integrations.hf import (
     grad_reg_config,
     grad_reg_settings,
     grad_reg_trainer,
+    register_trainer_mixin,
 )
 
 __all__ = [
@@ -214,6 +215,9 @@ class GradRegGRPOMixin:
         if self._gr_entropy_mask_sink is not None:
             self._gr_entropy_mask_sink.append(out.detach())
         return out
+
+
+register_trainer_mixin(GRPOTrainer, GradRegGRPOMixin)  # grad_reg_trainer(any GRPOTrainer subclass) pins too
 
 
 class GradRegGRPOTrainer(GradRegGRPOMixin, GradRegTrainerMixin, GRPOTrainer):
