@@ -15,10 +15,12 @@ from grkernels.ops import (
 )
 from grkernels.optim import GradReg
 from grkernels.params import PAPER_EXCLUDE_NAMES, paper_exclude
+from grkernels.rng import RNGState
 
 __all__ = [
     "PAPER_EXCLUDE_NAMES",
     "GradReg",
+    "RNGState",
     "__version__",
     "fused_linear_policy_loss",
     "kl_penalty",

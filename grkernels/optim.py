@@ -16,6 +16,7 @@ reads one boolean (were g1 and g2 finite?) right before the base optimizer's ste
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import OrderedDict
@@ -26,7 +27,7 @@ import torch
 
 from grkernels.kernels import check_triton_device, resolve_backend
 from grkernels.params import resolve_exclude
-from grkernels.reference import StepPlan, TorchGRStep
+from grkernels.reference import StepPlan, TorchGRStep, accum_dtype, global_norm
 from grkernels.rng import RNGState
 
 ESTIMATORS = ("forward", "central", "exact")
@@ -35,7 +36,24 @@ ESTIMATORS = ("forward", "central", "exact")
 def _is_dtensor(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (FSDP2, tensor parallel), without importing torch.distributed eagerly."""
     return type(t).__name__ == "DTensor" or type(t.data).__name__ == "DTensor"
+
+
 _IDLE, _PERTURBED, _COMBINED = "idle", "perturbed", "combined"
+
+
+def _aborts_on_error(method: Callable) -> Callable:
+    """Any exception out of a public step method leaves θ bitwise θ and the optimizer idle and usable: the one
+    mechanism behind every error path (a raising closure, a failed kernel, a call in the wrong order ...)."""
+
+    @functools.wraps(method)
+    def wrapper(self: GradReg, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            self._abort()
+            raise
+
+    return wrapper
 
 
 class GradReg(torch.optim.Optimizer):
@@ -130,6 +148,10 @@ class GradReg(torch.optim.Optimizer):
         if warmup_steps < 0:
             raise ValueError(f"GradReg: warmup_steps must be >= 0, got {warmup_steps}")
         resolve_backend(backend, "cpu", what="GradReg")  # validates the name
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"GradReg: schedule must be callable (step -> factor), got {type(schedule).__name__}")
+        if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps:
+            raise TypeError(f"GradReg: warmup_steps must be a whole number, got {warmup_steps!r}")
 
         self.optimizer = optimizer
         self.strength, self.eps = float(strength), float(eps)
@@ -139,17 +161,12 @@ class GradReg(torch.optim.Optimizer):
         self.skip_nonfinite, self.seed = skip_nonfinite, int(seed)
         self.lean = bool(lean)
         self.master_weights = master_weights
-        self._excluded = resolve_exclude(exclude, named_parameters)
+        self._excluded = resolve_exclude(exclude, named_parameters, self._parameters())
         for group in optimizer.param_groups:
-            self._group_defaults(group)
+            self._check_group(group)
 
         # torch.optim.Optimizer's own bookkeeping, without copying the base optimizer's param groups.
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._init_hooks()
         self._patch_step_function()
 
         self._step = 0  # optimizer steps taken (skipped ones included): drives warmup, schedule, seeds
@@ -160,6 +177,19 @@ class GradReg(torch.optim.Optimizer):
         self._finite: torch.Tensor | None = None
         self._skipped: torch.Tensor | None = None  # device counter of skipped (non-finite) steps
         self._metrics: dict[str, torch.Tensor] = {}
+        self._last_factor = 0.0  # the γ multiplier (warmup, schedule) of the last step taken
+        self._observed = -1  # the step whose g1 diagnostics observe_g1() recorded
+
+    def _init_hooks(self) -> None:
+        for name in (
+            "_optimizer_step_pre_hooks",
+            "_optimizer_step_post_hooks",
+            "_optimizer_state_dict_pre_hooks",
+            "_optimizer_state_dict_post_hooks",
+            "_optimizer_load_state_dict_pre_hooks",
+            "_optimizer_load_state_dict_post_hooks",
+        ):
+            setattr(self, name, OrderedDict())
 
     # ------------------------------------------------------------------ sharing the base optimizer
     @property
@@ -186,13 +216,28 @@ class GradReg(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
-    def _group_defaults(self, group: dict[str, Any]) -> None:
-        group.setdefault("gr_strength", self.strength)
-        group.setdefault("gr_enabled", True)
+    def _parameters(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    # Per-group settings are read where they are used, never written into the shared groups: a group that does
+    # not set gr_strength / gr_enabled follows this GradReg's own strength, also after re-wrapping the optimizer.
+    def _group_gamma(self, group: dict[str, Any]) -> float:
+        """γ of a param group before warmup/schedule: its ``gr_strength``, else ``strength``; 0 if GR is off."""
+        if not group.get("gr_enabled", True):
+            return 0.0
+        return float(group.get("gr_strength", self.strength))
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        gamma = group.get("gr_strength", 0.0)
+        if isinstance(gamma, torch.Tensor) or not (math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"GradReg: a param group's gr_strength must be a finite number >= 0, got {gamma!r}")
+        if not isinstance(group.get("gr_enabled", True), bool):
+            raise TypeError(f"GradReg: a param group's gr_enabled must be True or False, got {group['gr_enabled']!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_group(param_group)
         self.optimizer.add_param_group(param_group)
-        self._group_defaults(self.optimizer.param_groups[-1])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -210,15 +255,21 @@ class GradReg(torch.optim.Optimizer):
         step = self._step if step is None else step
         if step < self.warmup_steps:
             return 0.0
-        return float(self.schedule(step)) if self.schedule is not None else 1.0
+        if self.schedule is None:
+            return 1.0
+        factor = self.schedule(step)
+        if isinstance(factor, torch.Tensor) or not (math.isfinite(factor) and factor >= 0):
+            raise ValueError(
+                f"GradReg: schedule({step}) returned {factor!r}; it must return a finite number >= 0 (a host float: "
+                "a tensor would force a device read every step)"
+            )
+        return float(factor)
 
     @property
     def active(self) -> bool:
         """Whether the coming step does GR (False during warmup, or when every γ is 0). Host-side, no sync."""
         factor = self.strength_factor()
-        return factor != 0.0 and any(
-            g["gr_enabled"] and g["gr_strength"] * factor != 0.0 for g in self.param_groups
-        )
+        return factor != 0.0 and any(self._group_gamma(g) * factor != 0.0 for g in self.param_groups)
 
     @property
     def extra_passes(self) -> int:
@@ -243,12 +294,21 @@ class GradReg(torch.optim.Optimizer):
         params: list[torch.Tensor] = []
         coefs: list[float] = []
         keep: list[torch.Tensor] = []
+        absent: list[torch.Tensor] = []
         devices: set[torch.device] = set()
-        for group in self.param_groups:
-            gamma = group["gr_strength"] * factor if group["gr_enabled"] else 0.0
+        seen: dict[int, int] = {}  # id -> group index: a tensor listed twice is one parameter, stepped once by GR
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
+            gamma = self._group_gamma(group) * factor
             for p in group["params"]:
+                if id(p) in seen:
+                    if seen[id(p)] != gi:
+                        raise ValueError("GradReg: a parameter appears in more than one param group")
+                    continue
+                seen[id(p)] = gi
                 if p.grad is None:
-                    continue  # no gradient: left alone
+                    absent.append(p)  # no gradient at θ: left alone
+                    continue
                 if p.grad.is_sparse or p.layout != torch.strided:
                     raise RuntimeError(
                         f"GradReg: sparse gradients are not supported (parameter of shape {tuple(p.shape)}); "
@@ -284,6 +344,7 @@ class GradReg(torch.optim.Optimizer):
             params=params,
             coefs=coefs,
             keep=keep,
+            absent=absent,
             eps=self.eps,
             g1_clip=self.g1_clip,
             g2_clip=self.g2_clip,
@@ -301,6 +362,13 @@ class GradReg(torch.optim.Optimizer):
             from grkernels.kernels.gr_step import TritonGRStep
 
             return TritonGRStep(device, lean=self.lean, model_attr=self.master_weights)
+        if self.lean:
+            warnings.warn(
+                "GradReg(lean=True) has no effect on the torch backend (it saves g1 in the gradient's dtype); "
+                "lean mode is a Triton-backend memory saving",
+                UserWarning,
+                stacklevel=4,
+            )
         return TorchGRStep()
 
     def _backend_for(self, plan: StepPlan) -> TorchGRStep:
@@ -310,16 +378,30 @@ class GradReg(torch.optim.Optimizer):
 
     def _check_no_grad_scaler(self, kwargs: dict[str, Any]) -> None:
         if "grad_scaler" in kwargs or hasattr(self, "grad_scale") or hasattr(self, "found_inf"):
-            if self._phase == _PERTURBED:
-                self.restore()
+            # GradScaler set these on us before calling step(); it deletes them only after a successful step.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
             raise RuntimeError(
                 "GradReg does not support torch.amp.GradScaler (fp16 loss scaling): g1 and g2 would be scaled "
                 "differently from the perturbation. Train in bf16 (autocast needs no scaler) or fp32. "
                 "Parameters were left at θ."
             )
 
+    def _abort(self) -> None:
+        """Put θ back bitwise (if a perturbation is pending), drop gradients of parameters that had none at θ, go
+        idle. Safe to call at any point: the backends' ``restore`` only writes what this step saved."""
+        plan, self._plan = self._plan, None
+        try:
+            if self._phase == _PERTURBED and plan is not None and self._impl is not None:
+                self._impl.restore(plan)
+        finally:
+            if plan is not None:
+                _drop_new_grads(plan)
+            self._phase, self._point, self._finite = _IDLE, 0, None
+
     # ------------------------------------------------------------------ two-phase API
     @torch.no_grad()
+    @_aborts_on_error
     def perturb(self) -> None:
         """After the backward pass(es) at θ: save g1, zero the GR gradients, move to the next perturbed point.
 
@@ -332,7 +414,8 @@ class GradReg(torch.optim.Optimizer):
             raise RuntimeError("GradReg.perturb(): GR is inactive this step (warmup or γ = 0); check opt.active")
         if self._phase == _COMBINED or (self._phase == _PERTURBED and self._point >= self.extra_passes):
             raise RuntimeError(
-                "GradReg.perturb() called too often: this step's perturbed passes are done; call step()"
+                "GradReg.perturb() called too often: this step's perturbed passes were done; the step was aborted "
+                "(θ restored, gradients back to g1)"
             )
         if self._phase == _IDLE:
             self._plan = self._make_plan()
@@ -342,34 +425,29 @@ class GradReg(torch.optim.Optimizer):
                     "GradReg.perturb(): no GR parameter has a gradient: run backward first, or check `exclude` "
                     "and gr_enabled (every parameter with a gradient is excluded)"
                 )
-        impl = self._backend_for(self._plan)
-        try:
-            impl.perturb(self._plan, self._point)
-        except BaseException:
-            self._phase, self._point = _IDLE, 0  # the backend put θ and g1 back before raising
-            raise
+            self._phase = _PERTURBED  # from here on an error restores what the backend saved
+        self._backend_for(self._plan).perturb(self._plan, self._point)
         self._point += 1
-        self._phase = _PERTURBED
 
     @torch.no_grad()
+    @_aborts_on_error
     def restore_and_combine(self) -> None:
         """After the backward pass(es) at the perturbed point(s): restore θ bitwise and write the GR gradient
         into ``.grad`` (excluded parameters get g1). The caller may clip before ``step()``."""
         if self._phase != _PERTURBED or self._point < self.extra_passes:
             raise RuntimeError(
                 f"GradReg.restore_and_combine(): expected {self.extra_passes} perturb() call(s) first "
-                f"(state: {self._phase}, perturbed points: {self._point})"
+                f"(state: {self._phase}, perturbed points: {self._point}); the step was aborted"
             )
         impl = self._backend_for(self._plan)
         impl.restore_and_combine(self._plan)
+        _drop_new_grads(self._plan)
         self._finish_gr(impl)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Abort a perturbed step: θ back bitwise and ``.grad`` back to g1. No-op when nothing is perturbed."""
-        if self._phase == _PERTURBED:
-            self._backend_for(self._plan).restore(self._plan)
-        self._phase, self._point = _IDLE, 0
+        self._abort()
 
     def _finish_gr(self, impl: TorchGRStep) -> None:
         self._metrics = dict(impl.metrics)
@@ -406,6 +484,8 @@ class GradReg(torch.optim.Optimizer):
         self._finish_gr(impl)
 
     # ------------------------------------------------------------------ step
+    @torch.compiler.disable  # host-side bookkeeping (phase, step counter, RNG replay) must run eagerly every call
+    @_aborts_on_error
     def step(self, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """One GR step.
 
@@ -427,7 +507,10 @@ class GradReg(torch.optim.Optimizer):
                 self._combine_exact()
             return self._base_step()
         if self._phase != _IDLE:
-            raise RuntimeError(f"GradReg.step(closure) while a two-phase step is {self._phase}: call step() first")
+            raise RuntimeError(
+                f"GradReg.step(closure) while a two-phase step was {self._phase}: the pending step was aborted "
+                "(θ restored); call step() without a closure to finish a two-phase step"
+            )
 
         self.zero_grad()
         rng = RNGState()
@@ -437,54 +520,79 @@ class GradReg(torch.optim.Optimizer):
             self._combine_exact()
             self._base_step()
             return loss
+        if not self.active:
+            self.observe_g1()  # before anything (a caller's clip) can change g1
         for _ in range(self.extra_passes):
             self.perturb()
-            try:
-                rng.replay()
-                with torch.enable_grad():
-                    closure()
-            except BaseException:
-                self.restore()  # θ back bitwise before the exception propagates
-                raise
+            rng.replay()
+            with torch.enable_grad():
+                closure()
         if self._phase == _PERTURBED:
             self.restore_and_combine()
         self._base_step()
         return loss
 
+    @torch.no_grad()
+    def observe_g1(self) -> None:
+        """Record ``g1_norm`` of a step without GR (warmup, γ = 0) from ``.grad`` now. Two-phase loops that clip
+        before ``step()`` call it after the backward at θ, so that ``g1_norm`` means the same (before any clip)
+        in every step; GR steps record it in ``perturb()``."""
+        if self._phase != _IDLE:
+            return
+        gr = [p.grad for p in self._gr_candidates() if p.grad is not None]
+        dtype = accum_dtype(gr)
+        n1 = global_norm(gr, dtype).to(gr[0].device) if gr else torch.zeros(())
+        nan = torch.full_like(n1, float("nan"))
+        # Same keys as a GR step, so loggers see one schema: GR changed nothing this step.
+        self._metrics = {"g1_norm": n1, "g2_norm": nan, "gr_rel": torch.zeros_like(n1), "perturb_ratio": nan}
+        self._observed = self._step
+
+    def _gr_candidates(self) -> list[torch.Tensor]:
+        """The parameters GR regularises when active: not excluded, in a group with γ > 0 and GR on."""
+        return list({
+            id(p): p for g in self.param_groups if self._group_gamma(g) != 0.0 for p in g["params"]
+            if id(p) not in self._excluded
+        }.values())
+
     def _base_step(self) -> None:
-        """Step the base optimizer unless g1/g2 were non-finite (one host read of one boolean)."""
-        if self._phase == _IDLE and self.skip_nonfinite:
-            # Plain step (GR inactive): still never let a non-finite g1 reach the weights.
-            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-                n1 = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-                self._finite = torch.isfinite(n1)
-                nan = torch.full_like(n1, float("nan"))
-                # Same keys as a GR step, so loggers see one schema: GR changed nothing this step.
-                self._metrics = {"g1_norm": n1, "g2_norm": nan, "gr_rel": torch.zeros_like(n1), "perturb_ratio": nan}
-        finite = self._finite
-        if finite is not None:
-            self._skipped = (~finite).long() + (0 if self._skipped is None else self._skipped.to(finite.device))
+        """Step the base optimizer, unless a gradient it would step with is not finite (one host read).
+
+        The flag covers every gradient the base optimizer steps with, as it is now (combined, excluded, GR off,
+        after the caller's clipping), on every backend and every path: one max-abs pass over the gradients
+        (exact in each dtype, so no false alarm from a norm overflowing), reduced on the device.
+        """
         try:
-            if finite is not None and self.skip_nonfinite and not bool(finite):
-                warnings.warn(
-                    f"GradReg: non-finite gradient at step {self._step} (g1 or g2 has inf/NaN); the step was "
-                    "skipped and the parameters are unchanged",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            else:
-                self.optimizer.step()
+            if self._phase == _IDLE and self._observed != self._step:
+                self.observe_g1()  # plain step: g1 is what the caller hands us
+            if self.skip_nonfinite:
+                finite = _all_finite([p.grad for p in self._parameters() if p.grad is not None])
+                if self._finite is not None:
+                    finite = finite & self._finite.to(finite.device)
+                self._skipped = (~finite).long() + (0 if self._skipped is None else self._skipped.to(finite.device))
+                if not bool(finite):
+                    warnings.warn(
+                        f"GradReg: non-finite gradient at step {self._step} (inf/NaN in a gradient the base "
+                        "optimizer would step with); the step was skipped and the parameters are unchanged",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                    return
+            self.optimizer.step()
         finally:
+            self._last_factor = self.strength_factor()
             self._step += 1
-            self._phase, self._point, self._finite = _IDLE, 0, None
+            self._phase, self._point, self._finite, self._plan = _IDLE, 0, None, None
 
     # ------------------------------------------------------------------ diagnostics and state
     def metrics(self, sync: bool = True) -> dict[str, Any]:
-        """Diagnostics of the last step: ``g1_norm`` and ``g2_norm`` (over GR parameters, before clipping),
-        ``gr_rel`` = ‖GR − g1‖/‖g1‖, ``perturb_ratio`` = ‖θ' − θ‖/‖ε·v‖ (realised over intended), ``skipped``
-        (non-finite steps so far), ``strength`` (γ multiplier of the coming step) and ``step``.
+        """Diagnostics of the last step taken, one meaning per name on every path:
+
+        - ``g1_norm``: ‖g1‖ over the GR parameters (not excluded, GR on, γ > 0), before any clipping;
+        - ``g2_norm``: ‖g2‖ over the same parameters before clipping (exact estimator: ‖H·v‖; NaN without GR);
+        - ``gr_rel`` = ‖GR − g1‖/‖g1‖ (0 without GR); ``perturb_ratio`` = ‖θ' − θ‖/‖ε·v‖ (NaN without GR);
+        - ``skipped``: non-finite steps skipped so far; ``strength``: γ applied in the last step (``strength``
+          × warmup/schedule factor, 0 in warmup; groups with their own ``gr_strength`` scale by the same factor);
+          ``step``: optimizer steps taken.
 
         ``sync=False`` returns the device tensors as they are (no host read); ``sync=True`` returns floats.
         """
@@ -494,7 +602,7 @@ class GradReg(torch.optim.Optimizer):
         if sync:
             out = {k: float(v) for k, v in out.items()}
             out.setdefault("skipped", 0.0)
-        out["strength"] = self.strength_factor()
+        out["strength"] = self.strength * self._last_factor
         out["step"] = self._step
         return out
 
@@ -504,20 +612,77 @@ class GradReg(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict plus ``"grad_reg"``: GR's step counter and skip count."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
         sd = self.optimizer.state_dict()
         sd["grad_reg"] = {
             "step": self._step,
             "skipped": int(self._skipped.sum()) if self._skipped is not None else 0,
+            "last_factor": self._last_factor,
         }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()``. A pending two-phase step is aborted first (θ restored bitwise)."""
+        if self._phase == _PERTURBED:
+            warnings.warn("GradReg.load_state_dict() during a perturbed step: the step was aborted and θ restored",
+                          RuntimeWarning, stacklevel=2)
+        self._abort()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         sd = dict(state_dict)
         gr = sd.pop("grad_reg", None)
         self.optimizer.load_state_dict(sd)
         for group in self.optimizer.param_groups:
-            self._group_defaults(group)
+            self._check_group(group)
         if gr is not None:
             self._step = int(gr["step"])
             self._skipped = torch.tensor(int(gr["skipped"])) if gr.get("skipped") else None
-        self._phase, self._point, self._impl = _IDLE, 0, None
+            self._last_factor = float(gr.get("last_factor", 0.0))
+        self._impl = None
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # ------------------------------------------------------------------ copy, pickle, torch.save
+    def __getstate__(self) -> dict[str, Any]:
+        if self._phase != _IDLE:
+            raise RuntimeError(
+                f"GradReg cannot be copied or pickled while a two-phase step is {self._phase}: finish it with step() "
+                "or abort it with restore() first (θ would be saved perturbed)"
+            )
+        state = {k: v for k, v in self.__dict__.items() if not k.endswith("_hooks")}
+        state["_impl"] = None  # device buffers of the last step: rebuilt on demand
+        # Exclusions are kept as tensor ids, which a copy changes: store them as (group, index) positions.
+        state["_excluded"] = [
+            (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])
+            if id(p) in self._excluded
+        ]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        groups = self.optimizer.param_groups
+        self._excluded = {id(groups[gi]["params"][pi]) for gi, pi in state["_excluded"]}
+        self._init_hooks()
+        self._patch_step_function()
+
+
+def _drop_new_grads(plan: StepPlan) -> None:
+    """Parameters without a gradient at θ are left alone: a gradient the perturbed pass gave them is dropped."""
+    for p in plan.absent:
+        p.grad = None
+
+
+def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool device tensor: every element of every tensor is finite (max-abs per tensor, in its own dtype)."""
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    dev = grads[0].device
+    peaks = torch._foreach_norm(grads, math.inf)
+    return torch.stack([torch.isfinite(n).to(dev) for n in peaks]).all()

@@ -37,17 +37,26 @@ def paper_exclude(model: nn.Module) -> list[torch.Tensor]:
 def resolve_exclude(
     exclude: Iterable[torch.Tensor | str] | None,
     named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
+    optimized: Iterable[torch.Tensor] | None = None,
 ) -> set[int]:
-    """ids of the excluded parameters. Strings are name substrings and need ``named_parameters``."""
+    """ids of the excluded parameters. Strings are name substrings and need ``named_parameters``.
+
+    With ``optimized`` (the optimizer's parameters) every entry must name at least one of them, or only frozen
+    parameters (``nn.Parameter`` with ``requires_grad=False``, which never get a gradient, e.g. ``paper_exclude``
+    of a model with frozen embeddings): an entry that names something else (a copy, ``.data``, another model's
+    parameter) would otherwise be ignored without a word.
+    """
     if exclude is None:
         return set()
     if isinstance(exclude, (str, torch.Tensor)):
         exclude = [exclude]
     named = list(named_parameters) if named_parameters is not None else None
+    opt_ids = None if optimized is None else {id(p) for p in optimized}
     ids: set[int] = set()
     for item in exclude:
         if isinstance(item, torch.Tensor):
-            ids.add(id(item))
+            matched = [item]
+            what = f"exclude tensor of shape {tuple(item.shape)}"
         elif isinstance(item, str):
             if named is None:
                 raise ValueError(
@@ -57,7 +66,14 @@ def resolve_exclude(
             matched = [p for n, p in named if item in n]
             if not matched:
                 raise ValueError(f"GradReg: exclude substring {item!r} matches no parameter name")
-            ids.update(id(p) for p in matched)
+            what = f"exclude substring {item!r}"
         else:
             raise TypeError(f"GradReg: exclude items must be tensors or name substrings, got {type(item).__name__}")
+        frozen = all(isinstance(p, nn.Parameter) and not p.requires_grad for p in matched)
+        if opt_ids is not None and not frozen and not any(id(p) in opt_ids for p in matched):
+            raise ValueError(
+                f"GradReg: {what} names no parameter of the wrapped optimizer (a copy, .data, or another model's "
+                "tensor?); pass the optimizer's own parameters"
+            )
+        ids.update(id(p) for p in matched)
     return ids

@@ -47,6 +47,8 @@ class StepPlan:
     rounding: "stochastic" or "nearest" (bf16/fp16 parameters only; fp32/fp64 always round to nearest).
     eps_mode: "absolute" (θ' = θ + ε·v, the paper's) or "radius" (θ' = θ + ε·v/‖v‖).
     seed:   seed of the stochastic rounding of this step (deterministic for a given seed).
+    absent: parameters of the optimizer that had no gradient at θ: left alone, so whatever gradient a pass at a
+            perturbed point gives them is dropped again (``.grad`` back to None) when the step ends or aborts.
     model_attr: fp32 master weights: when set, each GR parameter is an optimizer's master and
             ``getattr(master, model_attr)`` is the low-precision weight the model computes with. That weight is
             perturbed from the master (w ← round(master + ε·v), one rounding), saved and restored bitwise; the
@@ -56,6 +58,7 @@ class StepPlan:
     params: list[torch.Tensor]
     coefs: list[float]
     keep: list[torch.Tensor] = field(default_factory=list)
+    absent: list[torch.Tensor] = field(default_factory=list)
     eps: float = 1e-3
     g1_clip: float | None = 10.0
     g2_clip: float | None = 10.0
@@ -132,6 +135,7 @@ class TorchGRStep:
         self._g1_keep: list[torch.Tensor] = []
         self._g_plus: list[torch.Tensor] = []
         self._s1 = self._s_plus = self._finite = self._vnorm = None
+        self._armed = False  # θ of the current step is saved: restore() may write it back
         self.metrics: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -161,9 +165,11 @@ class TorchGRStep:
         dtype = accum_dtype(grads)
         if point == 0:
             self._plan = plan
+            self._armed = False  # the buffers hold another step's θ until the copies below are complete
             self._copies(plan.weights(), self._theta)
             self._copies(grads, self._g1)
             self._copies([p.grad for p in plan.keep], self._g1_keep)
+            self._armed = True
             n1 = global_norm(grads, dtype)
             self._s1 = clip_scale(n1, plan.g1_clip)
             self._vnorm = v_norm(plan, self._s1, n1)
@@ -200,7 +206,9 @@ class TorchGRStep:
             self.metrics["perturb_ratio"] = realised_sq.sqrt() / intended.clamp_min(torch.finfo(dtype).tiny)
 
     def restore(self, plan: StepPlan) -> None:
-        """Abort: θ back bitwise, every saved gradient back to g1."""
+        """Abort: θ back bitwise, every saved gradient back to g1. Idempotent; a no-op before θ was saved."""
+        if not self._armed:
+            return
         for p, w, theta, g1 in zip(plan.params, plan.weights(), self._theta, self._g1):
             w.copy_(theta)
             if p.grad is None:
@@ -242,6 +250,7 @@ class TorchGRStep:
             diff_sq += correction.square().sum()
             p.grad.copy_(g1.to(dtype) + correction)
         self._restore_keep(plan)
+        self._armed = False
         self.metrics["g2_norm"] = n2
         self.metrics["gr_rel"] = diff_sq.sqrt() / self.metrics["g1_norm"].clamp_min(torch.finfo(dtype).tiny)
         self.metrics["finite"] = self._finite

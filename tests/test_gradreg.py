@@ -230,10 +230,15 @@ def test_two_phase_step_without_restore_and_perturbed_context(backend):
     cap = GradCapture(base)
     before = snapshot(model)
     (model(x) - y).square().mean().backward()
+    g1 = [p.grad.clone() for p in model.parameters()]
     opt.perturb()
     assert not bitwise_equal(snapshot(model), before)  # really moved
     with pytest.raises(RuntimeError, match="too often"):
         opt.perturb()
+    # Any error aborts the pending step: θ bitwise θ, .grad back to g1, and the optimizer usable again.
+    assert bitwise_equal(snapshot(model), before)
+    assert bitwise_equal([p.grad for p in model.parameters()], g1)
+    opt.perturb()
     (model(x) - y).square().mean().backward()
     opt.step()  # restores, combines and steps
     params = list(model.parameters())

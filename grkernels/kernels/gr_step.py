@@ -528,6 +528,7 @@ class TritonGRStep:
         self._coef_cache: dict[tuple, list[torch.Tensor]] = {}
         self._n1 = self._s1 = self._finite = self._n_plus = self._s_plus = self._vnorm = None
         self._grad_ptrs: tuple = ()
+        self._armed: set[int] = set()  # groups whose θ of the current step is saved (restore writes only these)
 
     # ------------------------------------------------------------------ helpers
     def _grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -628,6 +629,8 @@ class TritonGRStep:
     def _launch_combine(self, mode: int, coefs: list[torch.Tensor] | None, sa, sb) -> None:
         acc = self._part.dtype
         for gi, grp in enumerate(self._groups):
+            if gi not in self._armed:
+                continue
             buf = self._saved[gi]
             s = buf["g1"].dtype
             gplus = buf.get("gplus", buf["g1"])
@@ -670,6 +673,7 @@ class TritonGRStep:
         self._layout(plan, grads)
         self._grad_ptrs = tuple(g.data_ptr() for g in grads)  # lean mode: the combine must find these buffers
         if point == 0:
+            self._armed = set()  # the save buffers hold another step's θ until this step's kernels wrote them
             self._ensure_saved(acc, plan.estimator == "central", plan.device)
             self._save_keep(plan)
             self._n1 = self._sumsq(0)
@@ -709,6 +713,7 @@ class TritonGRStep:
                 ALIGNED=grp.aligned,
                 CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
             )  # fmt: skip
+            self._armed.add(gi)
         if point == 0:
             realised = self._part[1].sum().sqrt()
             intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self._n1
@@ -719,8 +724,9 @@ class TritonGRStep:
             self._finite = self._finite & torch.isfinite(self._n_plus)
 
     def restore(self, plan: StepPlan) -> None:
-        """Abort: θ back bitwise, every saved gradient back to g1 (bf16-rounded for fp32 grads if ``lean``)."""
-        if not self._saved:
+        """Abort: θ back bitwise, every saved gradient back to g1 (bf16-rounded for fp32 grads if ``lean``).
+        Idempotent; writes only the groups whose θ this step saved."""
+        if not self._saved or not self._armed:
             return
         for p in plan.params:
             if getattr(p, self.grad_attr) is None:
@@ -758,6 +764,7 @@ class TritonGRStep:
         sa, sb = combine_scales(sa, sb, self._vnorm)
         self._launch_combine(mode, self._coefs(plan, div, acc), sa, sb)
         self._restore_keep(plan)
+        self._armed = set()
         self.metrics["g2_norm"] = n2
         self.metrics["gr_rel"] = self._part[3].sum().sqrt() / self._n1.clamp_min(torch.finfo(acc).tiny)
         self.metrics["finite"] = self._finite
