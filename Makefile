@@ -13,7 +13,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 GPU_TORCH_SPEC ?= torch
-EXTRAS ?= dev,trl,bench,triton
+EXTRAS ?= dev,trl,bench,triton,lightning,accelerate
 STAMP := $(VENV)/.grkernels-installed
 DEMO_ARGS ?=
 DEMO_OUT ?= demo_out
@@ -32,7 +32,9 @@ $(STAMP): pyproject.toml setup.py
 	else \
 	    echo "no GPU: installing CPU-only $(TORCH_SPEC)"; $(PIP) install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; \
 	fi
-	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	@# the extras (lightning, trl, ...) must not replace the torch installed above: pin it by a constraint
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	$(PIP) install -q --no-build-isolation -c $(VENV)/torch-constraint.txt -e ".[$(EXTRAS)]"
 	@$(PY) -c "import torch, grkernels; print('grkernels', grkernels.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 	@touch $@
 

@@ -1,0 +1,257 @@
+"""Gradient regularization in PyTorch Lightning (the ``lightning`` package, 2.x): :class:`GradRegCallback`.
+
+Lightning's automatic optimization calls ``optimizer.step(closure)`` once per accumulation window, with a
+closure for the *last* micro-batch only: the earlier ones ran their forward/backward outside any step. A
+``GradReg`` handed that closure re-runs only the last micro-batch at θ', and ``step(closure)`` zeroes the
+gradients accumulated before it: GR of the last micro-batch, silently. The callback makes the window right:
+
+1. every micro-batch runs through Lightning as usual (``.grad`` accumulates g1 with Lightning's ``loss /
+   accumulate_grad_batches`` scaling); the callback records each ``training_step``'s arguments and the RNG
+   state right before it (:class:`grkernels.rng.RNGState`);
+2. in ``on_before_optimizer_step`` (after the last micro-batch's backward, before Lightning clips):
+   ``GradReg.perturb()`` (θ' = θ + ε·clip(g1)), every recorded micro-batch is replayed at θ' with its RNG state
+   (same dropout masks) through the strategy's ``training_step`` (precision context included), the module's
+   ``backward`` and the same scaling, with ``self.log`` muted; then ``GradReg.restore_and_combine()`` puts θ
+   back bitwise and writes g1 + (γ/ε)(g2 − g1) into ``.grad`` (excluded parameters keep g1);
+3. Lightning then clips the *combined* gradient (``gradient_clip_val``) and steps once: ``global_step`` counts
+   optimizer steps, not passes.
+
+Lightning sees a :class:`LightningGradReg` in place of the ``GradReg`` (the callback swaps it in at fit start):
+its ``step(closure)`` runs the closure and then finishes the two-phase step (``GradReg.step()``). The same
+object makes manual optimization work: ``opt = self.optimizers()``, then ``opt.perturb()`` / ``opt.step()``
+act on the real ``GradReg`` (Lightning's ``LightningOptimizer`` proxy would otherwise keep the phase in a copy
+and leave the weights perturbed).
+
+Usage::
+
+    import lightning as L
+    from grkernels import GradReg
+    from grkernels.integrations.lightning import GradRegCallback
+
+    class Module(L.LightningModule):
+        def training_step(self, batch, batch_idx):
+            return loss                                    # as usual: no GR code here
+        def configure_optimizers(self):
+            return GradReg(torch.optim.AdamW(self.parameters(), lr=1e-4), strength=1e-2, eps=1e-3)
+
+    L.Trainer(accumulate_grad_batches=4, gradient_clip_val=1.0, callbacks=[GradRegCallback()]).fit(Module(), dl)
+
+Not supported (refused at fit start): more than one optimizer, multi-process strategies (untested), fp16 with a
+gradient scaler (``precision="16-mixed"``: use ``"bf16-mixed"``). Replayed ``training_step`` calls may change
+module state that is not a logged metric (e.g. a torchmetrics object updated in ``training_step``, BatchNorm
+running statistics): they are not rolled back. ``on_before_backward``/``on_after_backward`` hooks run for the
+first pass only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
+from lightning.pytorch.loops.utilities import _block_parallel_sync_behavior
+
+from grkernels.optim import GradReg
+from grkernels.rng import RNGState
+
+__all__ = ["GradRegCallback", "LightningGradReg"]
+
+
+class LightningGradReg(torch.optim.Optimizer):
+    """What Lightning steps in place of a :class:`grkernels.GradReg` (shares its param groups and state).
+
+    ``step(closure)`` runs the closure once (Lightning's: the last micro-batch's forward/backward, the
+    ``on_before_optimizer_step`` hooks, gradient clipping) and then finishes GR's two-phase step
+    (``GradReg.step()``: restore and combine if still perturbed, skip a non-finite step, step the base optimizer).
+    The passes at θ' come from :class:`GradRegCallback` (automatic optimization) or from the user (manual).
+
+    Every method reads ``self.grad_reg`` and writes nothing on ``self``: Lightning's ``LightningOptimizer``
+    proxy calls them with itself as ``self`` and forwards missing attributes, so they reach the real GradReg.
+    """
+
+    def __init__(self, grad_reg: GradReg) -> None:  # no super().__init__: the groups are the GradReg's
+        if not isinstance(grad_reg, GradReg):
+            raise TypeError(f"LightningGradReg wraps a grkernels.GradReg, got {type(grad_reg).__name__}")
+        self.grad_reg = grad_reg
+
+    # the GradReg's groups, state and hooks (LR schedulers, checkpoints, Lightning's device moves)
+    param_groups = property(lambda self: self.grad_reg.param_groups)
+    state = property(lambda self: self.grad_reg.state)
+    defaults = property(lambda self: self.grad_reg.defaults)
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        gr = self.grad_reg
+        loss = None
+        if closure is not None:
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                gr.restore()  # θ back bitwise if the closure raised between perturb() and here
+                raise
+        gr.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.grad_reg.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.grad_reg.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.grad_reg.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:  # perturb, restore, metrics, active, extra_passes, ...
+        if name == "grad_reg":
+            raise AttributeError(name)
+        return getattr(self.grad_reg, name)
+
+    def __repr__(self) -> str:
+        return f"LightningGradReg({self.grad_reg!r})"
+
+
+@dataclass
+class _MicroBatch:
+    """One micro-batch of the current window: the arguments of its ``training_step`` and the RNG before it."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng: RNGState
+
+
+def _grad_reg_of(opt: Any) -> GradReg | None:
+    opt = opt.optimizer if isinstance(opt, LightningOptimizer) else opt
+    if isinstance(opt, LightningGradReg):
+        return opt.grad_reg
+    return opt if isinstance(opt, GradReg) else None
+
+
+class GradRegCallback(pl.Callback):
+    """GR over whole accumulation windows in Lightning's automatic optimization (see the module docstring).
+
+    Args:
+        log_metrics: log ``GradReg.metrics()`` as ``grad_reg/<name>`` after every optimizer step (device
+            tensors: no host read in the step).
+    """
+
+    def __init__(self, log_metrics: bool = True) -> None:
+        self.log_metrics = log_metrics
+        self.grad_reg: GradReg | None = None
+        self._window: list[_MicroBatch] = []
+        self._replaying = False
+        self._stepped = False
+        self._module: pl.LightningModule | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = list(trainer.strategy.optimizers)
+        found = [i for i, o in enumerate(optimizers) if _grad_reg_of(o) is not None]
+        if len(optimizers) != 1 or len(found) != 1:
+            raise TypeError(
+                "GradRegCallback: configure_optimizers must return exactly one optimizer, a grkernels.GradReg "
+                f"(got {[type(o).__name__ for o in optimizers]})"
+            )
+        if trainer.world_size > 1:
+            raise NotImplementedError(
+                "GradRegCallback is tested on a single device only; for DDP write the loop with the two-phase "
+                "API (examples/accelerate_loop.py) or use the Hugging Face Trainer integration"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise NotImplementedError(
+                "GradRegCallback: fp16 with a gradient scaler (precision='16-mixed') is not supported: the scaled "
+                "g1 would set the perturbation. Use precision='bf16-mixed' (or 32)."
+            )
+        self.grad_reg = _grad_reg_of(optimizers[0])
+        trainer.strategy.optimizers = [LightningGradReg(self.grad_reg)]
+        self._window, self._replaying, self._stepped = [], False, False
+        if pl_module.automatic_optimization:
+            self._install_capture(pl_module)
+
+    def _install_capture(self, pl_module: pl.LightningModule) -> None:
+        """Record each first-pass ``training_step`` call: an instance attribute over the bound method, so that
+        Lightning's own call (through the strategy, the precision context and any wrapper) is the one seen."""
+        original = type(pl_module).training_step.__get__(pl_module)
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            gr = self.grad_reg
+            if self._replaying or gr is None or not gr.active:
+                return original(*args, **kwargs)
+            rng = RNGState()  # right before the user's forward: the replay draws the same dropout masks
+            out = original(*args, **kwargs)
+            self._window.append(_MicroBatch(args, kwargs, rng))
+            return out
+
+        pl_module.training_step = training_step
+        self._module = pl_module
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._module is not None and "training_step" in self._module.__dict__:
+            del self._module.__dict__["training_step"]
+        self._module = None
+        self._window = []
+
+    # ------------------------------------------------------------------ the pass at θ'
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        gr = self.grad_reg
+        if gr is None or not pl_module.automatic_optimization:
+            return  # manual optimization: the user's two-phase code did the passes
+        window, self._window = self._window, []
+        self._stepped = True
+        if not gr.active:
+            gr.observe_g1()  # before Lightning's clipping, as GR steps record g1_norm
+            return
+        if not window:
+            raise RuntimeError(
+                "GradRegCallback: no training_step was recorded in this accumulation window (was the callback "
+                "added after fit started, or training_step bypassed?); GR cannot replay the window"
+            )
+        rng_after = RNGState()
+        try:
+            for _ in range(gr.extra_passes):
+                gr.perturb()
+                for k, mb in enumerate(window):
+                    mb.rng.replay()
+                    self._replay(trainer, pl_module, optimizer, mb, last=k == len(window) - 1)
+            gr.restore_and_combine()
+        except BaseException:
+            gr.restore()  # θ back bitwise, .grad = g1
+            raise
+        finally:
+            rng_after.replay()
+
+    def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, mb: _MicroBatch,
+                last: bool) -> None:
+        """One micro-batch at θ': Lightning's training_step call, loss scaling and backward, logging muted."""
+        with self._muted(pl_module), _block_parallel_sync_behavior(trainer.strategy, block=not last):
+            out = trainer.strategy.training_step(*mb.args, **mb.kwargs)
+            loss = ClosureResult.from_training_step_output(out, trainer.accumulate_grad_batches).closure_loss
+            if loss is not None:  # a skipped micro-batch (None) contributed nothing at θ either
+                trainer.precision_plugin.backward(loss, pl_module, optimizer)
+
+    @contextlib.contextmanager
+    def _muted(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        """The replay runs the user's training_step again: its ``self.log`` calls must not count twice."""
+        self._replaying = True
+        pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = lambda *a, **k: None
+        try:
+            yield
+        finally:
+            self._replaying = False
+            del pl_module.__dict__["log"], pl_module.__dict__["log_dict"]
+
+    # ------------------------------------------------------------------ logging
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stepped, self._stepped = self._stepped, False
+        if not (self.log_metrics and stepped and self.grad_reg is not None):
+            return
+        m = self.grad_reg.metrics(sync=False)
+        logs = {f"grad_reg/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in m.items()}
+        pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)

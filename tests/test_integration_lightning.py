@@ -1,0 +1,186 @@
+"""GradReg inside the real Lightning Trainer (``lightning`` 2.x) with ``GradRegCallback``.
+
+The gradient the base optimizer steps with is captured by a step pre-hook and compared with an independent
+float64 recomputation over the whole accumulation window: each micro-batch's loss / accumulate_grad_batches with
+its own dropout mask (the RNG state Lightning had before its training_step), g1 at θ, g2 at θ + ε·g1 on the GR
+parameters, GR = g1 + (γ/ε)(g2 − g1) (excluded parameters g1), then Lightning's norm clipping of the result.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gr_helpers import bitwise_equal, rel_err, tanh_mlp
+from torch import nn
+from torch.func import functional_call
+
+L = pytest.importorskip("lightning")
+
+from grkernels import GradReg  # noqa: E402
+from grkernels.integrations.lightning import GradRegCallback  # noqa: E402
+from grkernels.rng import RNGState  # noqa: E402
+
+GAMMA, EPS, LR = 0.5, 1e-3, 0.05
+N_SAMPLES, MICRO = 5 * 6, 5  # 6 micro-batches of 5
+
+
+def data() -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N_SAMPLES, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(N_SAMPLES, 3, generator=g, dtype=torch.float64)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=MICRO, shuffle=False)
+
+
+class Module(L.LightningModule):
+    """A float64 tanh MLP with dropout; records the gradient and θ the base optimizer sees."""
+
+    def __init__(self, manual: bool = False, warmup_steps: int = 0):
+        super().__init__()
+        self.net = tanh_mlp(seed=0, dropout=0.3)
+        self.automatic_optimization = not manual
+        self.warmup_steps = warmup_steps
+        self.seen: list[dict] = []
+        self.logged = 0
+
+    def loss(self, batch):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def log(self, *args, **kwargs):
+        if args and args[0] == "train_loss":
+            self.logged += 1
+        return super().log(*args, **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            loss = self.loss(batch)
+            self.log("train_loss", loss)
+            return loss
+        opt = self.optimizers()  # manual two-phase through Lightning's LightningOptimizer
+        rng = RNGState()
+        loss = self.loss(batch)
+        self.manual_backward(loss)
+        for _ in range(opt.extra_passes):
+            opt.perturb()
+            rng.replay()
+            self.manual_backward(self.loss(batch))
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    def configure_optimizers(self):
+        base = torch.optim.SGD(self.parameters(), lr=LR)
+        base.register_step_pre_hook(lambda o, a, k: self.seen.append({
+            "grad": [p.grad.detach().clone() for p in self.parameters()],
+            "theta": [p.detach().clone() for p in self.parameters()],
+        }))
+        return GradReg(base, strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None, exclude=[self.net[-1].bias],
+                       warmup_steps=self.warmup_steps)
+
+
+class Recorder(L.Callback):
+    """Each micro-batch Lightning trains on, the RNG state before its training_step, θ at its start."""
+
+    def __init__(self):
+        self.batches: list[tuple] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((batch, torch.get_rng_state(), [p.detach().clone() for p in pl_module.parameters()]))
+
+
+def fit(accumulate: int, clip: float | None, manual: bool = False, warmup_steps: int = 0, steps: int = 2):
+    module, rec = Module(manual=manual, warmup_steps=warmup_steps), Recorder()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
+        precision="64-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[rec, GradRegCallback()],
+    )
+    trainer.fit(module, data())
+    return trainer, module, rec
+
+
+def expected(module: Module, window: list[tuple], accumulate: int, clip: float | None, gr_on: bool = True):
+    """GR over the window at θ (the window's first θ), then torch's norm clipping (max_norm / (‖g‖ + 1e-6))."""
+    names = [n for n, _ in module.net.named_parameters()]
+    theta = dict(zip(names, window[0][2]))
+    excluded = {n for n, p in module.net.named_parameters() if p is module.net[-1].bias}  # as configured
+    module.net.train()
+
+    def grad(params):
+        total = 0.0
+        for batch, rng, _ in window:
+            torch.set_rng_state(rng)
+            x, y = batch
+            total = total + nn.functional.mse_loss(functional_call(module.net, params, (x,)), y) / accumulate
+        ps = [params[n] for n in names]
+        return dict(zip(names, torch.autograd.grad(total, ps)))
+
+    t1 = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+    g1 = grad(t1)
+    if gr_on:
+        t2 = {n: (t + (0 if n in excluded else EPS) * g1[n]).detach().requires_grad_(True) for n, t in theta.items()}
+        g2 = grad(t2)
+        out = [g1[n] if n in excluded else g1[n] + (GAMMA / EPS) * (g2[n] - g1[n]) for n in names]
+    else:
+        out = [g1[n] for n in names]
+    if clip is not None:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in out]))
+        out = [g * min(1.0, clip / (float(norm) + 1e-6)) for g in out]
+    return out, [g1[n] for n in names]
+
+
+@pytest.mark.parametrize("accumulate,clip", [(1, None), (3, None), (3, 0.05)])
+def test_gradient_over_the_window_matches_recomputation(accumulate, clip):
+    steps = 2
+    trainer, module, rec = fit(accumulate, clip, steps=steps)
+    assert trainer.global_step == steps  # one optimizer step per window, not per pass
+    assert len(module.seen) == steps and len(rec.batches) == steps * accumulate
+    assert module.logged == steps * accumulate  # the replays' self.log calls were muted
+    for s, seen in enumerate(module.seen):
+        window = rec.batches[s * accumulate:(s + 1) * accumulate]
+        assert bitwise_equal(seen["theta"], window[0][2])  # θ back bitwise when the base optimizer steps
+        exp, g1 = expected(module, window, accumulate, clip)
+        assert rel_err(seen["grad"], exp) < 1e-6
+        assert rel_err(g1, exp) > 0.01  # GR changed the gradient: the comparison has teeth
+    if clip is not None:  # clipping acted on the combined gradient
+        assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in module.seen[0]["grad"]]))) < clip + 1e-6
+    m = trainer.callback_metrics
+    assert float(m["grad_reg/step"]) == steps and float(m["grad_reg/gr_rel"]) > 0
+
+
+def test_warmup_step_is_plain_then_gr():
+    trainer, module, rec = fit(3, 0.05, warmup_steps=1)
+    assert trainer.global_step == 2
+    exp0, _ = expected(module, rec.batches[:3], 3, 0.05, gr_on=False)
+    assert rel_err(module.seen[0]["grad"], exp0) < 1e-6
+    exp1, _ = expected(module, rec.batches[3:6], 3, 0.05)
+    assert rel_err(module.seen[1]["grad"], exp1) < 1e-6
+
+
+def test_manual_two_phase_through_lightning_optimizer(tmp_path):
+    """self.optimizers().perturb() / .step() reach the real GradReg: the step is right and θ not left perturbed."""
+    trainer, module, rec = fit(1, None, manual=True, steps=3)
+    assert trainer.global_step == 3 and len(module.seen) == 3
+    for s, seen in enumerate(module.seen):
+        window = rec.batches[s:s + 1]
+        assert bitwise_equal(seen["theta"], window[0][2])
+        exp, _ = expected(module, window, 1, None)
+        assert rel_err(seen["grad"], exp) < 1e-6
+    final = [t - LR * g for t, g in zip(module.seen[-1]["theta"], module.seen[-1]["grad"])]
+    for p, f in zip(module.parameters(), final):  # SGD from θ: nothing left at θ' (ε·g1 ≫ the tolerance)
+        torch.testing.assert_close(p.detach(), f, rtol=1e-13, atol=1e-15)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    assert torch.load(path, weights_only=False)["optimizer_states"][0]["grad_reg"]["step"] == 3
+
+
+def test_refuses_what_it_cannot_do_right():
+    class Two(Module):
+        def configure_optimizers(self):
+            return [super().configure_optimizers(), torch.optim.SGD(self.parameters(), lr=LR)]
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[GradRegCallback()])
+    module = Two(manual=True)
+    with pytest.raises(TypeError, match="exactly one optimizer"):
+        trainer.fit(module, data())
