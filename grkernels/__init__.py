@@ -14,7 +14,7 @@ from grkernels.ops import (
     token_entropy,
 )
 from grkernels.optim import GradReg
-from grkernels.params import PAPER_EXCLUDE_NAMES, paper_exclude
+from grkernels.params import PAPER_EXCLUDE_NAMES, depth_param_groups, paper_exclude
 from grkernels.rng import RNGState
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "GradReg",
     "RNGState",
     "__version__",
+    "depth_param_groups",
     "fused_linear_policy_loss",
     "kl_penalty",
     "paper_exclude",

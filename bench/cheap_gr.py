@@ -1,0 +1,273 @@
+"""Cheaper GR: fidelity and cost of periodic reuse (``every=k``), the sub-batch second pass and head-only GR.
+
+    python bench/cheap_gr.py                    # CPU-sized; writes bench/results/<device>_cheap_gr.json
+    python bench/cheap_gr.py --steps 60 --dim 128
+
+Fidelity: a small causal transformer is trained with full GR (AdamW) on two objectives, next-token prediction on a
+Markov language ("lm") and a REINFORCE policy gradient on the model's own samples with group-normalised advantages
+("pg", the GRPO shape). At every step the full correction c = GR − g1 is computed, and beside it what each cheap
+mode would apply on the same trajectory; reported: the mean over steps of cos(mode's correction, c) (0 for a step
+that applies none) and of its norm ratio. Every-k modes: the correction stored at the last full step (steps
+t − t mod k), reused as GradReg does. Sub-batch modes: the second pass on a fraction f of the sequences, chosen at
+random, by highest loss (lm, K-SAM's rule) or by largest |advantage| (pg).
+
+Cost: real GradReg steps of each mode (two-phase, the same micro-batches), time per step averaged over whole
+every-k cycles, over a plain AdamW step of the same loop; all in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from grkernels import GradReg, __version__, paper_exclude  # noqa: E402
+from grkernels.quickstart import TinyLM, markov_batch  # noqa: E402
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+class Task:
+    """A batch of sequences and a per-sequence loss whose mean is the objective (sum of the terms / N)."""
+
+    def __init__(self, kind: str, model: TinyLM, vocab: int, batch: int, length: int, gen: torch.Generator,
+                 trans: torch.Tensor) -> None:
+        self.kind, self.model, self.vocab = kind, model, vocab
+        if kind == "lm":
+            self.ids = markov_batch(gen, trans, batch, length + 1)
+            self.adv = None
+        else:  # sample from the policy; reward: share of even tokens; advantage normalised within the batch
+            with torch.no_grad():
+                ids = torch.zeros(batch, 1, dtype=torch.long)
+                for _ in range(length):
+                    probs = torch.softmax(model(ids)[:, -1].float(), -1)
+                    ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], 1)
+            self.ids = ids
+            reward = (ids[:, 1:] % 2 == 0).float().mean(1)
+            self.adv = (reward - reward.mean()) / (reward.std() + 1e-6)
+
+    def terms(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-sequence loss terms of ``rows`` (divided by the batch size: the batch's loss is their sum)."""
+        ids = self.ids[rows]
+        logits = self.model(ids[:, :-1]).float()
+        nll = nn.functional.cross_entropy(logits.reshape(-1, self.vocab), ids[:, 1:].reshape(-1), reduction="none")
+        nll = nll.view(len(rows), -1).mean(1)
+        n = self.ids.shape[0]
+        return (nll if self.adv is None else -self.adv[rows] * -nll) / n
+
+    def score(self) -> torch.Tensor:
+        """What the sub-batch rule ranks by: loss (lm) or |advantage| (pg)."""
+        if self.adv is not None:
+            return self.adv.abs()
+        with torch.no_grad():
+            return self.terms(torch.arange(self.ids.shape[0]))
+
+
+def gr_gradient(opt: GradReg, task: Task, subset: torch.Tensor | None, fraction: float | None = None):
+    """One two-phase GR gradient (the optimizer's lr is 0: nothing moves); sub-batch when ``subset`` is given,
+    with ``fraction`` the subset's share (default: its share of the sequences)."""
+    n = task.ids.shape[0]
+    everything = torch.arange(n)
+    opt.zero_grad()
+    if subset is None:
+        task.terms(everything).sum().backward()
+    else:
+        rest = everything[~torch.isin(everything, subset)]
+        task.terms(subset).sum().backward()
+        opt.mark_subset(fraction if fraction is not None else len(subset) / n)
+        if len(rest):
+            task.terms(rest).sum().backward()
+    opt.perturb()
+    task.terms(everything if subset is None else subset).sum().backward()
+    opt.restore_and_combine()
+    out = [p.grad.detach().clone() for p in opt.optimizer.param_groups[0]["params"]]
+    opt.step()  # lr 0: finishes the step, the parameters stay
+    return out
+
+
+def dot(a, b) -> float:
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+
+
+def reuse_prediction(c, rho, g1):
+    beta = dot(c, g1) / dot(g1, g1)
+    d = [ci - beta * gi for ci, gi in zip(c, g1)]
+    scale = rho * dot(g1, g1) ** 0.5 / max(dot(d, d) ** 0.5, 1e-300)
+    return [scale * di for di in d]
+
+
+def cos_ratio(a, b) -> tuple[float, float]:
+    na, nb = dot(a, a) ** 0.5, dot(b, b) ** 0.5
+    return (dot(a, b) / (na * nb) if na > 0 and nb > 0 else 0.0), (na / nb if nb > 0 else float("nan"))
+
+
+def fidelity(kind: str, args, ks, fracs) -> dict:
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    trans = torch.softmax(3.0 * torch.randn(args.vocab, args.vocab, generator=gen), dim=-1)
+    model = TinyLM(args.vocab, args.dim, args.layers, max(1, args.dim // 32), args.length + 1, dropout=0.0)
+    params = list(model.parameters())
+    gr_kw = dict(strength=args.strength, eps=args.eps, eps_mode="radius", exclude=paper_exclude(model),
+                 rounding="nearest")
+    probe = GradReg(torch.optim.SGD(params, lr=0.0), **gr_kw)
+    gr_ids = [i for i, p in enumerate(params) if id(p) not in probe._excluded]
+    base = torch.optim.AdamW(params, lr=args.lr)
+    stored = {k: None for k in ks}  # k -> (c, rho) of the last full step
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for step in range(args.steps):
+        task = Task(kind, model, args.vocab, args.batch, args.length, gen, trans)
+        probe.zero_grad()
+        task.terms(torch.arange(args.batch)).sum().backward()
+        g1 = [params[i].grad.detach().clone() for i in gr_ids]
+        full = gr_gradient(probe, task, None)
+        c = [full[i] - g for i, g in zip(gr_ids, g1)]
+        for k in ks:
+            if step % k == 0:
+                beta = dot(c, g1) / dot(g1, g1)
+                perp = [ci - beta * gi for ci, gi in zip(c, g1)]
+                stored[k] = (c, (dot(perp, perp) / dot(g1, g1)) ** 0.5)
+                orth = none = (1.0, 1.0)
+            else:
+                orth = cos_ratio(reuse_prediction(*stored[k], g1), c)
+                none = (0.0, 0.0)
+            rows.setdefault(f"every{k}-orthogonal", []).append(orth)
+            rows.setdefault(f"every{k}-none", []).append(none)
+        score = task.score()
+        order = torch.argsort(score, descending=True)
+        for f in fracs:
+            m = max(1, round(f * args.batch))
+            rule = "advantage" if kind == "pg" else "loss"
+            top = order[:m]
+            share = float(score[top].sum() / score.sum())  # the subset's share of the ranked mass
+            choices = ((f"{rule}-count", top, None), (f"{rule}-share", top, share),
+                       ("random", torch.randperm(args.batch, generator=gen)[:m], None))
+            for name, subset, frac in choices:
+                sub = gr_gradient(probe, task, subset, frac)
+                rows.setdefault(f"subset{f:g}-{name}", []).append(
+                    cos_ratio([sub[i] - g for i, g in zip(gr_ids, g1)], c))
+        # The trajectory follows full GR.
+        for p, g in zip(params, full):
+            p.grad = g
+        base.step()
+    return {name: {"mean_cos": statistics.fmean(v[0] for v in vals),
+                   "min_cos": min(v[0] for v in vals),
+                   "mean_norm_ratio": statistics.fmean(v[1] for v in vals)} for name, vals in rows.items()}
+
+
+def cost(args, ks, fracs) -> list[dict]:
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    torch.manual_seed(args.seed)
+    trans = torch.softmax(3.0 * torch.randn(args.vocab, args.vocab, generator=gen), dim=-1)
+    model = TinyLM(args.vocab, args.dim, args.layers, max(1, args.dim // 32), args.length + 1, dropout=0.0)
+    task = Task("lm", model, args.vocab, args.batch, args.length, gen, trans)
+    n = args.batch
+    everything = torch.arange(n)
+    micro = everything.chunk(args.micro)
+
+    def run(opt, subset_frac: float | None) -> None:
+        opt.zero_grad()
+        if opt.active and subset_frac is not None:
+            m = max(1, round(subset_frac * n))
+            task.terms(everything[:m]).sum().backward()
+            opt.mark_subset(m / n)
+            task.terms(everything[m:]).sum().backward()
+            opt.perturb()
+            task.terms(everything[:m]).sum().backward()
+        else:
+            for mb in micro:
+                task.terms(mb).sum().backward()
+            if opt.active:
+                opt.perturb()
+                for mb in micro:
+                    task.terms(mb).sum().backward()
+        opt.step()
+
+    modes = [("plain", None, {}), ("full", None, {})]
+    modes += [(f"every{k}-orthogonal", None, {"every": k, "reuse": "orthogonal"}) for k in ks if k > 1]
+    modes += [(f"subset{f:g}", f, {}) for f in fracs]
+    cycle = max(ks)
+    n_params = sum(p.numel() for p in model.parameters())
+    opts = []
+    for name, frac, kw in modes:
+        strength = 0.0 if name == "plain" else args.strength
+        opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-6), strength=strength, eps=args.eps,
+                      eps_mode="radius", exclude=paper_exclude(model), **kw)
+        for _ in range(cycle):
+            run(opt, frac)  # warm-up cycle
+        opts.append(opt)
+    times: list[list[float]] = [[] for _ in modes]
+    for _ in range(args.repeats):  # round robin: a load change on a shared machine hits every mode alike
+        for i, ((_, frac, _), opt) in enumerate(zip(modes, opts)):
+            t0 = time.perf_counter()
+            for _ in range(cycle):
+                run(opt, frac)
+            times[i].append((time.perf_counter() - t0) / cycle)
+    rows = [{"mode": name, "median_step_s": statistics.median(t),
+             "extra_bytes_per_param": (opt.extra_memory_bytes() + opt._reuse.extra_bytes()) / n_params}
+            for (name, _, _), opt, t in zip(modes, opts, times)]
+    plain = rows[0]["median_step_s"]
+    for r in rows:
+        r["ratio"] = r["median_step_s"] / plain
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40, help="training steps of each fidelity run")
+    ap.add_argument("--vocab", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32, help="sequences per step")
+    ap.add_argument("--length", type=int, default=16)
+    ap.add_argument("--micro", type=int, default=4, help="micro-batches per step in the cost runs")
+    ap.add_argument("--strength", type=float, default=0.1)
+    ap.add_argument("--eps", type=float, default=1e-2, help="perturbation radius (eps_mode='radius')")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--every", default="2,4,8")
+    ap.add_argument("--fractions", default="0.25,0.5")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    ks = [int(k) for k in args.every.split(",")]
+    fracs = [float(f) for f in args.fractions.split(",")]
+    t0 = time.perf_counter()
+    result = {"benchmark": "cheap_gr", "grkernels": __version__, "torch": torch.__version__,
+              "device": device_name("cpu"), "config": vars(args),
+              "command": "python bench/cheap_gr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "fidelity": {kind: fidelity(kind, args, ks, fracs) for kind in ("lm", "pg")},
+              "cost": cost(args, ks, fracs)}
+    result["seconds"] = time.perf_counter() - t0
+    print(f"fidelity over {args.steps} steps (mean cos to the full correction, min cos, mean norm ratio)")
+    for kind, table in result["fidelity"].items():
+        for name, r in table.items():
+            print(f"  {kind:<3} {name:<22} {r['mean_cos']:>6.3f} {r['min_cos']:>7.3f} {r['mean_norm_ratio']:>7.3f}")
+    print("cost (time per step over a plain step, same loop)")
+    for r in result["cost"]:
+        print(f"  {r['mode']:<22} {1e3 * r['median_step_s']:>8.2f} ms {r['ratio']:>6.2f}x "
+              f"{r['extra_bytes_per_param']:>5.1f} B/param")
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"{result['device']}_cheap_gr.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
