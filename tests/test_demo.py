@@ -135,7 +135,7 @@ def tiny_setup():
 def _run(setup, world="collapse", **kw):
     w = setup["worlds"][world]
     cfg = RLConfig(steps=4, prompts_per_step=2, group=4, eval_samples=16, **kw)
-    return run_rl(w["world"], setup["policy"], w["rm"], cfg, seed=0)
+    return run_rl(w["world"], w["policy"], w["rm"], cfg, seed=0)
 
 
 def test_gr_with_zero_strength_equals_no_regularisation(tiny_setup):
@@ -251,3 +251,195 @@ def test_lowlr_control_is_none_with_a_smaller_step(tiny_setup):
     slow = _run(tiny_setup, method="none_lowlr", lowlr_scale=0.5)
     assert slow["curves"]["gold"][0] == a["curves"]["gold"][0] and slow["final"] != a["final"]
     assert all(r == 0 for r in slow["curves"]["gr_rel"])
+
+
+# ------------------------------------------------------------------------------------------ task worlds
+from grkernels.demo.frontier import envelope, frontier_summary  # noqa: E402
+from grkernels.demo.language import (  # noqa: E402
+    CLOSE,
+    OPEN,
+    PAD,
+    PLUS,
+    SURE,
+    WORDS,
+    Language,
+    answer,
+    corpus,
+    format_score,
+    sure_frac,
+    target,
+)
+from grkernels.demo.pretrain import pretrain_on_language  # noqa: E402
+from grkernels.demo.tasks import RuleReward, make_task_world, task_sizes  # noqa: E402
+
+W0, W1 = WORDS[0], WORDS[1]
+
+
+def test_answer_and_format_score_by_hand():
+    comps = torch.tensor([
+        [7, W0, W1, W0, W0, W0],                 # plain: answer 7, no template position matches
+        [OPEN, 3, CLOSE, PAD, PAD, PAD],         # tagged: answer 3, full format
+        [OPEN, SURE, CLOSE, 5, PAD, 2],          # answer 5 (first digit), 3 of 5 template positions
+        [SURE, SURE, W0, PAD, PAD, PAD],         # no digit: no answer; 3 pads match
+    ])
+    assert answer(comps).tolist() == [7, 3, 5, -1]
+    assert format_score(comps).tolist() == pytest.approx([0.0, 1.0, 0.6, 0.6])
+    assert sure_frac(comps).tolist() == pytest.approx([0.0, 0.0, 1 / 6, 2 / 6])
+    prompts = torch.tensor([[3, PLUS, 4, 11], [9, PLUS, 4, 11], [0, PLUS, 5, 11], [0, PLUS, 0, 11]])
+    assert target(prompts).tolist() == [7, 3, 5, 0]
+    world = make_task_world("format", task_sizes(Language(), TINY), format_weight=0.5)
+    assert world.gold(prompts, comps).tolist() == [1.0, 1.0, 1.0, 0.0]  # no digit is wrong, even for target 0
+    torch.testing.assert_close(RuleReward(world).proxy(prompts, comps), torch.tensor([1.0, 1.5, 1.3, 0.3]))
+
+
+def test_corpus_follows_the_language_parameters():
+    lang = Language(completion_len=7, format_frac=0.3, q_plain=0.7, q_format=0.2, p_sure=0.1)
+    seqs = corpus(lang, 20000, torch.Generator().manual_seed(5))
+    prompts, comps = seqs[:, :4], seqs[:, 4:]
+    assert comps.shape[1] == 7 and (prompts[:, 1] == PLUS).all() and (prompts[:, 0] < 10).all()
+    tagged = comps[:, 0] == OPEN
+    assert (format_score(comps[tagged]) == 1).all() and (format_score(comps[~tagged]) == 0).all()
+    right = (answer(comps) == target(prompts)).float()
+    # a wrong answer is a uniform digit, which is right 1 time in 10
+    assert float(tagged.float().mean()) == pytest.approx(0.3, abs=0.015)
+    assert float(right[~tagged].mean()) == pytest.approx(0.7 + 0.3 / 10, abs=0.015)
+    assert float(right[tagged].mean()) == pytest.approx(0.2 + 0.8 / 10, abs=0.02)
+    fill = comps[~tagged][:, 1:]
+    assert float((fill == SURE).float().mean()) == pytest.approx(0.1, abs=0.01)
+    with pytest.raises(ValueError, match="q_plain"):
+        Language(q_plain=1.5)
+
+
+def test_judge_data_plants_the_spurious_token_on_fillers_only():
+    world = make_task_world("judge", task_sizes(Language(), TINY), sure_right=0.6, sure_wrong=0.1)
+    seqs = corpus(Language(), 20000, torch.Generator().manual_seed(1))
+    prompts, comps = seqs[:, :4], seqs[:, 4:]
+    edited = world.edit_rm_data(prompts, comps, torch.Generator().manual_seed(2))
+    changed = edited != comps
+    assert (edited[changed] == SURE).all()
+    filler = torch.isin(comps, torch.tensor((*WORDS, PAD)))
+    assert not (changed & ~filler).any()  # digits, tags and existing '!' untouched
+    ok = world.gold(prompts, comps).bool()
+    assert torch.equal(world.gold(prompts, edited), world.gold(prompts, comps))  # the answer survives
+    rate_right = changed[ok].sum() / filler[ok].sum()
+    rate_wrong = changed[~ok].sum() / filler[~ok].sum()
+    assert float(rate_right) == pytest.approx(0.6, abs=0.01) and float(rate_wrong) == pytest.approx(0.1, abs=0.01)
+    fmt = make_task_world("format", world.sizes)
+    assert torch.equal(fmt.edit_rm_data(prompts, comps, torch.Generator()), comps)
+
+
+def test_pretraining_is_cached_bitwise(tmp_path):
+    torch.set_num_threads(1)
+    sizes = task_sizes(Language(), TINY)
+    a, ia = pretrain_on_language(Language(), sizes, seed=3, steps=8, batch=16, cache_dir=str(tmp_path))
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and ia["cached"] == 0.0
+    b, ib = pretrain_on_language(Language(), sizes, seed=3, steps=8, batch=16, cache_dir=str(tmp_path))
+    assert ib["cached"] == 1.0 and ib["pretrain_loss"] == ia["pretrain_loss"]
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+    c, _ = pretrain_on_language(Language(), sizes, seed=3, steps=8, batch=16)  # no cache: trains the same model
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+    pretrain_on_language(Language(q_format=0.3), sizes, seed=3, steps=8, batch=16, cache_dir=str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 2  # another language is another cache entry
+
+
+# ------------------------------------------------------------------------------------------ sweeps, frontiers
+def test_sweep_spec_and_variants():
+    spec = cli.parse_sweep("kl:0.1,1; kl_reset:10 ;gr:0,5")
+    assert spec == (("kl", (0.1, 1.0)), ("kl_reset", (10.0,)), ("gr", (0.0, 5.0)))
+    cfg = tiny_config(sweep=spec)
+    v = dict(cfg.variants())
+    assert list(v) == ["none", "kl@0.1", "kl@1", "kl_reset@10", "gr@0", "gr@5"]
+    assert v["kl@1"].method == "kl" and v["kl@1"].beta == 1.0
+    assert v["kl_reset@10"].reset_interval == 10 and isinstance(v["kl_reset@10"].reset_interval, int)
+    assert v["gr@5"].gamma == 5.0 and v["none"].method == "none"
+    for bad, msg in (("ppo:1", "METHOD"), ("kl", "METHOD"), ("kl:a", "numbers"), ("kl:-1", ">= 0"),
+                     ("kl_reset:2.5", "integers"), (";", "empty")):
+        with pytest.raises(ValueError, match=msg):
+            cli.parse_sweep(bad)
+    assert cli.config_from_args(cli.build_parser().parse_args(["--sweep"])).sweep == cli.parse_sweep(
+        cli.DEFAULT_SWEEP)
+
+
+def _fake_run(seed, kl, gold, final_gold=0.0):
+    return {"seed": seed, "curves": {"kl": kl, "gold": gold, "proxy": [0.0] * len(kl)},
+            "final": {"gold": final_gold, "kl": kl[-1], "proxy": 1.0, "hack": 0.5}}
+
+
+def test_frontier_summary_against_brute_force():
+    g = torch.Generator().manual_seed(0)
+    methods = {}
+    for label in ("none", "kl@0.1", "kl@1", "gr@3"):
+        runs = []
+        for seed in (0, 1):
+            kl = torch.rand(9, generator=g).mul(5).cumsum(0).tolist()
+            runs.append(_fake_run(seed, kl, torch.randn(9, generator=g).tolist(), final_gold=float(seed)))
+        methods[label] = {"runs": runs}
+    g0, p0 = {0: 0.25, 1: -0.5}, {0: 0.0, 1: 0.5}
+    fr = frontier_summary(methods, g0, p0, 1, _stats_ref)
+    reach = {"none": [], "kl": [], "gr": []}
+    for label, m in methods.items():
+        reach[label.split("@")[0]] += [k for r in m["runs"] for k in r["curves"]["kl"]]
+    k_star = min(max(v) for v in reach.values())
+    assert fr["k_star"] == pytest.approx(k_star)
+    for fam, labels in (("none", ["none"]), ("kl", ["kl@0.1", "kl@1"]), ("gr", ["gr@3"])):
+        best = []
+        for seed in (0, 1):
+            ys = [gv - g0[seed] for lab in labels for r in methods[lab]["runs"] if r["seed"] == seed
+                  for kv, gv in zip(r["curves"]["kl"], r["curves"]["gold"]) if kv <= k_star]
+            best.append(max(ys) if ys else math.nan)
+        got = fr["methods"][fam]["best_gold_at_kl"]["values"]
+        assert got == pytest.approx(best, nan_ok=True)
+        assert fr["methods"][fam]["strengths"] == [float(lab.split("@")[1]) if "@" in lab else 0.0 for lab in labels]
+    assert fr["variants"]["kl@1"]["final_gold_gain"]["values"] == [0.0 - 0.25, 1.0 + 0.5]
+    assert fr["variants"]["kl@1"]["final_proxy_gain"]["values"] == [1.0, 0.5]
+    assert envelope([(0.0, 1.0), (2.0, 3.0), (1.0, -1.0)], 1.5) == 1.0
+    assert math.isnan(envelope([(2.0, 3.0)], 1.0))
+
+
+def _stats_ref(values):
+    return {"values": list(values), "n": len(values), "mean": sum(values) / len(values) if values else math.nan,
+            "std": 0.0}
+
+
+TASK_ARGS = [a for a in TINY_ARGS] + ["--pretrain-steps", "10", "--seeds", "2", "--task-len", "4"]
+
+
+def test_task_world_sweep_end_to_end_and_reproducible(tmp_path, capsys):
+    args = TASK_ARGS + ["--worlds", "format,judge", "--sweep", "kl:0.1;gr:10;kl_reset:2"]
+    out = tmp_path / "a"
+    assert cli.main(args + ["--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "frontier summary" in text and "world judge" in text and "rule-based proxy" in text
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((out / "cache").iterdir())) == 1  # one pretrained policy for both worlds and seeds
+    res = json.loads((out / "results.json").read_text())
+    for wname in ("format", "judge"):
+        w = res["worlds"][wname]
+        assert list(w["methods"]) == ["none", "kl@0.1", "gr@10", "kl_reset@2"]
+        fr = w["frontier"]
+        assert set(fr["methods"]) == {"none", "kl", "gr", "kl_reset"} and fr["k_star"] >= 0
+        for m in fr["methods"].values():
+            assert m["best_gold_at_kl"]["n"] == 2 and m["auf"]["n"] == 2
+        for m in w["methods"].values():  # the premise is measured in every world, for every run
+            assert len(m["summary"]["spearman_gn_acc"]["values"]) == 2
+            assert all(len(r["curves"]["hack"]) == 4 for r in m["runs"])
+        assert w["methods"]["kl@0.1"]["config"]["beta"] == 0.1
+        assert w["methods"]["kl_reset@2"]["config"]["reset_interval"] == 2
+        assert 0 <= w["setup"][0]["init_gold"] <= 1
+    assert "rm_acc_gold" in res["worlds"]["judge"]["setup"][0]
+    # same seed, same numbers, also when the second run loads the cached policy (cached == trained: tested above)
+    assert cli.main(args + ["--out", str(out), "--no-plot"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["worlds"]["judge"]["setup"][0]["cached"] == 1.0 and res["worlds"]["judge"]["setup"][0]["cached"] == 0
+    assert _strip(again) == _strip(res)
+    assert again["worlds"]["format"]["frontier"] == res["worlds"]["format"]["frontier"]
+    # another RL seed, same pretrained policy: other numbers
+    assert cli.main(args + ["--out", str(out), "--no-plot", "--seed", "5", "--seeds", "1"]) == 0
+    capsys.readouterr()
+    other = json.loads((out / "results.json").read_text())
+    for wname in ("format", "judge"):
+        a = res["worlds"][wname]["methods"]["none"]["runs"][0]
+        b = other["worlds"][wname]["methods"]["none"]["runs"][0]
+        assert b["seed"] == 5 and b["curves"]["gold"] != a["curves"]["gold"]

@@ -8,11 +8,14 @@ import sys
 import time
 
 from grkernels.demo.grpo import DEFAULT_METHODS, METHODS, RLConfig
+from grkernels.demo.language import Language
 from grkernels.demo.worlds import WORLDS, Sizes
 
 # What --quick changes (each still overridable by its own flag).
 QUICK = {"seeds": 1, "steps": 150}
 DEFAULTS = {"seeds": 3, "steps": 250}
+# --sweep without a value: three strengths per method (β for KL, reset period for resets, γ for GR).
+DEFAULT_SWEEP = "kl:0.03,0.1,0.3;kl_reset:25,50,100;gr:1,10,100"
 
 
 def _csv(kind):
@@ -22,6 +25,31 @@ def _csv(kind):
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}: {text!r}") from err
     return parse
+
+
+def parse_sweep(text: str) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """``"kl:0.03,0.1;gr:1,10"`` → ``(("kl", (0.03, 0.1)), ("gr", (1.0, 10.0)))`` (validated)."""
+    from grkernels.demo.experiment import SWEEP_PARAMS
+
+    out = []
+    for part in (p.strip() for p in text.split(";") if p.strip()):
+        method, sep, values = part.partition(":")
+        method = method.strip()
+        if not sep or method not in SWEEP_PARAMS:
+            raise ValueError(f"--sweep: expected METHOD:V1,V2,... with METHOD in {', '.join(SWEEP_PARAMS)}; "
+                             f"got {part!r}")
+        try:
+            vals = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError as err:
+            raise ValueError(f"--sweep: strengths of {method} must be numbers, got {values!r}") from err
+        if not vals or any(not v >= 0 for v in vals):
+            raise ValueError(f"--sweep: {method} needs one or more strengths >= 0, got {values!r}")
+        if SWEEP_PARAMS[method] == "reset_interval" and any(v < 1 or v != int(v) for v in vals):
+            raise ValueError(f"--sweep: kl_reset strengths are reset periods in steps (integers >= 1), got {values!r}")
+        out.append((method, vals))
+    if not out:
+        raise ValueError("--sweep: empty specification")
+    return tuple(out)
 
 
 def _clip(text: str) -> float | None:
@@ -34,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="grkernels demo",
         description="Reward-hacking experiment: GRPO on a learned proxy reward with a hidden gold reward, "
         "comparing no regularisation, KL, KL with reference resets, gradient regularisation (GR) and GR+KL. "
-        "Prints a table and writes results.json, table.txt and demo.png into --out.",
+        "Prints a table and writes results.json, table.txt and demo.png into --out (with --sweep also "
+        "frontier.png and the frontier tables).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = RLConfig()
@@ -53,8 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS,
                    help=f"comma list from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; none_lowlr is "
                    "the 'smaller step' control: no regularisation, lr × --lowlr-scale)")
-    g.add_argument("--worlds", type=_csv(str), default=WORLDS,
-                   help="comma list from collapse (world 0), rare (world B)")
+    g.add_argument("--worlds", "--world", type=_csv(str), default=WORLDS,
+                   help="comma list from collapse (world 0), rare (world B), format (a verifiable task whose "
+                   "reward adds a format term), judge (a learned judge with a spurious feature)")
+    g.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
+                   help="frontier mode: runs none plus each METHOD at each strength, SPEC = "
+                   f"'METHOD:V1,V2;...' (strength = β for kl, reset period for kl_reset, γ for gr and gr_kl, "
+                   f"lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. Replaces --methods and --gamma")
     g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
     g.add_argument("--seed", type=int, default=0, help="first seed")
     g.add_argument("--steps", type=int, default=None, help=f"RL steps per run (default {DEFAULTS['steps']})")
@@ -98,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-temp", type=float, default=0.1, help="labeller noise τ: P(a≻b) = σ((u_a−u_b)/τ)")
     g.add_argument("--rare-penalty", type=float, default=0.3, help="rare world: gold −= this · fracS")
     g.add_argument("--rare-bonus", type=float, default=2.0, help="rare world: labeller's utility += this · fracS")
+    lang = Language()
+    g = p.add_argument_group("task worlds (format, judge): the synthetic language and its pretrained policy")
+    g.add_argument("--pretrain-steps", type=int, default=3000,
+                   help="pretraining steps on the language (cached in --out/cache; ~2 CPU-minutes at 3000)")
+    g.add_argument("--pretrain-seed", type=int, default=0, help="seed of the one pretrained policy all RL seeds share")
+    g.add_argument("--task-len", type=int, default=lang.completion_len, help="completion length of the task")
+    g.add_argument("--format-frac", type=float, default=lang.format_frac,
+                   help="share of tagged completions <a> c </a> . . in the pretraining corpus")
+    g.add_argument("--q-plain", type=float, default=lang.q_plain, help="corpus accuracy of plain completions")
+    g.add_argument("--q-format", type=float, default=lang.q_format, help="corpus accuracy of tagged completions")
+    g.add_argument("--format-weight", type=float, default=1.0, help="format world: proxy = correct + this · format")
+    g.add_argument("--sure-right", type=float, default=0.5,
+                   help="judge world: P(filler → '!') in the judge's training completions that are correct")
+    g.add_argument("--sure-wrong", type=float, default=0.05, help="judge world: the same for wrong completions")
     return p
 
 
@@ -131,6 +179,11 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--width ({sizes.width}) must be divisible by --heads ({sizes.heads})")
     if sizes.vocab < 8:
         raise ValueError(f"--vocab must be >= 8 (the rare world picks 1/4 of the vocabulary), got {sizes.vocab}")
+    lang = Language(completion_len=args.task_len, format_frac=args.format_frac, q_plain=args.q_plain,
+                    q_format=args.q_format)  # validates the ranges
+    if args.pretrain_steps < 1:
+        raise ValueError(f"--pretrain-steps must be >= 1, got {args.pretrain_steps}")
+    sweep = parse_sweep(args.sweep) if args.sweep is not None else None
     rl = RLConfig(steps=steps, prompts_per_step=args.prompts, group=args.group, lr=args.lr,
                   gr_lr_scale=args.gr_lr_scale, lowlr_scale=args.lowlr_scale, beta=args.beta,
                   kl_estimator=args.kl_estimator,
@@ -146,6 +199,9 @@ def config_from_args(args: argparse.Namespace):
         sft_steps=args.sft_steps, rm_pairs=args.rm_pairs, rm_steps=args.rm_steps, label_temp=args.label_temp,
         rare_penalty=args.rare_penalty, rare_bonus=args.rare_bonus,
         device=device, workers=workers, backend=args.backend,
+        lang=lang, pretrain_steps=args.pretrain_steps, pretrain_seed=args.pretrain_seed,
+        cache_dir=os.path.join(args.out, "cache"), format_weight=args.format_weight, sure_right=args.sure_right,
+        sure_wrong=args.sure_wrong, sweep=sweep,
     )
 
 
@@ -158,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     from grkernels.demo.experiment import run_experiment
-    from grkernels.demo.report import format_table, write_results
+    from grkernels.demo.report import full_table, write_results
 
     n_runs = len(cfg.worlds) * len(cfg.seeds) * len(cfg.variants())
     print(f"grkernels demo: {len(cfg.worlds)} world(s) x {len(cfg.variants())} method(s) x {len(cfg.seeds)} "
@@ -167,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_experiment(cfg, show_progress=not args.no_progress)
     paths = write_results(results, args.out, make_plot=not args.no_plot)
-    print(format_table(results))
+    print(full_table(results))
     print(f"\nwall time {time.perf_counter() - t0:.0f} s; wrote " + ", ".join(paths.values()))
     return 0
 

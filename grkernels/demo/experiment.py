@@ -1,10 +1,12 @@
 """Methods × worlds × seeds: set-up, RL runs (optionally over worker processes) and the summary.
 
-Phase 1, per seed (parallel over seeds): token values and Markov chain, SFT of the initial policy,
-the worlds (the rare world needs the initial policy's token frequencies), one reward model per
-world. Phase 2, per (world, seed, method): one RL run from that seed's initial policy against that
-world's reward model. All methods of a (world, seed) start from the same policy and see the same
-prompt sequence (paired comparison).
+Phase 0 (task worlds only): the policy pretrained on the synthetic language (or loaded from the
+cache), once for all seeds. Phase 1, per seed (parallel over seeds): token values and Markov chain,
+SFT of the chain worlds' initial policy, the worlds (the rare world needs the initial policy's token
+frequencies), one reward model per world (a rule for the format world). Phase 2, per (world,
+seed, method): one RL run from that world's initial policy against that world's reward model.
+All methods of a (world, seed) start from the same policy and see the same prompt sequence
+(paired comparison).
 
 Summary per (world, method), mean ± std over seeds:
     peak_gold        max over steps of the smoothed per-step gold (moving average)
@@ -18,7 +20,8 @@ Summary per (world, method), mean ± std over seeds:
                      against gold on that step's samples. The GR paper's premise predicts < 0 (large
                      gradient norm where the reward model is inaccurate). Both drift over training, so
                      ``spearman_gn_acc_diff`` correlates their step-to-step changes (smoothed) instead.
-    plus final proxy / KL / entropy / top-token fraction, mean ‖GR − g1‖/‖g1‖, late RM accuracy.
+    plus final proxy / KL / entropy / top-token fraction / hack feature, mean ‖GR − g1‖/‖g1‖, late RM accuracy.
+With a sweep (``ExperimentConfig.sweep``) each world also gets ``frontier`` (:mod:`grkernels.demo.frontier`).
 """
 
 from __future__ import annotations
@@ -32,10 +35,19 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from grkernels.demo.frontier import frontier_summary
 from grkernels.demo.grpo import DEFAULT_METHODS, RLConfig, run_rl
-from grkernels.demo.policy import pretrain_policy, sample
+from grkernels.demo.language import Language
+from grkernels.demo.policy import TinyTransformer, pretrain_policy, sample
+from grkernels.demo.pretrain import pretrain_on_language
 from grkernels.demo.reward_model import train_reward_model
+from grkernels.demo.tasks import TASK_WORLDS, RuleReward, make_task_world, task_sizes
 from grkernels.demo.worlds import WORLD_ALIASES, WORLDS, Sizes, make_base, make_world, random_prompts
+
+ALL_WORLDS = (*WORLDS, *TASK_WORLDS)
+# What a sweep varies per method (``--sweep kl:0.1,0.3``): the method's strength knob in RLConfig.
+SWEEP_PARAMS = {"kl": "beta", "kl_reset": "reset_interval", "gr": "gamma", "gr_kl": "gamma",
+                "none_lowlr": "lowlr_scale"}
 
 SCHEMA = "grkernels.demo/v1"
 
@@ -60,9 +72,26 @@ class ExperimentConfig:
     device: str = "cpu"
     workers: int = 1
     backend: str = "auto"
+    # Task worlds (format, judge): the language, its pretraining, the proxies' knobs.
+    lang: Language = field(default_factory=Language)
+    pretrain_steps: int = 3000
+    pretrain_seed: int = 0         # one pretrained model for every RL seed, as one base LM for many RL runs
+    cache_dir: str | None = None   # where pretrained policies are kept (the CLI: <out>/cache)
+    format_weight: float = 1.0
+    sure_right: float = 0.5
+    sure_wrong: float = 0.05
+    # Frontier mode: ((method, strengths), ...); replaces methods/gammas (``none`` is always added).
+    sweep: tuple[tuple[str, tuple[float, ...]], ...] | None = None
 
     def variants(self) -> list[tuple[str, RLConfig]]:
-        """(label, config) per method; GR methods get one variant per γ (label ``gr@γ`` when several)."""
+        """(label, config) per run kind. Without a sweep: one per method, GR methods one per γ (label ``gr@γ``
+        when several). With a sweep: ``none`` and one per (method, strength), labelled ``method@strength``."""
+        if self.sweep is not None:
+            out = [("none", replace(self.rl, method="none"))]
+            for m, values in self.sweep:
+                kind = int if SWEEP_PARAMS[m] == "reset_interval" else float
+                out += [(f"{m}@{v:g}", replace(self.rl, method=m, **{SWEEP_PARAMS[m]: kind(v)})) for v in values]
+            return out
         out = []
         for m in self.methods:
             if m in ("gr", "gr_kl"):
@@ -81,9 +110,25 @@ class ExperimentConfig:
 
 def canonical_world(name: str) -> str:
     name = WORLD_ALIASES.get(name.lower(), name.lower())
-    if name not in WORLDS:
-        raise ValueError(f"unknown world {name!r}; choose from {', '.join(WORLDS)} (aliases: 0, B)")
+    if name not in ALL_WORLDS:
+        raise ValueError(f"unknown world {name!r}; choose from {', '.join(ALL_WORLDS)} (aliases: 0, B)")
     return name
+
+
+def pretrain_task_policy(cfg: ExperimentConfig) -> tuple[TinyTransformer, dict] | None:
+    """The task worlds' initial policy (pretrained on the language, or loaded from ``cfg.cache_dir``); None when
+    no task world is asked for. Runs single-threaded on CPU, so the weights do not depend on --workers."""
+    if not any(w in TASK_WORLDS for w in cfg.worlds):
+        return None
+    threads = torch.get_num_threads()
+    if cfg.device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        policy, info = pretrain_on_language(cfg.lang, task_sizes(cfg.lang, cfg.sizes), cfg.pretrain_seed,
+                                            steps=cfg.pretrain_steps, device=cfg.device, cache_dir=cfg.cache_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return policy.cpu(), info
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -101,8 +146,45 @@ def _report(n: int) -> None:
         _PROGRESS_QUEUE.put(n)
 
 
-def setup_seed(cfg: ExperimentConfig, seed: int, progress: Callable[[int], None] | None = None) -> dict:
-    """Phase 1 for one seed: initial policy, worlds and their reward models (moved to CPU for pickling)."""
+def setup_seed(cfg: ExperimentConfig, seed: int, progress: Callable[[int], None] | None = None,
+               task_policy: tuple[TinyTransformer, dict] | None = None) -> dict:
+    """Phase 1 for one seed: initial policies, worlds and their reward models (moved to CPU for pickling).
+
+    ``task_policy``: the pretrained policy and its info from :func:`pretrain_task_policy` (task worlds only).
+    """
+    out: dict = {"seed": seed, "worlds": {}}
+    if any(w in WORLDS for w in cfg.worlds):
+        _setup_chain_worlds(cfg, seed, out, progress)
+    for wname in (w for w in cfg.worlds if w in TASK_WORLDS):
+        if task_policy is None:
+            raise ValueError("task worlds need the pretrained policy (pretrain_task_policy)")
+        policy, pre_info = task_policy
+        world = make_task_world(wname, task_sizes(cfg.lang, cfg.sizes), format_weight=cfg.format_weight,
+                                sure_right=cfg.sure_right, sure_wrong=cfg.sure_wrong)
+        info = dict(pre_info)
+        if wname == "format":
+            rm = RuleReward(world)
+        else:
+            rm, rm_info = train_reward_model(world, policy, seed, n_pairs=cfg.rm_pairs, n_heldout=cfg.rm_heldout,
+                                             steps=cfg.rm_steps, label_temp=cfg.label_temp, device=cfg.device)
+            rm.to("cpu")
+            info.update(rm_info)
+        g = torch.Generator(device=cfg.device).manual_seed(4_000_037 * seed + 2)
+        prompts = world.prompts(1024, g, cfg.device)
+        comps = sample(policy.to(cfg.device), prompts, world.sizes.completion_len, g)
+        info["init_gold"] = float(world.gold(prompts, comps).mean())
+        info["init_proxy"] = float(rm.to(cfg.device).proxy(prompts, comps).mean())
+        info["init_hack"] = float(world.hack(comps).mean())
+        rm.to("cpu")
+        out["worlds"][wname] = {"world": world, "rm": rm, "info": info, "policy": policy.cpu()}
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def _setup_chain_worlds(cfg: ExperimentConfig, seed: int, out: dict, progress: Callable[[int], None] | None
+                        ) -> None:
+    """The Markov-chain worlds (collapse, rare) of one seed: SFT policy, worlds, reward models, into ``out``."""
     dev = cfg.device
     base = make_base(cfg.sizes, seed)
     policy, sft = pretrain_policy(base, seed, steps=cfg.sft_steps, device=dev)
@@ -110,8 +192,7 @@ def setup_seed(cfg: ExperimentConfig, seed: int, progress: Callable[[int], None]
     prompts = random_prompts(cfg.sizes, 1024, g, dev)
     comps = sample(policy, prompts, cfg.sizes.completion_len, g)
     freq = torch.bincount(comps.flatten(), minlength=cfg.sizes.vocab).float() / comps.numel()
-    out = {"seed": seed, "worlds": {}}
-    for wname in cfg.worlds:
+    for wname in (w for w in cfg.worlds if w in WORLDS):
         world = make_world(wname, base, freq, rare_penalty=cfg.rare_penalty, rare_bonus=cfg.rare_bonus)
         rm, info = train_reward_model(world, policy, seed, n_pairs=cfg.rm_pairs, n_heldout=cfg.rm_heldout,
                                       steps=cfg.rm_steps, label_temp=cfg.label_temp, device=dev)
@@ -120,16 +201,17 @@ def setup_seed(cfg: ExperimentConfig, seed: int, progress: Callable[[int], None]
         info["init_entropy_tokens"] = float(-(freq * freq.clamp_min(1e-12).log()).sum())
         info["rare_tokens"] = world.rare.tolist()
         info["init_frac_rare"] = float(world.frac_rare(comps).mean())
-        rm.model.cpu()
-        out["worlds"][wname] = {"world": world.to("cpu"), "rm": rm, "info": info}
+        info["init_hack"] = float(world.hack(comps).mean())
+        info["init_proxy"] = float(rm.proxy(prompts, comps).mean())
+        rm.to("cpu")
+        out["worlds"][wname] = {"world": world.to("cpu"), "rm": rm, "info": info, "policy": policy}
         if progress is not None:
             progress(1)
-    out["policy"] = policy.cpu()
-    return out
+    policy.cpu()
 
 
-def _setup_task(cfg: ExperimentConfig, seed: int) -> dict:
-    return setup_seed(cfg, seed, _report)
+def _setup_task(cfg: ExperimentConfig, seed: int, task_policy) -> dict:
+    return setup_seed(cfg, seed, _report, task_policy)
 
 
 def _rl_task(cfg: ExperimentConfig, wname: str, label: str, rl: RLConfig, seed: int, setup: dict,
@@ -143,10 +225,9 @@ def rl_run(cfg: ExperimentConfig, wname: str, label: str, rl: RLConfig, seed: in
     dev = cfg.device
     w = setup["worlds"][wname]
     world = w["world"].to(dev)
-    rm = w["rm"]
-    rm.model.to(dev)
+    rm = w["rm"].to(dev)
     t0 = time.perf_counter()
-    res = run_rl(world, setup["policy"], rm, rl, seed, device=dev, progress=progress, backend=cfg.backend)
+    res = run_rl(world, w["policy"], rm, rl, seed, device=dev, progress=progress, backend=cfg.backend)
     res.update({"world": wname, "method": label, "seed": seed, "wall_s": time.perf_counter() - t0})
     return res
 
@@ -169,11 +250,12 @@ def run_experiment(cfg: ExperimentConfig, show_progress: bool = True) -> dict:
     # Longest first: GR runs cost ~2x, so start them early for better packing over workers.
     rl_tasks.sort(key=lambda t: -weights[t[1]] * t[2].steps)
 
+    task_policy = pretrain_task_policy(cfg)
     if cfg.workers <= 1:
         if cfg.device == "cpu":
             torch.set_num_threads(1)  # same arithmetic as in workers: results do not depend on --workers
         for s in cfg.seeds:
-            setups[s] = setup_seed(cfg, s, bar.update)
+            setups[s] = setup_seed(cfg, s, bar.update, task_policy)
         bar.set_description("RL")
         for w, label, v, s in rl_tasks:
             wt = weights[label]
@@ -185,7 +267,7 @@ def run_experiment(cfg: ExperimentConfig, show_progress: bool = True) -> dict:
         queue = ctx.Queue()
         with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(queue, 1)) as pool:
-            futs = [pool.submit(_setup_task, cfg, s) for s in cfg.seeds]
+            futs = [pool.submit(_setup_task, cfg, s, task_policy) for s in cfg.seeds]
             _drain(futs, queue, bar, lambda f: setups.__setitem__(f.result()["seed"], f.result()))
             bar.set_description("RL")
             futs = [pool.submit(_rl_task, cfg, w, label, v, s, setups[s], weights[label])
@@ -311,6 +393,7 @@ def summarize(cfg: ExperimentConfig, setups: dict[int, dict], runs: list[dict]) 
                 "final_entropy": [r["final"]["entropy"] for r in mruns],
                 "final_top_token_frac": [r["final"]["top_token_frac"] for r in mruns],
                 "final_frac_rare": [r["final"]["frac_rare"] for r in mruns],
+                "final_hack": [r["final"]["hack"] for r in mruns],
                 "gold_at_kl": [value_at_first_crossing(r["smooth"]["kl"], r["smooth"]["gold"], k_star)
                                for r in mruns],
                 "gold_at_proxy": [value_at_first_crossing(r["smooth"]["proxy_gain"], r["smooth"]["gold"], g_star)
@@ -342,6 +425,11 @@ def summarize(cfg: ExperimentConfig, setups: dict[int, dict], runs: list[dict]) 
             "spearman_gn_acc_pooled": spearman(pooled_g, pooled_a),
             "methods": methods,
         }
+        if cfg.sweep is not None:
+            info = {s: setups[s]["worlds"][wname]["info"] for s in setups}
+            out["worlds"][wname]["frontier"] = frontier_summary(
+                methods, {s: i["init_gold"] for s, i in info.items()}, {s: i["init_proxy"] for s, i in info.items()},
+                window, _stats)
     return out
 
 

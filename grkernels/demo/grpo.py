@@ -18,7 +18,8 @@ Metrics per step describe the policy that produced the step's samples (before it
 proxy and gold reward (means, gold units), KL(π‖π_init) per sequence (exact sum over positions of
 the per-position KL on the sampled prefixes, nats), entropy (mean per token, nats), the proxy's
 pairwise accuracy against gold within each group, ‖g1‖ (norm of the loss gradient over all
-parameters) and ‖GR − g1‖/‖g1‖ (0 without GR).
+parameters), ‖GR − g1‖/‖g1‖ (0 without GR) and ``hack``, the mean of the world's :meth:`hack` feature (what its
+proxy over-rewards).
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ import torch.nn.functional as F
 
 from grkernels.demo.policy import TinyTransformer, completion_logits, sample, sample_with_logits
 from grkernels.demo.reward_model import RewardModel, group_pair_accuracy
-from grkernels.demo.worlds import World, random_prompts, repetition_penalty
+from grkernels.demo.worlds import World, repetition_penalty
 from grkernels.integrations.reference_reset import mix_into_reference
 
 DEFAULT_METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
 # none_lowlr: the control for "is GR more than a smaller step?" (no regularisation, lr × lowlr_scale); opt-in.
 METHODS = (*DEFAULT_METHODS, "none_lowlr")
-METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "loss")
+METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "hack", "loss")
 
 
 @dataclass
@@ -129,7 +130,7 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
     """
     from grkernels.ops import policy_loss
 
-    s = world.base.sizes
+    s = world.sizes
     P, T = s.prompt_len, s.completion_len
     policy = copy.deepcopy(init_policy).to(device)
     init = copy.deepcopy(init_policy).to(device).requires_grad_(False)
@@ -152,7 +153,7 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
         return loss
 
     for step in range(cfg.steps):
-        prompts = random_prompts(s, cfg.prompts_per_step, g_prompt, device).repeat_interleave(cfg.group, 0)
+        prompts = world.prompts(cfg.prompts_per_step, g_prompt, device).repeat_interleave(cfg.group, 0)
         policy.eval()
         # logits0: what each token was drawn from (KV-cached path; equals a fresh forward up to rounding).
         comps, logits0 = sample_with_logits(policy, prompts, T, g_sample, temperature=cfg.temperature)
@@ -193,7 +194,8 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
 
         rows.append(torch.stack([
             proxy.mean(), gold.mean(), kl_init, ent, acc.float(), g1.float(), gr_rel.to(g1.device).float(),
-            repetition_penalty(comps, s.vocab).mean(), world.frac_rare(comps).mean(), loss.detach().float(),
+            repetition_penalty(comps, s.vocab).mean(), world.frac_rare(comps).mean(), world.hack(comps).mean(),
+            loss.detach().float(),
         ]))  # stays on the device: one host transfer after the loop, not one per step
         if progress is not None:
             progress(1)
@@ -211,10 +213,10 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
 def evaluate(world: World, policy: TinyTransformer, init: TinyTransformer, rm: RewardModel, n: int, seed: int,
              device: torch.device | str = "cpu") -> dict[str, float]:
     """Gold, proxy, KL to init, entropy and repetition of ``policy`` on ``n`` fresh samples (fixed eval seed)."""
-    s = world.base.sizes
+    s = world.sizes
     policy.eval()
     g = torch.Generator(device=device).manual_seed(3_000_017 * seed + 11)
-    prompts = random_prompts(s, n, g, device)
+    prompts = world.prompts(n, g, device)
     comps = sample(policy, prompts, s.completion_len, g)
     seqs = torch.cat([prompts, comps], 1)
     kl, ent = _kl_entropy(completion_logits(policy, seqs, s.prompt_len), completion_logits(init, seqs, s.prompt_len))
@@ -226,5 +228,6 @@ def evaluate(world: World, policy: TinyTransformer, init: TinyTransformer, rm: R
         "entropy": float(ent),
         "rep": float(repetition_penalty(comps, s.vocab).mean()),
         "frac_rare": float(world.frac_rare(comps).mean()),
+        "hack": float(world.hack(comps).mean()),
         "top_token_frac": float(top_frac),
     }

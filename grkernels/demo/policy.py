@@ -135,6 +135,18 @@ def make_policy(sizes, out_dim: int | None = None) -> TinyTransformer:
                            heads=sizes.heads, out_dim=out_dim)
 
 
+def next_token_step(policy: TinyTransformer, opt: torch.optim.Optimizer, seqs: torch.Tensor, prompt_len: int
+                    ) -> torch.Tensor:
+    """One optimiser step of next-token cross-entropy on the completion tokens of ``seqs``; returns the loss
+    (nats per token, detached)."""
+    logits = completion_logits(policy, seqs, prompt_len)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, prompt_len:].reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def pretrain_policy(base, seed: int, steps: int = 300, batch: int = 64, lr: float = 3e-3,
                     device: torch.device | str = "cpu") -> tuple[TinyTransformer, dict[str, float]]:
     """Fine-tune a fresh policy on samples of ``base``'s Markov chain (cross-entropy on completion tokens).
@@ -151,12 +163,7 @@ def pretrain_policy(base, seed: int, steps: int = 300, batch: int = 64, lr: floa
     g = torch.Generator().manual_seed(7919 * seed + 5)
     loss_ema = None
     for _ in range(steps):
-        seqs = markov_batch(base, batch, g).to(device)
-        logits = completion_logits(policy, seqs, sizes.prompt_len)
-        loss = F.cross_entropy(logits.reshape(-1, sizes.vocab), seqs[:, sizes.prompt_len:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = next_token_step(policy, opt, markov_batch(base, batch, g).to(device), sizes.prompt_len)
         loss_ema = loss.detach() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.detach()
     t = base.transitions
     chain_h = float(-(t * t.clamp_min(1e-12).log()).sum(-1).mean())

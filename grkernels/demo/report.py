@@ -3,13 +3,17 @@
 results.json (schema ``grkernels.demo/v1``; NaN written as null)::
 
     {"schema", "config", "env", "wall_s", "smoothing_window",
-     "worlds": {world: {"setup": [{seed, rm_acc_utility, rm_acc_gold, init_gold, ...}],
+     "worlds": {world: {"setup": [{seed, init_gold, init_proxy, init_hack, rm_acc_utility, rm_acc_gold, ...}],
                         "matched": {"kl": K*, "proxy_gain": G*},
                         "spearman_gn_acc_pooled": float,
                         "methods": {label: {"config": {...},
                                             "summary": {metric: {"mean", "std", "n", "values"}},
                                             "runs": [{"seed", "wall_s", "final": {...}, "gr_skipped",
-                                                      "curves": {metric: [per step]}}]}}}}}
+                                                      "curves": {metric: [per step]}}]}},
+                        "frontier": {...}}}}        (sweeps only: see grkernels.demo.frontier)
+
+The format world has no reward model (no ``rm_acc_*`` in its setup); task worlds' setups carry the
+pretraining diagnostics (``pretrain_loss``, ``init_correct``, ``init_format``, ``init_sure``, ``cached``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+
+from grkernels.demo.frontier import format_frontier_table, plot_frontiers
 
 # Columns of the table: (summary key, header, format).
 COLUMNS = (
@@ -27,6 +33,7 @@ COLUMNS = (
     ("final_proxy", "proxy", "{:+.2f}"),
     ("final_kl", "KL", "{:.1f}"),
     ("final_entropy", "entropy", "{:.2f}"),
+    ("final_hack", "hack", "{:.2f}"),
     ("rm_acc_late", "RM acc", "{:.2f}"),
     ("spearman_gn_acc", "ρ(‖g‖,acc)", "{:+.2f}"),
     ("spearman_gn_acc_diff", "ρΔ", "{:+.2f}"),
@@ -49,12 +56,15 @@ def format_table(results: dict) -> str:
     lines = []
     for wname, w in results["worlds"].items():
         setup = w["setup"]
-        rm_u = sum(s["rm_acc_utility"] for s in setup) / len(setup)
-        rm_g = sum(s["rm_acc_gold"] for s in setup) / len(setup)
         g0 = sum(s["init_gold"] for s in setup) / len(setup)
+        if all("rm_acc_utility" in s for s in setup):
+            rm_u = sum(s["rm_acc_utility"] for s in setup) / len(setup)
+            rm_g = sum(s["rm_acc_gold"] for s in setup) / len(setup)
+            rm = f"reward model held-out pair accuracy {rm_u:.2f} vs labeller, {rm_g:.2f} vs gold"
+        else:
+            rm = "rule-based proxy (no reward model)"
         lines.append(
-            f"world {wname}: initial gold {g0:+.2f}; reward model held-out pair accuracy {rm_u:.2f} vs labeller, "
-            f"{rm_g:.2f} vs gold; matched at KL*={w['matched']['kl']:.2f} nats, "
+            f"world {wname}: initial gold {g0:+.2f}; {rm}; matched at KL*={w['matched']['kl']:.2f} nats, "
             f"Δproxy*={w['matched']['proxy_gain']:.2f}; pooled ρ(‖g1‖, RM acc) = "
             f"{w['spearman_gn_acc_pooled']:+.2f}"
         )
@@ -72,7 +82,8 @@ def format_table(results: dict) -> str:
         "Δgold = gold minus the initial policy's gold (per seed). peak: max of the smoothed per-step gold; "
         "final: fresh samples of the last policy; @KL* / @Δproxy*: smoothed gold where KL to the initial "
         "policy / the proxy gain first reach the smallest peak of all runs of the world; proxy, KL (nats per "
-        "sequence), entropy (nats per token): final policy; RM acc: the proxy's pairwise accuracy against gold "
+        "sequence), entropy (nats per token), hack (the feature the proxy over-rewards: top token's share, "
+        "fracS, format score, '!' share): final policy; RM acc: the proxy's pairwise accuracy against gold "
         "on the last 20% of steps; ρ: Spearman over steps between ‖g1‖ and the proxy's pairwise accuracy "
         "against gold (the GR paper's premise predicts < 0), ρΔ: the same on step-to-step changes; "
         "mean ± std over seeds."
@@ -148,14 +159,23 @@ def _clean(x):
     return x
 
 
+def full_table(results: dict) -> str:
+    """The per-method table, then the frontier tables when the run was a sweep."""
+    frontier = format_frontier_table(results)
+    return format_table(results) + ("\n\n" + frontier if frontier else "")
+
+
 def write_results(results: dict, out_dir: str, make_plot: bool = True) -> dict[str, str]:
-    """Write ``results.json``, ``table.txt`` and (optionally) ``demo.png`` into ``out_dir``; returns the paths."""
+    """Write ``results.json``, ``table.txt`` and (optionally) ``demo.png`` (and ``frontier.png`` for a sweep)
+    into ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "table": os.path.join(out_dir, "table.txt")}
     with open(paths["json"], "w") as f:
         json.dump(_clean(results), f, allow_nan=False)
     with open(paths["table"], "w") as f:
-        f.write(format_table(results) + "\n")
+        f.write(full_table(results) + "\n")
     if make_plot:
         paths["plot"] = plot(results, os.path.join(out_dir, "demo.png"))
+        if any(w.get("frontier") for w in results["worlds"].values()):
+            paths["frontier"] = plot_frontiers(results, os.path.join(out_dir, "frontier.png"))
     return paths

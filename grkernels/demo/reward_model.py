@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from grkernels.demo.policy import TinyTransformer, make_policy, sample
-from grkernels.demo.worlds import World, random_prompts
+from grkernels.demo.worlds import World
 
 
 @dataclass
@@ -32,6 +32,10 @@ class RewardModel:
     def score(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
         """Reward-model score (BT-logit units, centred), ``(N,)``."""
         return self.model(torch.cat([prompts, completions], 1))[:, -1, 0].float() - self.center
+
+    def to(self, device: torch.device | str) -> RewardModel:
+        self.model.to(device)
+        return self
 
     def proxy(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
         """The proxy reward the policy is trained on, ``(N,)``."""
@@ -65,12 +69,12 @@ def group_pair_accuracy(pred: torch.Tensor, truth: torch.Tensor, group: int) -> 
 def _make_pairs(world: World, policy: TinyTransformer, n: int, g: torch.Generator, device: torch.device | str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` pairs: prompts ``(n, P)`` and completions ``(n, 2, T)``, temperatures cycling over the world's."""
-    s = world.base.sizes
+    s = world.sizes
     temps = world.rm_temperatures
     prompts, comps = [], []
     for i, temp in enumerate(temps):
         k = n // len(temps) + (1 if i < n % len(temps) else 0)
-        pr = random_prompts(s, k, g, device)
+        pr = world.prompts(k, g, device)
         c = sample(policy, pr.repeat_interleave(2, 0), s.completion_len, g, temperature=temp)
         prompts.append(pr)
         comps.append(c.view(k, 2, -1))
@@ -90,10 +94,13 @@ def train_reward_model(world: World, policy: TinyTransformer, seed: int, n_pairs
     utility (``rm_acc_utility``) and against gold (``rm_acc_gold``), the final BT loss, and the
     label noise (fraction of training labels that disagree with the utility's order).
     """
-    s = world.base.sizes
+    s = world.sizes
     g = torch.Generator(device=device).manual_seed(31_337 * seed + 17 + sum(map(ord, world.name)))
     torch.manual_seed(31_337 * seed + 19)
     prompts, comps = _make_pairs(world, policy, n_pairs + n_heldout, g, device)
+    # A world may plant a feature in the training pairs only (the judge's spurious cue); held-out pairs stay as sampled.
+    comps[:n_pairs] = world.edit_rm_data(prompts[:n_pairs].repeat_interleave(2, 0),
+                                         comps[:n_pairs].reshape(-1, s.completion_len), g).view(n_pairs, 2, -1)
     flat_p = prompts.repeat_interleave(2, 0)
     flat_c = comps.reshape(-1, s.completion_len)
     u = world.utility(flat_p, flat_c).view(-1, 2)
@@ -122,7 +129,7 @@ def train_reward_model(world: World, policy: TinyTransformer, seed: int, n_pairs
         offset = world.proxy_offset(flat_c.view(-1, 2, s.completion_len)[te].reshape(-1, s.completion_len))
         proxy_te = r_te + offset.view(-1, 2) / label_temp
         # Centre on plain temperature-1 samples of the initial policy.
-        pr = random_prompts(s, 512, g, device)
+        pr = world.prompts(512, g, device)
         c = sample(policy, pr, s.completion_len, g)
         center = float(model(torch.cat([pr, c], 1))[:, -1, 0].mean())
     rm = RewardModel(model, world, center, label_temp)

@@ -19,6 +19,7 @@ wrong:
     collapse: the policy only has to use S more.
 
 All rewards are per sequence, in "gold units" (a completion of average tokens scores ≈ 0).
+The task worlds (format, judge), with a pretrained policy, are in :mod:`grkernels.demo.tasks`.
 """
 
 from __future__ import annotations
@@ -109,6 +110,27 @@ class World:
     label_rep: bool = True         # whether the labeller's utility contains the repetition penalty
     proxy_exact_rep: bool = False  # whether the proxy adds the exact repetition penalty to the RM
     rm_temperatures: tuple[float, ...] = (1.0,)
+
+    @property
+    def sizes(self) -> Sizes:
+        return self.base.sizes
+
+    def prompts(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``n`` prompts of this world, ``(n, prompt_len)``."""
+        return random_prompts(self.base.sizes, n, generator, device)
+
+    def hack(self, completions: torch.Tensor) -> torch.Tensor:
+        """The feature the proxy over-rewards, ``(N,)``: fracS in the rare world, the top token's share otherwise."""
+        if self.rare.numel():
+            return self.frac_rare(completions)
+        counts = torch.zeros(completions.shape[0], self.base.sizes.vocab, device=completions.device)
+        counts.scatter_add_(1, completions, torch.ones_like(completions, dtype=counts.dtype))
+        return counts.max(1).values / completions.shape[1]
+
+    def edit_rm_data(self, prompts: torch.Tensor, completions: torch.Tensor, generator: torch.Generator
+                     ) -> torch.Tensor:
+        """The reward model's training completions (as sampled: these worlds plant nothing)."""
+        return completions
 
     def to(self, device: torch.device | str) -> World:
         self.base.values = self.base.values.to(device)
