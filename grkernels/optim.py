@@ -25,17 +25,13 @@ from typing import Any
 
 import torch
 
+from grkernels.distributed import check_not_fsdp1, shards_for
 from grkernels.kernels import check_triton_device, resolve_backend
 from grkernels.params import resolve_exclude
-from grkernels.reference import StepPlan, TorchGRStep, accum_dtype, global_norm
+from grkernels.reference import Shards, StepPlan, TorchGRStep, accum_dtype, global_norm
 from grkernels.rng import RNGState
 
 ESTIMATORS = ("forward", "central", "exact")
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a DTensor (FSDP2, tensor parallel), without importing torch.distributed eagerly."""
-    return type(t).__name__ == "DTensor" or type(t.data).__name__ == "DTensor"
 
 
 _IDLE, _PERTURBED, _COMBINED = "idle", "perturbed", "combined"
@@ -162,6 +158,7 @@ class GradReg(torch.optim.Optimizer):
         self.lean = bool(lean)
         self.master_weights = master_weights
         self._excluded = resolve_exclude(exclude, named_parameters, self._parameters())
+        check_not_fsdp1(self._parameters())
         for group in optimizer.param_groups:
             self._check_group(group)
 
@@ -316,11 +313,6 @@ class GradReg(torch.optim.Optimizer):
                     )
                 if not p.is_floating_point():
                     raise TypeError(f"GradReg: parameter of dtype {p.dtype} is not floating point")
-                if _is_dtensor(p):
-                    raise NotImplementedError(
-                        "GradReg: sharded DTensor parameters (FSDP2 / tensor parallel) are not supported yet: the "
-                        "norms of g1 and g2 would be taken over local shards. Use DDP or a single device."
-                    )
                 devices.add(p.device)
                 if gamma != 0.0 and id(p) not in self._excluded:
                     params.append(p)
@@ -353,6 +345,7 @@ class GradReg(torch.optim.Optimizer):
             seed=self.seed * 1_000_003 + self._step,
             model_attr=self.master_weights,
             eps_mode=self.eps_mode,
+            shards=shards_for(params + keep, self.estimator),
         )
 
     def _make_backend(self, device: torch.device) -> TorchGRStep:
@@ -393,6 +386,7 @@ class GradReg(torch.optim.Optimizer):
         plan, self._plan = self._plan, None
         try:
             if self._phase == _PERTURBED and plan is not None and self._impl is not None:
+                plan.shards.before_write(plan.params)
                 self._impl.restore(plan)
         finally:
             if plan is not None:
@@ -426,6 +420,7 @@ class GradReg(torch.optim.Optimizer):
                     "and gr_enabled (every parameter with a gradient is excluded)"
                 )
             self._phase = _PERTURBED  # from here on an error restores what the backend saved
+        self._plan.shards.before_write(self._plan.params)
         self._backend_for(self._plan).perturb(self._plan, self._point)
         self._point += 1
 
@@ -440,6 +435,7 @@ class GradReg(torch.optim.Optimizer):
                 f"(state: {self._phase}, perturbed points: {self._point}); the step was aborted"
             )
         impl = self._backend_for(self._plan)
+        self._plan.shards.before_write(self._plan.params)
         impl.restore_and_combine(self._plan)
         _drop_new_grads(self._plan)
         self._finish_gr(impl)
@@ -539,9 +535,11 @@ class GradReg(torch.optim.Optimizer):
         in every step; GR steps record it in ``perturb()``."""
         if self._phase != _IDLE:
             return
-        gr = [p.grad for p in self._gr_candidates() if p.grad is not None]
+        have = [p for p in self._gr_candidates() if p.grad is not None]
+        shards = shards_for(have)
+        gr = [shards.local(p.grad) for p in have]
         dtype = accum_dtype(gr)
-        n1 = global_norm(gr, dtype).to(gr[0].device) if gr else torch.zeros(())
+        n1 = global_norm(gr, dtype, shards).to(gr[0].device) if gr else torch.zeros(())
         nan = torch.full_like(n1, float("nan"))
         # Same keys as a GR step, so loggers see one schema: GR changed nothing this step.
         self._metrics = {"g1_norm": n1, "g2_norm": nan, "gr_rel": torch.zeros_like(n1), "perturb_ratio": nan}
@@ -565,7 +563,8 @@ class GradReg(torch.optim.Optimizer):
             if self._phase == _IDLE and self._observed != self._step:
                 self.observe_g1()  # plain step: g1 is what the caller hands us
             if self.skip_nonfinite:
-                finite = _all_finite([p.grad for p in self._parameters() if p.grad is not None])
+                have = [p for p in self._parameters() if p.grad is not None]
+                finite = _all_finite(have, shards_for(have))
                 if self._finite is not None:
                     finite = finite & self._finite.to(finite.device)
                 self._skipped = (~finite).long() + (0 if self._skipped is None else self._skipped.to(finite.device))
@@ -679,10 +678,15 @@ def _drop_new_grads(plan: StepPlan) -> None:
         p.grad = None
 
 
-def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
-    """0-d bool device tensor: every element of every tensor is finite (max-abs per tensor, in its own dtype)."""
-    if not grads:
+def _all_finite(params: list[torch.Tensor], shards: Shards) -> torch.Tensor:
+    """0-d bool device tensor: every element of every gradient is finite (max-abs per tensor, in its own dtype),
+    on every process that holds a part of them."""
+    if not params:
         return torch.ones((), dtype=torch.bool)
+    grads = [shards.local(p.grad) for p in params]
     dev = grads[0].device
     peaks = torch._foreach_norm(grads, math.inf)
-    return torch.stack([torch.isfinite(n).to(dev) for n in peaks]).all()
+    finite = torch.stack([torch.isfinite(n).to(dev) for n in peaks]).all()
+    if shards.sharded:  # every rank must take the same decision
+        finite = shards.sum_across((~finite).to(torch.float32)) == 0
+    return finite

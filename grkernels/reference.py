@@ -34,6 +34,35 @@ from grkernels.rounding import perturbed_value
 NORM_EPS = 1e-6  # added to a norm before dividing by it, as torch.nn.utils.clip_grad_norm_ does
 
 
+class Shards:
+    """How a GR step reaches its tensors and sums over them. This default is the identity: one process, or
+    tensors every rank holds in full (DDP, after its all-reduce). ``grkernels.distributed.DTensorShards``
+    is the sharded one (FSDP2): local shards, and sums of squares all-reduced over the ranks holding the rest.
+    """
+
+    sharded = False
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """The part of ``t`` (a parameter or gradient) this process works on."""
+        return t
+
+    def sum_across(self, x: torch.Tensor) -> torch.Tensor:
+        """A local sum of squares (0-d) summed over the processes that hold the other parts."""
+        return x
+
+    def wrap_grad(self, like: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """A gradient for parameter ``like`` made from its local part (when ``.grad`` was set to None)."""
+        return local
+
+    def compute_dtype(self, p: torch.Tensor) -> torch.dtype | None:
+        """The dtype the model computes with when it differs from ``p``'s (mixed precision), else None: θ' is
+        then stochastically rounded onto that dtype's grid (so the model's cast keeps it) and stored in p."""
+        return None
+
+    def before_write(self, params: Sequence[torch.Tensor]) -> None:
+        """Called before the step writes parameters (e.g. FSDP2 reshards, so the next forward sees the edit)."""
+
+
 @dataclass
 class StepPlan:
     """What one GR step works on, decided by ``GradReg`` on the host (no tensor values read).
@@ -67,12 +96,28 @@ class StepPlan:
     seed: int = 0
     model_attr: str | None = None
     eps_mode: str = "absolute"
+    shards: Shards = field(default_factory=Shards)
 
     def weights(self) -> list[torch.Tensor]:
         """The tensors the perturbation is written into: the parameters, or their model weights (masters)."""
         if self.model_attr is None:
-            return [p.detach() for p in self.params]
+            return [self.shards.local(p.detach()) for p in self.params]
         return [getattr(p, self.model_attr).detach() for p in self.params]
+
+    def grads(self, params: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The (local) gradients of ``params`` (default: the GR parameters)."""
+        return [self.shards.local(p.grad) for p in (self.params if params is None else params)]
+
+    def set_grad(self, p: torch.Tensor, value: torch.Tensor) -> None:
+        """``p.grad`` ← ``value`` (a local tensor): in place when p has a gradient, else a new one."""
+        if p.grad is None:
+            p.grad = self.shards.wrap_grad(p, value.clone())
+        else:
+            self.shards.local(p.grad).copy_(value)
+
+    def norm(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """‖concat(tensors)‖₂ over all processes (``global_norm`` of the local parts, summed by ``shards``)."""
+        return global_norm(tensors, dtype, self.shards)
 
     @property
     def device(self) -> torch.device:
@@ -84,8 +129,12 @@ def accum_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def global_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """‖concat(tensors)‖₂ as a 0-d tensor of ``dtype``; per-tensor norms first, in a fixed order."""
+def global_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype, shards: Shards | None = None) -> torch.Tensor:
+    """‖concat(tensors)‖₂ as a 0-d tensor of ``dtype``; per-tensor norms first, in a fixed order. With sharded
+    ``shards`` the tensors are local parts: the local sum of squares is summed across processes first."""
+    if shards is not None and shards.sharded:
+        local = global_norm(tensors, dtype).square()
+        return shards.sum_across(local).sqrt()
     if not tensors:
         return torch.zeros((), dtype=dtype)
     norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
@@ -161,23 +210,23 @@ class TorchGRStep:
 
         Point 0 also saves θ, g1 (and keep parameters' g1) and computes n1, s1. Point 1 saves g₊ and s₊.
         """
-        grads = [p.grad for p in plan.params]
+        grads = plan.grads()
         dtype = accum_dtype(grads)
         if point == 0:
             self._plan = plan
             self._armed = False  # the buffers hold another step's θ until the copies below are complete
             self._copies(plan.weights(), self._theta)
             self._copies(grads, self._g1)
-            self._copies([p.grad for p in plan.keep], self._g1_keep)
+            self._copies(plan.grads(plan.keep), self._g1_keep)
             self._armed = True
-            n1 = global_norm(grads, dtype)
+            n1 = plan.norm(grads, dtype)
             self._s1 = clip_scale(n1, plan.g1_clip)
             self._vnorm = v_norm(plan, self._s1, n1)
             self._finite = torch.isfinite(n1)
             self.metrics = {"g1_norm": n1}
             sign = 1.0
         else:
-            n_plus = global_norm(grads, dtype)
+            n_plus = plan.norm(grads, dtype)
             self._copies(grads, self._g_plus)
             self._s_plus = clip_scale(n_plus, plan.g2_clip)
             self._finite = self._finite & torch.isfinite(n_plus)
@@ -190,20 +239,23 @@ class TorchGRStep:
             for i, (p, w, theta, g1, master) in enumerate(
                 zip(plan.params, plan.weights(), self._theta, self._g1, masters)
             ):
+                grid = plan.shards.compute_dtype(p)
                 new = perturbed_value(
-                    theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point, source=master
+                    theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point, source=master, grid=grid
                 )
                 new = torch.where(self._finite, new, theta)
                 w.copy_(new)
-                if point == 0:
-                    realised_sq += (new.to(dtype) - theta.to(dtype)).square().sum()
-                p.grad.zero_()
+                if point == 0:  # against the weight the model computed g1 with
+                    base = theta if grid is None else theta.to(grid)
+                    realised_sq += (new.to(dtype) - base.to(dtype)).square().sum()
+                grads[i].zero_()
         except BaseException:
             self.restore(plan)  # θ and g1 are saved in full before anything moves: put them back, then raise
             raise
         if point == 0:
             intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self.metrics["g1_norm"]
-            self.metrics["perturb_ratio"] = realised_sq.sqrt() / intended.clamp_min(torch.finfo(dtype).tiny)
+            realised = plan.shards.sum_across(realised_sq).sqrt()
+            self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(dtype).tiny)
 
     def restore(self, plan: StepPlan) -> None:
         """Abort: θ back bitwise, every saved gradient back to g1. Idempotent; a no-op before θ was saved."""
@@ -211,18 +263,12 @@ class TorchGRStep:
             return
         for p, w, theta, g1 in zip(plan.params, plan.weights(), self._theta, self._g1):
             w.copy_(theta)
-            if p.grad is None:
-                p.grad = g1.clone()
-            else:
-                p.grad.copy_(g1)
+            plan.set_grad(p, g1)
         self._restore_keep(plan)
 
     def _restore_keep(self, plan: StepPlan) -> None:
         for p, g1 in zip(plan.keep, self._g1_keep):
-            if p.grad is None:
-                p.grad = g1.clone()
-            else:
-                p.grad.copy_(g1)
+            plan.set_grad(p, g1)
 
     def restore_and_combine(self, plan: StepPlan) -> None:
         """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
@@ -233,9 +279,9 @@ class TorchGRStep:
                 f"GradReg: {len(missing)} parameter(s) had a gradient at θ but none after the second "
                 "backward (did the second pass skip part of the model?). Parameters were restored."
             )
-        grads = [p.grad for p in plan.params]
+        grads = plan.grads()
         dtype = accum_dtype(grads)
-        n2 = global_norm(grads, dtype)
+        n2 = plan.norm(grads, dtype)
         s2 = clip_scale(n2, plan.g2_clip)
         self._finite = self._finite & torch.isfinite(n2)
         if plan.estimator == "central":
@@ -244,15 +290,16 @@ class TorchGRStep:
             a, sa, b, sb, div = grads, s2, self._g1, self._s1, plan.eps
         sa, sb = combine_scales(sa, sb, self._vnorm)
         diff_sq = torch.zeros((), dtype=dtype, device=plan.device)
-        for p, w, theta, g1, ga, gb, gamma in zip(plan.params, plan.weights(), self._theta, self._g1, a, b, plan.coefs):
+        for g, w, theta, g1, ga, gb, gamma in zip(grads, plan.weights(), self._theta, self._g1, a, b, plan.coefs):
             w.copy_(theta)
             correction = (gamma / div) * (sa * ga.to(dtype) - sb * gb.to(dtype))
             diff_sq += correction.square().sum()
-            p.grad.copy_(g1.to(dtype) + correction)
+            g.copy_(g1.to(dtype) + correction)
         self._restore_keep(plan)
         self._armed = False
         self.metrics["g2_norm"] = n2
-        self.metrics["gr_rel"] = diff_sq.sqrt() / self.metrics["g1_norm"].clamp_min(torch.finfo(dtype).tiny)
+        diff = plan.shards.sum_across(diff_sq).sqrt()
+        self.metrics["gr_rel"] = diff / self.metrics["g1_norm"].clamp_min(torch.finfo(dtype).tiny)
         self.metrics["finite"] = self._finite
 
     def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:

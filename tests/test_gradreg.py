@@ -637,7 +637,9 @@ def test_triton_backend_without_triton_or_off_device_is_a_clear_error(monkeypatc
         opt.step(make_closure(model, x, y))
 
 
-def test_dtensor_parameters_are_refused(tmp_path):
+def test_dtensor_parameters_one_rank_equal_plain_and_mixed_layouts_are_refused(tmp_path):
+    """DTensor parameters (FSDP2's layout; the 2-process runs are in test_fsdp2.py) on a 1-rank mesh take the same
+    GR steps as plain tensors; a mix of DTensor and plain parameters is refused."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -648,9 +650,18 @@ def test_dtensor_parameters_are_refused(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        p = nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
-        opt = GradReg(torch.optim.SGD([p], lr=0.1), strength=0.5, eps=1e-2)
+        w = torch.randn(8, 4, dtype=torch.float64)
+        p = nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
+        q = nn.Parameter(w.clone())
+        for t in (p, q):
+            opt = GradReg(torch.optim.SGD([t], lr=0.1), strength=0.5, eps=1e-2, g1_clip=1.0, g2_clip=1.0)
+            for _ in range(2):
+                opt.step(lambda t=t: (t.sin() * t).sum().backward())
+        torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-12, atol=1e-12)
+        assert not torch.equal(q.detach(), w)
+        r = nn.Parameter(torch.randn(3, dtype=torch.float64))
+        opt = GradReg(torch.optim.SGD([p, r], lr=0.1), strength=0.5, eps=1e-2)
         with pytest.raises(NotImplementedError, match="DTensor"):
-            opt.step(lambda: p.square().sum().backward())
+            opt.step(lambda: [t.square().sum().backward() for t in (p, r)])
     finally:
         dist.destroy_process_group()

@@ -88,6 +88,7 @@ import triton.language as tl
 from grkernels.kernels import check_triton_device, interpreter_on
 from grkernels.kernels.multi_tensor import INT_OF, Group, build_groups, check_tensor, layout_key, to_device
 from grkernels.reference import (
+    Shards,
     StepPlan,
     TorchGRStep,
     accum_dtype,
@@ -528,18 +529,25 @@ class TritonGRStep:
         self._coef_cache: dict[tuple, list[torch.Tensor]] = {}
         self._n1 = self._s1 = self._finite = self._n_plus = self._s_plus = self._vnorm = None
         self._grad_ptrs: tuple = ()
+        self._shards = Shards()  # the current plan's (local shards and cross-process sums under FSDP2)
         self._armed: set[int] = set()  # groups whose θ of the current step is saved (restore writes only these)
 
     # ------------------------------------------------------------------ helpers
     def _grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [getattr(p, self.grad_attr) for p in params]
+        """The (local, for sharded parameters) gradients; None where a parameter has none."""
+        grads = [getattr(p, self.grad_attr) for p in params]
+        return [g if g is None else self._shards.local(g) for g in grads]
+
+    def _total(self, row: int) -> torch.Tensor:
+        """Σ of partial row ``row`` over the chunks, and over the processes holding other shards."""
+        return self._shards.sum_across(self._part[row].sum())
 
     def _save_dtype(self, g_dtype: torch.dtype) -> torch.dtype:
         return torch.bfloat16 if self.lean and g_dtype == torch.float32 else g_dtype
 
     def _layout(self, plan: StepPlan, grads: list[torch.Tensor]) -> list[Group]:
         """Launch tables for the plan's tensors (rebuilt only when an address or size changed)."""
-        params = [p.detach() for p in plan.params]
+        params = [self._shards.local(p.detach()) for p in plan.params]
         models = None
         if self.model_attr is not None:
             models = [getattr(p, self.model_attr, None) for p in plan.params]
@@ -589,9 +597,9 @@ class TritonGRStep:
         have = [(p, b) for p, b in zip(plan.keep, self._keep_bufs) if getattr(p, self.grad_attr) is not None]
         for p, b in zip(plan.keep, self._keep_bufs):
             if getattr(p, self.grad_attr) is None:
-                setattr(p, self.grad_attr, b.clone())
+                setattr(p, self.grad_attr, self._shards.wrap_grad(p, b.clone()))
         if have:
-            torch._foreach_copy_([getattr(p, self.grad_attr) for p, _ in have], [b for _, b in have])
+            torch._foreach_copy_(self._grads([p for p, _ in have]), [b for _, b in have])
 
     def _delta(self, grp: Group) -> bool:
         """Lean mode on this group: g1 saved rounded, so the gradient buffer carries g − g1 (see the class)."""
@@ -612,7 +620,7 @@ class TritonGRStep:
                 ACC=_TL[self._part.dtype], NORM=norm, ALIGNED=grp.aligned,
                 CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps,
             )  # fmt: skip
-        return self._part[row].sum().clamp_min(0).sqrt()
+        return self._total(row).clamp_min(0).sqrt()
 
     def _coefs(self, plan: StepPlan, div: float, acc: torch.dtype) -> list[torch.Tensor]:
         """γ_p/div per tensor, per group, as ACC device tables (cached by value: uploaded when γ changes)."""
@@ -666,6 +674,12 @@ class TritonGRStep:
         Point 0 also saves θ, g1 (and keep parameters' g1) and computes n1, s1 and the realised perturbation
         ratio; point 1 saves g₊ and computes n₊, s₊ in the same pass.
         """
+        self._shards = plan.shards
+        if any(plan.shards.compute_dtype(p) is not None for p in plan.params):
+            raise NotImplementedError(
+                "GradReg(backend='triton') does not write perturbations onto a mixed-precision compute grid yet "
+                "(FSDP2 MixedPrecisionPolicy with param_dtype != the parameters' dtype): use backend='torch'"
+            )
         grads = self._grads(plan.params)
         if any(g is None for g in grads):
             raise RuntimeError("GradReg: a GR parameter has no gradient at the perturbation point")
@@ -715,11 +729,11 @@ class TritonGRStep:
             )  # fmt: skip
             self._armed.add(gi)
         if point == 0:
-            realised = self._part[1].sum().sqrt()
+            realised = self._total(1).sqrt()
             intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self._n1
             self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(acc).tiny)
         else:
-            self._n_plus = self._part[2].sum().sqrt()
+            self._n_plus = self._total(2).sqrt()
             self._s_plus = clip_scale(self._n_plus, plan.g2_clip)
             self._finite = self._finite & torch.isfinite(self._n_plus)
 
@@ -728,15 +742,18 @@ class TritonGRStep:
         Idempotent; writes only the groups whose θ this step saved."""
         if not self._saved or not self._armed:
             return
+        self._shards = plan.shards
         for p in plan.params:
             if getattr(p, self.grad_attr) is None:
-                setattr(p, self.grad_attr, torch.zeros_like(p, memory_format=torch.preserve_format))
+                local = torch.zeros_like(plan.shards.local(p.detach()), memory_format=torch.preserve_format)
+                setattr(p, self.grad_attr, plan.shards.wrap_grad(p, local))
         self._layout(plan, self._grads(plan.params))
         self._launch_combine(_MODE_ABORT, None, None, None)
         self._restore_keep(plan)
 
     def restore_and_combine(self, plan: StepPlan) -> None:
         """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
+        self._shards = plan.shards
         missing = [i for i, p in enumerate(plan.params) if getattr(p, self.grad_attr) is None]
         if missing:
             self.restore(plan)
@@ -766,7 +783,7 @@ class TritonGRStep:
         self._restore_keep(plan)
         self._armed = set()
         self.metrics["g2_norm"] = n2
-        self.metrics["gr_rel"] = self._part[3].sum().sqrt() / self._n1.clamp_min(torch.finfo(acc).tiny)
+        self.metrics["gr_rel"] = self._total(3).sqrt() / self._n1.clamp_min(torch.finfo(acc).tiny)
         self.metrics["finite"] = self._finite
 
     def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:
