@@ -22,7 +22,7 @@ def _cpp_extensions() -> tuple[list, dict]:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    ext = CppExtension("grkernels._C", sources, extra_compile_args=["-O3"])
+    ext = CppExtension("grkernels._C", sources, extra_compile_args=["-O3", "-ffp-contract=off"])
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -1,4 +1,4 @@
-"""selective_log_softmax / token_entropy / logp_and_entropy: torch reference and Triton kernel vs float64.
+"""selective_log_softmax / token_entropy / logp_and_entropy: torch reference, C++ and Triton kernels vs float64.
 
 Tolerances: forward outputs are fp32 from fp32 accumulation, compared with float64 on the *same* (already
 rounded) inputs: 2e-5 absolute, plus |logits| * 2^-22 for huge logits (fp32 cannot represent z_y - lse
@@ -8,14 +8,19 @@ gradient, bf16 2^-7 and fp16 2^-10 relative to it (one rounding of each element)
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from conftest import requires_triton
+from conftest import DEVICE, requires_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import grkernels.ops as ops
+from grkernels.kernels import cpp_loaded, cpp_status
 from grkernels.ops.losses import _torch_logp_entropy
+
+requires_cpp = pytest.mark.skipif(DEVICE != "cpu" or not cpp_loaded(), reason=f"C++ kernels: {cpp_status()}")
 
 GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
@@ -33,6 +38,19 @@ def _fwd_atol(logits):
     return 2e-5 + big * 2.0**-22 / 1.0
 
 
+@contextlib.contextmanager
+def _triton_block(block_v):
+    """Force the Triton kernels' vocabulary slice to ``block_v`` entries (several slices per row)."""
+    from grkernels.kernels import logprob
+
+    real = logprob.launch_config
+    logprob.launch_config = lambda V, size: (block_v, 4)
+    try:
+        yield
+    finally:
+        logprob.launch_config = real
+
+
 def _check(logits, ids, temperature, backend, active=None, block_v=None, inplace=False, g_scale=1.0, device="cpu"):
     """Run the op on ``device`` and compare with the float64 CPU reference; returns CPU results."""
     torch.manual_seed(1)
@@ -46,15 +64,11 @@ def _check(logits, ids, temperature, backend, active=None, block_v=None, inplace
 
     x = logits.detach().clone().to(device).requires_grad_()
     act_d = None if active is None else active.to(device)
-    if block_v is not None:
-        from grkernels.kernels.logprob import triton_logp_entropy
-
-        lp, h = triton_logp_entropy(x, ids.to(device), temperature, act_d, inplace, True, block_v)
-    else:
+    with _triton_block(block_v) if block_v is not None else contextlib.nullcontext():
         lp, h = ops.logp_and_entropy(x, ids.to(device), temperature, act_d, inplace, backend=backend)
-    assert lp.dtype == torch.float32 and h.dtype == torch.float32
-    assert lp.shape == ids.shape and h.shape == ids.shape
-    (lp * g_lp.to(device) + h * g_h.to(device)).sum().backward()
+        assert lp.dtype == torch.float32 and h.dtype == torch.float32
+        assert lp.shape == ids.shape and h.shape == ids.shape
+        (lp * g_lp.to(device) + h * g_h.to(device)).sum().backward()
     lp, h, grad = lp.detach().cpu(), h.detach().cpu(), x.grad.cpu()
     atol = _fwd_atol(logits) / temperature
     torch.testing.assert_close(lp.double(), lp_ref.detach(), atol=atol, rtol=0)
@@ -69,7 +83,8 @@ def _check(logits, ids, temperature, backend, active=None, block_v=None, inplace
     return lp, h, grad
 
 
-BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton)]
+KERNELS = [pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

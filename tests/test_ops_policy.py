@@ -264,7 +264,7 @@ def test_triton_fused_token_path_matches_generic_path_and_saves_no_vocab_copy(de
         loss1, m1 = ops.policy_loss(work, ids_padded, adv, mask, old, ref, backend="triton", **kw)
     n_tok = mask.numel()
     for t in saved:
-        if t.numel() > n_tok:
+        if t.numel() > 5 * n_tok:  # O(tokens) vectors are allowed (at most five per token)
             assert t.untyped_storage().data_ptr() == work.untyped_storage().data_ptr(), tuple(t.shape)
     loss1.backward()
     # the generic path: the log-prob/entropy kernel, then the shared torch epilogue

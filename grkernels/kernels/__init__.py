@@ -1,9 +1,12 @@
-"""Triton kernels of grkernels, and the one place that says whether they can run.
+"""Kernels of grkernels, and the one place that says which implementation runs and why.
 
-A kernel file holds the Triton kernel, its launcher and (where it is differentiable) its
-``autograd.Function``; thin public wrappers live in ``grkernels/ops`` and ``grkernels/optim.py``.
+Implementations of an op: ``"torch"`` (the plain-PyTorch specification in ``grkernels/ops/losses.py`` and
+``grkernels/reference.py``), ``"cpp"`` (the C++ CPU kernels of the extension ``grkernels._C``, built from
+``csrc/``) and ``"triton"`` (the Triton kernels in this package). :func:`select_backend` is the one rule for
+the loss ops, :func:`resolve_backend` the same rule for the GR step (which has no C++ backend yet).
 Triton runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
-triton was imported (that is how CI checks every kernel without a GPU).
+triton was imported (that is how CI checks every kernel without a GPU). A kernel file holds the kernel and
+its launcher; the ops are registered with ``torch.library`` in :mod:`grkernels.library`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import functools
 import os
 
 import torch
+
+BACKENDS = ("auto", "torch", "triton", "cpp")
+KL_CODES = {"k1": 0, "k2": 1, "k3": 2}  # kernel argument of the KL estimators (Triton constexpr, C++ int)
 
 
 @functools.cache
@@ -26,6 +32,30 @@ def triton_installed() -> bool:
 def interpreter_on() -> bool:
     """True when Triton's interpreter is on (kernels then run on CPU tensors, slowly)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _cpp_import() -> str | None:
+    """None when ``grkernels._C`` loads, else why not (one line)."""
+    if os.environ.get("GRKERNELS_NO_CPP", "0") not in ("", "0"):
+        return "disabled by GRKERNELS_NO_CPP"
+    try:
+        import grkernels._C  # noqa: F401  (loading the library registers torch.ops.grkernels_cpp)
+    except ImportError as err:
+        return f"grkernels._C is not built ({err}); reinstall with `pip install --no-build-isolation -e .`"
+    except Exception as err:  # a broken build (e.g. an ABI mismatch with this torch): say so, run on torch
+        return f"grkernels._C failed to load: {type(err).__name__}: {err}"
+    return None
+
+
+def cpp_loaded() -> bool:
+    """Whether the C++ CPU kernels (``grkernels._C``) are loaded in this process."""
+    return _cpp_import() is None
+
+
+def cpp_status() -> str:
+    """'loaded', or the reason the C++ kernels are not available."""
+    return _cpp_import() or "loaded"
 
 
 def triton_usable(device: torch.device | str) -> bool:
@@ -51,10 +81,46 @@ def check_triton_device(*tensors: torch.Tensor, what: str = "grkernels") -> None
             )
 
 
+def auto_backend(device: torch.device | str, *, cpp: bool = True) -> tuple[str, str]:
+    """(implementation, reason) that ``backend="auto"`` picks for tensors on ``device``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if triton_installed():
+            return "triton", "CUDA tensors and triton is installed"
+        return "torch", "CUDA tensors but triton is not installed"
+    if dev.type == "cpu" and cpp:
+        if cpp_loaded():
+            return "cpp", "CPU tensors and grkernels._C is loaded"
+        return "torch", f"CPU tensors; C++ kernels unavailable: {cpp_status()}"
+    return "torch", f"{dev.type} tensors" + ("" if dev.type != "cpu" else " (no C++ GR-step backend yet)")
+
+
+def select_backend(backend: str, *tensors: torch.Tensor, what: str = "grkernels") -> str:
+    """The one dispatch rule of the loss ops: "torch", "cpp" or "triton" for ``backend`` on these tensors.
+
+    "auto": Triton for CUDA tensors when triton is installed, the C++ kernels for CPU tensors when
+    ``grkernels._C`` is loaded, else torch. An explicit "triton" / "cpp" that cannot run raises a clear error.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
+    device = tensors[0].device
+    if backend == "auto":
+        return auto_backend(device)[0]
+    if backend == "triton":
+        check_triton_device(*tensors, what=what)
+    elif backend == "cpp":
+        if not cpp_loaded():
+            raise RuntimeError(f"{what}: backend='cpp' needs the C++ kernels: {cpp_status()}")
+        for t in tensors:
+            if t.device.type != "cpu":
+                raise RuntimeError(f"{what}: backend='cpp' runs on CPU tensors, got a tensor on {t.device}")
+    return backend
+
+
 def resolve_backend(backend: str, device: torch.device | str, *, what: str = "grkernels") -> str:
-    """The one dispatch rule: 'auto' picks Triton for CUDA tensors when triton is installed, else torch."""
+    """The GR step's dispatch rule: 'auto' picks Triton for CUDA tensors when triton is installed, else torch."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"{what}: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" and triton_installed() else "torch"
+        return auto_backend(device, cpp=False)[0]
     return backend

@@ -1,8 +1,8 @@
 """LM head + log-prob/entropy without materialising the logits: ``z = h W^T + b`` chunk by chunk over tokens.
 
 Forward, per chunk of ``C`` tokens: ``z_c = h_c W^T (+ b)`` in the hidden dtype, then the fused
-log-prob/entropy pass (``grkernels.kernels.logprob``'s Triton kernel, or the same math in torch), keeping
-only ``logp``, ``H`` and ``lse`` per token; ``z_c`` is dropped.
+log-prob/entropy op ``torch.ops.grkernels.logp_entropy`` (C++, Triton, or the torch specification; see
+``grkernels/library.py``), keeping only ``logp``, ``H`` and ``lse`` per token; ``z_c`` is dropped.
 Backward, per chunk: recompute ``z_c`` (one extra ``[C, H] x [H, V]`` matmul, the price of never storing
 logits), turn it into ``dz_c`` in place with the backward kernel, then ``dh_c = dz_c W``,
 ``dW += dz_c^T h_c`` (an fp32 accumulator, cast to the weight dtype once at the end; on CUDA with
@@ -12,13 +12,16 @@ The loss itself is applied outside, on the per-token ``logp``/``H`` (O(tokens)),
 and GSPO's sequence-level ratios work unchanged. Frozen weights (``requires_grad=False``) skip the ``dW``
 matmul. Peak extra memory: one ``[C, V]`` chunk in the hidden dtype (Triton) or a few fp32 ones (torch),
 plus the fp32 ``[V, H]`` dW accumulator when the weight is trained.
+
+Token-level policy loss (``FusedLinearPolicyLossFunction``): every token's loss gradient is known in the
+forward pass, so each chunk's logits are turned into d(logits) right away and multiplied into the parameter
+gradients there (no recompute). Neither function is double-differentiable: a backward with
+``create_graph=True`` raises a clear error.
 """
 
 from __future__ import annotations
 
 import torch
-
-from grkernels.kernels import triton_usable
 
 
 def accumulate_head_grads(
@@ -58,71 +61,43 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
 
-def _torch_chunk_forward(z, ids, inv_temp):
-    """Reference per-chunk forward: fp32 (logp, (max, log-sum-exp minus max), H) of ``z [C, V]`` at ``ids``."""
-    z32 = z.float() * inv_temp
-    m = z32.amax(-1)
-    shifted = z32 - m[:, None]
-    log_s = shifted.exp().sum(-1).log()
-    logp_all = shifted - log_s[:, None]
-    p = logp_all.exp()
-    ent = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
-    logp = logp_all.gather(1, ids[:, None]).squeeze(1)
-    return logp, (m, log_s), ent
-
-
-def _torch_chunk_backward(z, ids, lse, ent, g_lp, g_ent, inv_temp):
-    """Reference per-chunk backward: ``inv_temp (g_lp (onehot - p) - g_H p (log p + H))`` as z's dtype."""
-    logp_all = (z.float() * inv_temp - lse[0][:, None]) - lse[1][:, None]
-    p = logp_all.exp()
-    dz = -g_lp[:, None] * p
-    if g_ent is not None:
-        dz = dz - g_ent[:, None] * p * torch.where(p > 0, logp_all + ent[:, None], 0.0)
-    dz.scatter_add_(1, ids[:, None], g_lp[:, None])
-    return (dz * inv_temp).to(z.dtype)
+def _no_double_backward(what: str) -> None:
+    """The chunked head ops form their gradients with kernels that autograd cannot differentiate again."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what}: a graph of the gradient was requested (backward(create_graph=True), e.g. "
+            "GradReg(estimator='exact')), but the chunked LM-head op is not double-differentiable. Use "
+            "estimator='forward' or 'central', or compute the logits and call policy_loss / logp_and_entropy "
+            "(their backward is double-differentiable)."
+        )
 
 
 class FusedLinearLogProbEntropy(torch.autograd.Function):
     """(hidden [N, H], weight [V, H], bias [V]|None, ids [N], active [N]) -> (logp, entropy) fp32 [N]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, active, temperature, chunk_size, use_triton, fp32_grad_weight):
+    def forward(ctx, hidden, weight, bias, ids, active, temperature, chunk_size, impl, fp32_grad_weight):
         n = hidden.shape[0]
-        dev = hidden.device
-        inv_temp = 1.0 / float(temperature)
         # inactive tokens may hold padding ids (e.g. -100): point them at 0, their outputs are zeroed anyway
         ids = torch.where(active, ids, torch.zeros_like(ids)).long().contiguous()
-        act_u8 = active.contiguous().view(torch.uint8)
-        logp = torch.empty(n, dtype=torch.float32, device=dev)
-        mx = torch.empty(n, dtype=torch.float32, device=dev)
-        log_s = torch.empty(n, dtype=torch.float32, device=dev)
-        ent = torch.empty(n, dtype=torch.float32, device=dev)
-        if use_triton:
-            from grkernels.kernels.logprob import logp_entropy_forward
+        parts = []
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = _chunk_logits(hidden[s:e], weight, bias)
-            if use_triton:
-                lp_c, lse_c, ent_c = logp_entropy_forward(z.unsqueeze(0), ids[s:e], act_u8[s:e], inv_temp)
-            else:
-                lp_c, lse_c, ent_c = _torch_chunk_forward(z, ids[s:e], inv_temp)
-            logp[s:e] = lp_c
-            mx[s:e], log_s[s:e] = lse_c
-            ent[s:e] = ent_c
+            parts.append(torch.ops.grkernels.logp_entropy(z, ids[s:e], active[s:e], temperature, True, False, impl))
             del z
-        zero = logp.new_zeros(())
-        logp = torch.where(active, logp, zero)
-        ent = torch.where(active, ent, zero)
+        logp, ent, mx, log_s = (torch.cat(p) for p in zip(*parts))
         ctx.save_for_backward(hidden, weight, bias, ids, active, mx, log_s, ent)
-        ctx.inv_temp = inv_temp
+        ctx.temperature = float(temperature)
         ctx.chunk_size = chunk_size
-        ctx.use_triton = use_triton
+        ctx.impl = impl
         ctx.fp32_grad_weight = fp32_grad_weight
         ctx.set_materialize_grads(False)  # an unused entropy output arrives as None: no dH term to compute
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
+        _no_double_backward("fused_linear_policy_loss")
         hidden, weight, bias, ids, active, mx, log_s, ent = ctx.saved_tensors
         n = hidden.shape[0]
         if g_lp is None and g_ent is None:
@@ -139,27 +114,18 @@ class FusedLinearLogProbEntropy(torch.autograd.Function):
         acc_dtype = torch.float32 if ctx.fp32_grad_weight else weight.dtype
         grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        if ctx.use_triton:
-            from grkernels.kernels.logprob import logp_entropy_backward
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h = hidden[s:e]
-            z = _chunk_logits(h, weight, bias)
-            if ctx.use_triton:
-                z3 = z.unsqueeze(0)
-                logp_entropy_backward(
-                    z3, z3, ids[s:e], None, (mx[s:e], log_s[s:e]), ent[s:e], g_lp[s:e],
-                    None if g_ent is None else g_ent[s:e], ctx.inv_temp,
-                )  # fmt: skip
-                dz = z  # overwritten in place
-            else:
-                dz = _torch_chunk_backward(
-                    z, ids[s:e], (mx[s:e], log_s[s:e]), ent[s:e], g_lp[s:e], None if g_ent is None else g_ent[s:e],
-                    ctx.inv_temp,
-                )  # fmt: skip
+            dz = _chunk_logits(h, weight, bias)
+            # the chunk's logits become their gradient in place (masked tokens: zero upstream, zero rows)
+            torch.ops.grkernels.logp_entropy_backward_(
+                dz, ids[s:e], active[s:e], mx[s:e], log_s[s:e], ent[s:e], g_lp[s:e],
+                None if g_ent is None else g_ent[s:e], ctx.temperature, ctx.impl,
+            )  # fmt: skip
             accumulate_head_grads(dz, weight, h, grad_h if need_h else None, grad_w if need_w else None,
                                   grad_b if need_b else None, slice(s, e))
-            del z, dz
+            del dz
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
         if grad_w is not None:
@@ -175,12 +141,77 @@ def fused_linear_logp_entropy(
     active: torch.Tensor,
     temperature: float,
     chunk_size: int,
-    use_triton: bool,
+    impl: str,
     fp32_grad_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, entropy) fp32 ``[N]`` of ``hidden [N, H] @ weight.T + bias`` at ``ids [N]`` (inputs validated)."""
-    if use_triton and not triton_usable(hidden.device):
-        raise RuntimeError(f"fused_linear_policy_loss: Triton cannot run on {hidden.device}")
+    """(logp, entropy) ``[N]`` of ``hidden [N, H] @ weight.T + bias`` at ``ids [N]`` (inputs validated)."""
     return FusedLinearLogProbEntropy.apply(
-        hidden, weight, bias, ids, active.bool(), temperature, chunk_size, use_triton, fp32_grad_weight
+        hidden, weight, bias, ids, active.bool(), temperature, chunk_size, impl, fp32_grad_weight
     )
+
+
+class FusedLinearPolicyLossFunction(torch.autograd.Function):
+    """Token-level policy loss of ``hidden [N, H] @ weight.T (+ bias)``, gradients computed in the forward.
+
+    For token-level importance sampling every token's loss gradient is known in the forward pass
+    (``torch.ops.grkernels.policy_loss_terms`` returns it), so each chunk's logits, once evaluated, are turned
+    into d(logits) in place right away and multiplied into ``d hidden``, ``d W``, ``d b``: three matmuls per
+    chunk instead of four (no recompute in backward). Backward only scales the stored gradients by the upstream
+    scalar (on the device). Returns ``(loss, stats [5])`` as :func:`grkernels.library.loss_and_stats`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, mask_b, weights, inv_ntok, adv_tok, old, ref, cfg, impl):
+        from grkernels.library import loss_and_stats, policy_loss_terms
+
+        N = hidden.shape[0]
+        V = weight.shape[0]
+        dev = hidden.device
+        chunk = int(cfg["chunk_size"])
+        coef = float(cfg["entropy_coef"])
+        ids_f = torch.where(mask_b, ids, torch.zeros_like(ids)).reshape(-1).long().contiguous()
+        mask_f = mask_b.reshape(-1).contiguous()
+        w = weights.reshape(-1).contiguous()
+        need_h, need_w, need_b = cfg["needs_grad"]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc_dtype = torch.float32 if cfg["fp32_grad_weight"] else weight.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=dev) if need_w else None
+        grad_b = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+        any_grad = need_h or need_w or need_b
+        sums = []
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            h = hidden[s:e]
+            z = _chunk_logits(h, weight, bias)
+            sl = slice(s, e)
+            terms, stats, mx, log_s, g_lp = policy_loss_terms(
+                z, ids_f[sl], mask_f[sl], w[sl], adv_tok[sl], None if old is None else old[sl],
+                None if ref is None else ref[sl], cfg, impl,
+            )  # fmt: skip
+            sums.append(torch.cat([terms.sum(1), stats.sum(1)]))
+            if not any_grad:
+                continue
+            g_ent = None if coef == 0.0 else mask_f[sl].to(g_lp.dtype) * (inv_ntok * -coef)
+            torch.ops.grkernels.logp_entropy_backward_(
+                z, ids_f[sl], None, mx, log_s, terms[1], g_lp, g_ent, float(cfg["temperature"]), impl
+            )
+            accumulate_head_grads(z, weight, h, grad_h, grad_w, grad_b, sl)
+            del z
+        total = torch.stack(sums).sum(0)
+        loss, stats = loss_and_stats(total[:2], total[2:], inv_ntok, coef)
+        # keep the gradients in the parameters' dtypes until backward (the fp32 accumulator is freed here)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_stats):
+        _no_double_backward("fused_linear_policy_loss")
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if g_loss is None:
+            return (None,) * 12
+        # the loss is linear in the stored gradients' scale: multiply by the upstream scalar on the device
+        outs = [None if g is None else g * g_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
+        return (*outs, *(None,) * 9)

@@ -13,7 +13,9 @@ exp(-inf) = 0 and are kept out of ``a`` (0 * -inf would be NaN). One exp per ele
 being the limit at H100 bandwidth, so per-lane running maxima, which cost two, are not used): the max is one
 block reduction per slice, while ``s`` and ``a`` are per-lane vectors rescaled by the shared factor and summed
 once at the end. Compiled for sm_90 (bf16, BLOCK_V 4096, 8 warps): 64 registers, no spills, 128-bit loads.
-Saved for backward: the logits themselves plus ``m``, ``log s`` and ``H``, fp32 ``[tokens]`` (O(tokens)).
+Saved for backward (by the op's autograd in ``grkernels/library.py``, where these launchers are registered as
+the CUDA kernels of ``torch.ops.grkernels``): the logits themselves plus ``m``, ``log s`` and ``H``, fp32
+``[tokens]`` (O(tokens)).
 
 Backward, one pass reading the logits and writing their gradient (optionally into the logits buffer):
 
@@ -186,30 +188,13 @@ def launch_config(V: int, element_size: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-def _as_3d(x: torch.Tensor) -> torch.Tensor:
-    """View ``[..., V]`` as ``[outer, inner, V]`` without copying when possible (last dim must be unit-stride)."""
-    if x.dim() == 1:
-        x = x.unsqueeze(0)
-    if x.dim() == 2:
-        x = x.unsqueeze(0)
-    elif x.dim() > 3:
-        try:
-            x = x.view(-1, x.shape[-2], x.shape[-1])
-        except RuntimeError:
-            x = x.reshape(-1, x.shape[-2], x.shape[-1])
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x
-
-
 def logp_entropy_forward(
     logits3: torch.Tensor,
     ids: torch.Tensor,
     active: torch.Tensor | None,
     inv_temp: float,
     with_entropy: bool = True,
-    block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Launch the forward kernel on ``[outer, inner, V]`` logits.
 
     Returns fp32 ``[tokens]`` tensors ``(logp, (max, log_sum_exp_minus_max), entropy)``.
@@ -222,8 +207,6 @@ def logp_entropy_forward(
     log_s = torch.empty(n, dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev) if with_entropy else torch.zeros(n, device=dev)
     block, warps = launch_config(V, logits3.element_size())
-    if block_v is not None:
-        block = block_v
     _logp_entropy_fwd_kernel[(n,)](
         logits3, logits3.stride(0), logits3.stride(1), inner,
         ids, active if active is not None else ids, logp, mx, log_s, ent,
@@ -243,13 +226,10 @@ def logp_entropy_backward(
     g_lp: torch.Tensor,
     g_ent: torch.Tensor | None,
     inv_temp: float,
-    block_v: int | None = None,
 ) -> None:
     """Launch the backward kernel: writes d(logits) into ``grad3`` (which may be ``logits3`` itself)."""
     outer, inner, V = logits3.shape
     block, warps = launch_config(V, logits3.element_size())
-    if block_v is not None:
-        block = block_v
     _logp_entropy_bwd_kernel[(outer * inner,)](
         logits3, logits3.stride(0), logits3.stride(1), inner,
         grad3, grad3.stride(0), grad3.stride(1),
@@ -258,57 +238,3 @@ def logp_entropy_backward(
         V, inv_temp,
         HAS_ACTIVE=active is not None, HAS_G_ENT=g_ent is not None, BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
-
-
-class LogProbEntropyFunction(torch.autograd.Function):
-    """(logits [..., V], ids [...]) -> (logp, entropy) fp32 [...]; saves the logits + O(tokens) statistics."""
-
-    @staticmethod
-    def forward(ctx, logits, ids, active, temperature, inplace_backward, with_entropy, block_v):
-        lead = logits.shape[:-1]
-        logits3 = _as_3d(logits)
-        ids_flat = ids.reshape(-1).contiguous()
-        act = None if active is None else active.reshape(-1).contiguous().view(torch.uint8)
-        inv_temp = 1.0 / float(temperature)
-        logp, lse, ent = logp_entropy_forward(logits3, ids_flat, act, inv_temp, with_entropy, block_v)
-        ctx.save_for_backward(logits3, ids_flat, act, lse[0], lse[1], ent)
-        ctx.inv_temp = inv_temp
-        ctx.inplace = inplace_backward
-        ctx.with_entropy = with_entropy
-        ctx.block_v = block_v
-        ctx.logits_shape = logits.shape
-        # an unused output (e.g. the entropy when only logged) then arrives as None, not as a zeros tensor
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            ctx.mark_non_differentiable(ent)
-        return logp.view(lead), ent.view(lead)
-
-    @staticmethod
-    def backward(ctx, g_lp, g_ent):
-        logits3, ids, act, mx, log_s, ent = ctx.saved_tensors
-        lse = (mx, log_s)
-        n = ids.numel()
-        if g_lp is None and (g_ent is None or not ctx.with_entropy):
-            return None, None, None, None, None, None, None
-        g_lp = torch.zeros(n, device=mx.device) if g_lp is None else g_lp.reshape(-1).float().contiguous()
-        if not ctx.with_entropy or g_ent is None:
-            g_ent = None
-        else:
-            g_ent = g_ent.reshape(-1).float().contiguous()
-        # in place: the gradient overwrites the (no longer needed) logits; it has their strides and dtype
-        grad3 = logits3 if ctx.inplace else torch.empty_like(logits3)
-        logp_entropy_backward(logits3, grad3, ids, act, lse, ent, g_lp, g_ent, ctx.inv_temp, ctx.block_v)
-        return grad3.reshape(ctx.logits_shape), None, None, None, None, None, None
-
-
-def triton_logp_entropy(
-    logits: torch.Tensor,
-    index: torch.Tensor,
-    temperature: float = 1.0,
-    active: torch.Tensor | None = None,
-    inplace_backward: bool = False,
-    with_entropy: bool = True,
-    block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton (logp, entropy) of ``logits [..., V]`` at ``index [...]`` (inputs already validated)."""
-    return LogProbEntropyFunction.apply(logits, index, active, temperature, inplace_backward, with_entropy, block_v)

@@ -1,23 +1,34 @@
 """Log-prob, entropy, KL and policy-loss ops for RL fine-tuning of language models.
 
-Each public op takes ``backend="auto" | "torch" | "triton"``; :func:`grkernels.kernels.resolve_backend`
-decides ("auto" = Triton for CUDA tensors, torch otherwise). The torch code in this file is the
-specification: readable, autograd-differentiated, and what the Triton kernels
-(``grkernels/kernels/logprob.py``, ``grkernels/kernels/fused_linear.py``) are tested against.
+Each public op takes ``backend="auto" | "torch" | "cpp" | "triton"``; :func:`grkernels.kernels.select_backend`
+decides ("auto" = Triton for CUDA tensors, the C++ kernels of ``grkernels._C`` for CPU tensors when they are
+built, torch otherwise; ``grkernels.info()`` says which and why). The torch code in this file is the
+specification: readable, autograd-differentiated, and what the C++ kernels (``csrc/``) and the Triton kernels
+(``grkernels/kernels/``) are tested against. Those run through the ops of ``torch.ops.grkernels``
+(``grkernels/library.py``: one registration each, with fake kernels and autograd, so ``torch.compile`` traces
+them; double backprop falls back to differentiating this file's torch code).
+
+Every input is validated here, once, before a backend is chosen (:func:`_validate_policy`,
+:func:`_check_logits_ids`, :func:`_check_temperature`): all backends see the same normalised inputs and refuse
+the same ones. Shapes must match exactly (a transposed mask is an error, not a reshape).
 
 Only the vocab-sized part (log-sum-exp, chosen-token log-prob, entropy, and their gradient) differs between
-backends. The per-token loss arithmetic (ratios, clipping, KL, aggregation) is O(tokens) and shared: it is
-:func:`policy_loss_from_logp`, written once in torch and differentiated by autograd on both backends.
+backends. The per-token loss arithmetic (ratios, clipping, KL, aggregation) is O(tokens) and written once,
+:func:`_per_token_loss`; the kernels evaluate the same formulas per token for token-level ratios.
 
-Units: log-probs and entropies in nats, fp32. Loss definitions follow TRL 1.16's ``GRPOTrainer._compute_loss``.
+Units: log-probs and entropies in nats, fp32 (fp64 for fp64 logits). Loss definitions follow TRL 1.16's
+``GRPOTrainer._compute_loss``.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
-from grkernels.kernels import check_triton_device, resolve_backend
+from grkernels.kernels import select_backend
 
 # Canonical aggregation names (verl's vocabulary) and the TRL ``loss_type`` names that mean the same thing.
 LOSS_AGGREGATIONS = {
@@ -56,8 +67,10 @@ def _check_logits_ids(logits: torch.Tensor, index: torch.Tensor, what: str) -> N
 
 
 def _check_temperature(temperature: float, what: str) -> None:
-    if isinstance(temperature, torch.Tensor) or not float(temperature) > 0.0:
-        raise ValueError(f"{what}: temperature must be a positive Python float, got {temperature!r}")
+    """A finite positive Python number (a kernel argument; a tensor would need a host read)."""
+    ok = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool | torch.Tensor)
+    if not ok or not math.isfinite(float(temperature)) or not float(temperature) > 0.0:
+        raise ValueError(f"{what}: temperature must be a finite positive Python float, got {temperature!r}")
 
 
 def _check_ids_in_range(index: torch.Tensor, vocab: int, active: torch.Tensor | None, what: str) -> None:
@@ -85,26 +98,60 @@ def _torch_logp_entropy(
     temperature: float,
     with_entropy: bool = True,
     entropy_grad: bool = True,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference: z = logits / temperature (computed in fp32, or fp64 for fp64 input),
     logp = z[index] - logsumexp(z), entropy = -sum_j p_j log p_j with p = softmax(z).
 
     Vocab entries at -inf have p = 0 and contribute 0 to the entropy (0 log 0 := 0), also in the gradient.
+    Inactive tokens (``active`` False) read no logits: their row is replaced by zeros before anything is
+    computed and their id by 0, so -inf/NaN logits or padding ids there give outputs 0 and a gradient of
+    exactly 0 (a ``where`` after the log-softmax would pass 0 · NaN = NaN back).
     """
     z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    if active is not None:
+        act = active.bool()
+        z = torch.where(act.unsqueeze(-1), z, 0.0)
+        index = torch.where(act, index, torch.zeros_like(index))
     if temperature != 1.0:
         z = z / temperature
     logp_all = F.log_softmax(z, dim=-1)
     logp = logp_all.gather(-1, index.long().unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return logp, None
-    # without a gradient through H (e.g. entropy only logged), autograd need not keep two more [.., V] tensors
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        p = logp_all.exp()
-        # where() before the product, so that neither the value nor the gradient sees 0 * (-inf)
-        safe = torch.where(p > 0, logp_all, 0.0)
-        entropy = -(p * safe).sum(-1)
+    entropy = None
+    if with_entropy:
+        # without a gradient through H (e.g. entropy only logged), autograd need not keep two more [.., V] tensors
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            p = logp_all.exp()
+            # where() before the product, so that neither the value nor the gradient sees 0 * (-inf)
+            safe = torch.where(p > 0, logp_all, 0.0)
+            entropy = -(p * safe).sum(-1)
+    if active is not None:
+        logp = torch.where(act, logp, 0.0)
+        entropy = None if entropy is None else torch.where(act, entropy, 0.0)
     return logp, entropy
+
+
+def _check_active(active: torch.Tensor | None, index: torch.Tensor, logits: torch.Tensor, what: str):
+    if active is None:
+        return None
+    if not isinstance(active, torch.Tensor):
+        raise TypeError(f"{what}: mask must be a tensor, got {type(active).__name__}")
+    if tuple(active.shape) != tuple(index.shape):
+        raise ValueError(f"{what}: mask shape {tuple(active.shape)} must equal ids shape {tuple(index.shape)}")
+    if active.device != logits.device:
+        raise ValueError(f"{what}: mask is on {active.device} but logits on {logits.device}")
+    return active.bool() if active.dtype != torch.bool else active
+
+
+def _logp_entropy_impl(logits, index, temperature, active, inplace_backward, impl, with_entropy, entropy_grad):
+    """(logp, entropy) on validated inputs with the implementation ``impl`` (see :func:`logp_and_entropy`)."""
+    if impl == "torch":
+        logp, entropy = _torch_logp_entropy(logits, index, temperature, with_entropy, entropy_grad, active)
+        return logp, (torch.zeros_like(logp) if entropy is None else entropy)
+    from grkernels.library import logp_entropy
+
+    logp, entropy, _, _ = logp_entropy(logits, index, active, temperature, with_entropy, impl, inplace_backward)
+    return logp, (entropy if entropy_grad and with_entropy else entropy.detach())
 
 
 def logp_and_entropy(
@@ -120,42 +167,27 @@ def logp_and_entropy(
     """Chosen-token log-prob and entropy of every token, from one pass over the vocabulary.
 
     Args:
-        logits: ``[..., V]`` (fp32/bf16/fp16).
+        logits: ``[..., V]`` (fp32/bf16/fp16/fp64).
         index: ``[...]`` token ids in [0, V) (only checked where ``active``).
-        temperature: logits are divided by it (a Python float; a kernel argument, never recompiles).
-        active: optional bool ``[...]``; inactive tokens read no logits, return 0 and get zero gradient.
-        inplace_backward: Triton only: write d(logits) into the logits buffer (saves one vocab-sized tensor;
-            the logits must not be needed by anything else afterwards).
+        temperature: logits are divided by it (a finite positive Python float; a kernel argument, never
+            recompiles).
+        active: optional bool ``[...]`` (exactly the ids' shape); inactive tokens read no logits, return 0 and
+            get exactly zero gradient, whatever their logits hold (-inf, NaN) on every backend.
+        inplace_backward: C++/Triton: write d(logits) into the logits buffer (saves one vocab-sized tensor;
+            the logits must not be needed by anything else afterwards). Ignored by the torch backend.
         with_entropy: False skips the entropy (returned as zeros).
         entropy_grad: False returns the entropy without a gradient path (cheaper on the torch backend).
     Returns:
-        ``(logp, entropy)``, fp32 ``[...]`` each, in nats, differentiable w.r.t. ``logits``.
+        ``(logp, entropy)``, fp32 ``[...]`` each (fp64 for fp64 logits), in nats, differentiable w.r.t. ``logits``
+        (twice too: ``create_graph=True`` works on every backend).
     """
     what = "logp_and_entropy"
     _check_logits_ids(logits, index, what)
     _check_temperature(temperature, what)
-    if active is not None:
-        if tuple(active.shape) != tuple(index.shape):
-            raise ValueError(f"{what}: mask shape {tuple(active.shape)} must equal ids shape {tuple(index.shape)}")
-        if active.device != logits.device:
-            raise ValueError(f"{what}: mask is on {active.device} but logits on {logits.device}")
-        active = active.bool() if active.dtype != torch.bool else active
-    vocab = logits.shape[-1]
-    _check_ids_in_range(index, vocab, active, what)
-    if resolve_backend(backend, logits.device, what=what) == "triton":
-        check_triton_device(logits, what=what)
-        from grkernels.kernels.logprob import triton_logp_entropy
-
-        logp, entropy = triton_logp_entropy(logits, index, temperature, active, inplace_backward, with_entropy)
-        return logp, (entropy if entropy_grad else entropy.detach())
-    safe_index = index if active is None else torch.where(active, index, torch.zeros_like(index))
-    logp, entropy = _torch_logp_entropy(logits, safe_index, temperature, with_entropy, entropy_grad)
-    if entropy is None:
-        entropy = torch.zeros_like(logp)
-    if active is not None:
-        logp = torch.where(active, logp, torch.zeros_like(logp))
-        entropy = torch.where(active, entropy, torch.zeros_like(entropy))
-    return logp, entropy
+    active = _check_active(active, index, logits, what)
+    _check_ids_in_range(index, logits.shape[-1], active, what)
+    impl = select_backend(backend, logits, what=what)
+    return _logp_entropy_impl(logits, index, temperature, active, inplace_backward, impl, with_entropy, entropy_grad)
 
 
 def selective_log_softmax(
@@ -180,14 +212,12 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, backend: str =
     return entropy
 
 
-def kl_penalty(
-    logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", backend: str = "auto"
-) -> torch.Tensor:
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Elementwise estimate of KL(pi || pi_ref) from the sampled tokens' log-probs (Schulman's estimators).
 
     With ``d = ref_logp - logp``: ``k1 = -d``, ``k2 = d^2 / 2``, ``k3 = exp(d) - d - 1`` (>= 0, unbiased).
-    Elementwise and O(tokens): both backends run the same torch expression (a kernel would not be faster
-    than one fused elementwise pass; ``backend`` is validated for a uniform API).
+    Elementwise and O(tokens): one torch expression on every device (a kernel would not be faster than one
+    fused elementwise pass), so this op has no ``backend`` argument.
     """
     what = "kl_penalty"
     if estimator not in KL_ESTIMATORS:
@@ -196,8 +226,6 @@ def kl_penalty(
         raise ValueError(f"{what}: logp shape {tuple(logp.shape)} != ref_logp shape {tuple(ref_logp.shape)}")
     if logp.device != ref_logp.device:
         raise ValueError(f"{what}: logp on {logp.device} but ref_logp on {ref_logp.device}")
-    if resolve_backend(backend, logp.device, what=what) == "triton":
-        check_triton_device(logp, what=what)
     return _kl_from_diff(ref_logp - logp, estimator)
 
 
@@ -250,16 +278,49 @@ def _metrics_from_stats(stats: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _as_batch(x: torch.Tensor | None, shape: tuple[int, int], name: str, what: str, device) -> torch.Tensor | None:
-    if x is None:
-        return None
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what}: {name} must be a tensor")
-    if x.device != device:
-        raise ValueError(f"{what}: {name} is on {x.device} but logits on {device}")
-    if x.numel() != shape[0] * shape[1]:
-        raise ValueError(f"{what}: {name} has shape {tuple(x.shape)}, expected {shape} (same as completion_ids)")
-    return x.reshape(shape)
+def _per_token_loss(
+    logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask_b: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    beta: float,
+    clip_low: float,
+    clip_high: float,
+    kl_estimator: str,
+    delta: float | None,
+    importance_sampling: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The PPO-clip loss of every token (unweighted), its KL term, and the low/high clip indicators.
+
+    ``logp`` ``[B, T]`` (or ``[n]`` for token-level ratios), ``adv`` broadcastable to it. See
+    :func:`policy_loss` for the formulas; masked tokens' old/ref values never reach an exp().
+    """
+    zero = logp.new_zeros(())
+    mask = mask_b.to(logp.dtype)
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    # masked (padding) tokens may carry arbitrary old/ref values: zero their differences *before* exp(),
+    # so that a padded exp() cannot overflow and turn 0 * inf into NaN
+    log_ratio = torch.where(mask_b, logp - old, zero)
+    if importance_sampling == "token":
+        log_w = log_ratio
+    else:  # GSPO: one ratio per sequence, the exp of the mean token log-ratio
+        log_w = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    coef_1 = torch.exp(log_w)
+    coef_2 = torch.clamp(coef_1, 1.0 - clip_low, 1.0 + clip_high)
+    if delta is not None:  # two-sided clipping (INTELLECT-2): cap the unclipped ratio too
+        coef_1 = torch.clamp(coef_1, max=delta)
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    per_token_kl = None
+    if ref_logp is not None:
+        d = torch.where(mask_b, ref_logp.to(logp.dtype) - logp, zero)
+        per_token_kl = _kl_from_diff(d, kl_estimator)
+        if beta != 0.0:
+            per_token = per_token + beta * per_token_kl
+    with torch.no_grad():
+        low = (coef_1 < 1.0 - clip_low) & (adv < 0)
+        high = (coef_1 > 1.0 + clip_high) & (adv > 0)
+    return per_token, per_token_kl, low, high
 
 
 def policy_loss_from_logp(
@@ -282,37 +343,23 @@ def policy_loss_from_logp(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip policy loss from per-token log-probs ``[B, T]`` (see :func:`policy_loss` for the formulas)."""
     agg = _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref_logp)
+    if logp.dim() != 2:
+        raise ValueError(f"policy_loss_from_logp: logp must be [B, T], got shape {tuple(logp.shape)}")
     B, T = logp.shape
+    for name, t in (("completion_mask", completion_mask), ("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None and tuple(t.shape) != (B, T):
+            raise ValueError(f"policy_loss_from_logp: {name} has shape {tuple(t.shape)}, expected {(B, T)}")
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(
+            f"policy_loss_from_logp: advantages has shape {tuple(advantages.shape)}, expected {(B,)} or {(B, T)}"
+        )
     mask_b = completion_mask.bool() if completion_mask.dtype != torch.bool else completion_mask
     mask = mask_b.to(logp.dtype)
-    if advantages.numel() == B:  # one advantage per sequence
-        adv = advantages.reshape(B, 1)
-    else:
-        adv = advantages.reshape(B, T)
-    adv = adv.to(logp.dtype)
+    adv = (advantages.reshape(B, 1) if advantages.numel() == B else advantages).to(logp.dtype)
     zero = logp.new_zeros(())
-
-    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
-    # masked (padding) tokens may carry arbitrary old/ref values: zero their differences *before* exp(),
-    # so that a padded exp() cannot overflow and turn 0 * inf into NaN
-    log_ratio = torch.where(mask_b, logp - old, zero)
-    if importance_sampling == "token":
-        log_w = log_ratio
-    else:  # GSPO: one ratio per sequence, the exp of the mean token log-ratio
-        log_w = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    coef_1 = torch.exp(log_w)
-    coef_2 = torch.clamp(coef_1, 1.0 - clip_low, 1.0 + clip_high)
-    if delta is not None:  # two-sided clipping (INTELLECT-2): cap the unclipped ratio too
-        coef_1 = torch.clamp(coef_1, max=delta)
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-
-    if ref_logp is not None:
-        d = torch.where(mask_b, ref_logp.to(logp.dtype) - logp, zero)
-        per_token_kl = _kl_from_diff(d, kl_estimator)
-        if beta != 0.0:
-            per_token = per_token + beta * per_token_kl
-    else:
-        per_token_kl = None
+    per_token, per_token_kl, low, high = _per_token_loss(
+        logp, adv, mask_b, old_logp, ref_logp, beta, clip_low, clip_high, kl_estimator, delta, importance_sampling
+    )
 
     masked = per_token * mask  # broadcasts [B, 1] (sequence-level) to [B, T]
     if agg == "token_mean":
@@ -335,8 +382,6 @@ def policy_loss_from_logp(
         loss = loss - entropy_coef * mean_entropy
 
     with torch.no_grad():
-        low = (coef_1 < 1.0 - clip_low) & (adv < 0)
-        high = (coef_1 > 1.0 + clip_high) & (adv > 0)
         if importance_sampling == "token":
             frac = lambda x: (x.to(mask.dtype) * mask).sum() / n_tok
         else:  # one ratio per sequence: the fraction of sequences, as TRL logs it
@@ -352,33 +397,79 @@ def policy_loss_from_logp(
     return loss, metrics
 
 
-def _flatten_for_policy(logits: torch.Tensor, completion_ids: torch.Tensor, what: str) -> tuple[int, int]:
-    if logits.dim() < 2:
-        raise ValueError(f"{what}: logits must be [..., T, V], got shape {tuple(logits.shape)}")
-    _check_logits_ids(logits, completion_ids, what)
-    T = logits.shape[-2]
-    B = logits.numel() // (T * logits.shape[-1])
-    return B, T
+def _validate_policy(
+    lead: tuple[int, ...],
+    vocab: int,
+    device: torch.device,
+    completion_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    beta: float,
+    kl_estimator: str,
+    loss_agg: str,
+    temperature: float,
+    importance_sampling: str,
+    what: str,
+):
+    """The one validation of the policy-loss inputs, before any backend is chosen.
 
-
-def _prepare_policy_inputs(B, T, device, advantages, completion_mask, old_logp, ref_logp, what):
+    ``lead`` is the ids' shape ``[..., T]``. Returns ``(B, T, ids [B, T], adv [B] or [B, T], mask [B, T] bool,
+    old, ref [B, T] or None, canonical aggregation)``. Shapes must match exactly (no reshape by element count).
+    """
+    agg = _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref_logp, what)
+    _check_temperature(temperature, what)
+    if len(lead) < 1:
+        raise ValueError(f"{what}: completion_ids must be [..., T], got shape {lead}")
     if not isinstance(advantages, torch.Tensor) or not isinstance(completion_mask, torch.Tensor):
         raise TypeError(f"{what}: advantages and completion_mask must be tensors")
-    for name, t in (("advantages", advantages), ("completion_mask", completion_mask)):
-        if t.device != device:
-            raise ValueError(f"{what}: {name} is on {t.device} but logits on {device}")
-    if advantages.numel() not in (B, B * T):
+    T = lead[-1]
+    B = math.prod(lead[:-1])
+    if tuple(completion_mask.shape) != lead:
         raise ValueError(
-            f"{what}: advantages has shape {tuple(advantages.shape)}; expected one per sequence ({B}) "
-            f"or one per token ({B}x{T})"
+            f"{what}: completion_mask has shape {tuple(completion_mask.shape)}, expected {lead} (= completion_ids)"
+        )
+    if tuple(advantages.shape) not in (lead[:-1], (*lead[:-1], 1), lead):
+        raise ValueError(
+            f"{what}: advantages has shape {tuple(advantages.shape)}; expected one per sequence {lead[:-1]} "
+            f"or one per token {lead}"
         )
     if not advantages.is_floating_point():
         raise TypeError(f"{what}: advantages must be floating point, got {advantages.dtype}")
-    mask = _as_batch(completion_mask, (B, T), "completion_mask", what, device)
-    old = _as_batch(old_logp, (B, T), "old_logp", what, device)
-    ref = _as_batch(ref_logp, (B, T), "ref_logp", what, device)
-    adv = advantages.reshape(B) if advantages.numel() == B else advantages.reshape(B, T)
-    return adv, mask, old, ref
+    for name, t in (("advantages", advantages), ("completion_mask", completion_mask)):
+        if t.device != device:
+            raise ValueError(f"{what}: {name} is on {t.device} but logits on {device}")
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor")
+        if tuple(t.shape) != lead:
+            raise ValueError(f"{what}: {name} has shape {tuple(t.shape)}, expected {lead} (= completion_ids)")
+        if not t.is_floating_point():
+            raise TypeError(f"{what}: {name} must be floating point, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{what}: {name} is on {t.device} but logits on {device}")
+    mask_b = completion_mask.reshape(B, T)
+    mask_b = mask_b.bool() if mask_b.dtype != torch.bool else mask_b
+    ids = completion_ids.reshape(B, T)
+    _check_ids_in_range(ids, vocab, mask_b, what)
+    # one advantage per sequence ([..., ] or [..., 1]) or per token ([..., T]; the same thing when T = 1)
+    adv = advantages.reshape(B, T) if tuple(advantages.shape) == lead else advantages.reshape(B)
+    old = None if old_logp is None else old_logp.reshape(B, T)
+    ref = None if ref_logp is None else ref_logp.reshape(B, T)
+    return B, T, ids, adv, mask_b, old, ref, agg
+
+
+def _token_level_inputs(mask_b, adv, agg, num_items, max_completion_length):
+    """(per-token weights, 1 / token count, advantages per token) for the fused token-level kernels."""
+    mask_f = mask_b.to(torch.float32)
+    inv_ntok = 1.0 / mask_f.sum().clamp(min=1.0)
+    weights = _token_weights(mask_f, agg, num_items, max_completion_length)
+    B, T = mask_b.shape
+    adv_tok = (adv.reshape(B, 1) if adv.dim() == 1 else adv).expand(B, T)
+    return weights, inv_ntok, adv_tok
 
 
 def policy_loss(
@@ -427,47 +518,44 @@ def policy_loss(
     ``kl`` (masked token mean; 0 without ref_logp), ``clip_fraction`` (+ ``clip_low_fraction``,
     ``clip_high_fraction``: the region-clipped share, as TRL logs it), ``entropy`` (masked mean, nats),
     ``policy_loss`` (the loss before the entropy bonus). Masked tokens get exactly zero gradient.
-    ``inplace_backward=True`` (Triton) writes d(logits) into the logits buffer.
+    ``inplace_backward=True`` (C++/Triton) writes d(logits) into the logits buffer.
+    Shapes are checked exactly: ``completion_mask``, ``old_logp``, ``ref_logp`` must have the ids' shape,
+    ``advantages`` the ids' shape, or it without T (or with T = 1).
 
-    Backends: "torch" is this file's reference (materialises fp32 log-softmax). "triton" with
-    ``importance_sampling="token"`` runs one fused kernel per token that also evaluates the loss and its
-    gradient coefficient (``grkernels/kernels/policy_loss.py``), then one backward pass over the logits;
-    with ``"sequence"`` it runs the log-prob/entropy kernel and this file's epilogue. Either way autograd
-    keeps only the logits plus O(tokens) fp32 vectors.
+    Backends: "torch" is this file's reference (materialises fp32 log-softmax). "cpp" / "triton" with
+    ``importance_sampling="token"`` run one fused kernel per token that also evaluates the loss and its
+    gradient coefficient (``torch.ops.grkernels.policy_loss_terms``), then one backward pass over the logits;
+    with ``"sequence"`` they run the log-prob/entropy kernel and this file's epilogue. Either way autograd
+    keeps only the logits plus O(tokens) vectors. Double backprop (``create_graph=True``, e.g.
+    ``GradReg(estimator="exact")``) is exact on every backend: the kernels' backward then differentiates this
+    file's torch formulas, including the loss head's curvature.
     """
     what = "policy_loss"
-    B, T = _flatten_for_policy(logits, completion_ids, what)
-    adv, mask, old, ref = _prepare_policy_inputs(
-        B, T, logits.device, advantages, completion_mask, old_logp, ref_logp, what
-    )
-    mask_b = mask.bool() if mask.dtype != torch.bool else mask
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
+        raise ValueError(f"{what}: logits must be [..., T, V], got {getattr(logits, 'shape', type(logits))}")
+    _check_logits_ids(logits, completion_ids, what)
     V = logits.shape[-1]
-    if importance_sampling == "token" and resolve_backend(backend, logits.device, what=what) == "triton":
+    B, T, ids, adv, mask_b, old, ref, agg = _validate_policy(
+        tuple(completion_ids.shape), V, logits.device, completion_ids, advantages, completion_mask, old_logp,
+        ref_logp, beta, kl_estimator, loss_agg, temperature, importance_sampling, what,
+    )  # fmt: skip
+    impl = select_backend(backend, logits, what=what)
+    if importance_sampling == "token" and impl != "torch":
         # the fused kernel: log-prob, entropy, ratio, clip, KL and the loss gradient in one pass per token
-        agg = _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref)
-        _check_temperature(temperature, what)
-        check_triton_device(logits, what=what)
-        ids = completion_ids.reshape(B, T)
-        _check_ids_in_range(ids, V, mask_b, what)
-        from grkernels.kernels.policy_loss import triton_policy_loss
+        from grkernels.library import loss_and_stats, policy_loss_terms
 
-        mask_f = mask_b.to(torch.float32)
-        inv_ntok = 1.0 / mask_f.sum().clamp(min=1.0)
-        weights = _token_weights(mask_f, agg, num_items, max_completion_length)
+        weights, inv_ntok, adv_tok = _token_level_inputs(mask_b, adv, agg, num_items, max_completion_length)
         cfg = dict(
             temperature=temperature, clip_low=clip_low, clip_high=clip_high, delta=delta, beta=beta,
-            kl_estimator=kl_estimator, entropy_coef=entropy_coef, inplace_backward=inplace_backward,
+            kl_estimator=kl_estimator, inplace_backward=inplace_backward,
         )  # fmt: skip
-        loss, stats = triton_policy_loss(logits.reshape(B, T, V), ids, mask_b, weights, inv_ntok, adv, old, ref, cfg)
-        return loss, _metrics_from_stats(stats)
-    logp, entropy = logp_and_entropy(
-        logits.reshape(B, T, V),
-        completion_ids.reshape(B, T),
-        temperature,
-        active=mask_b,
-        inplace_backward=inplace_backward,
-        backend=backend,
-        entropy_grad=entropy_coef != 0.0,
+        terms, stats, _, _, _ = policy_loss_terms(
+            logits.reshape(B, T, V), ids, mask_b, weights, adv_tok, old, ref, cfg, impl
+        )
+        loss, st = loss_and_stats(terms.sum(1), stats.sum(1), inv_ntok, entropy_coef)
+        return loss, _metrics_from_stats(st)
+    logp, entropy = _logp_entropy_impl(
+        logits.reshape(B, T, V), ids, temperature, mask_b, inplace_backward, impl, True, entropy_coef != 0.0
     )
     return policy_loss_from_logp(
         logp, entropy, adv, mask_b, old, ref, beta, clip_low, clip_high, kl_estimator, loss_agg,
@@ -514,11 +602,14 @@ def fused_linear_policy_loss(
     weight's dtype instead (less memory, one rounding of the running sum per chunk). A weight with
     ``requires_grad=False`` (frozen head, e.g. LoRA) skips its gradient matmul. Masked tokens read no logits
     in the kernels and get zero gradient (their matmul rows are still computed: compacting them away would
-    need a host sync). Other arguments and the result: as in :func:`policy_loss`.
+    need a host sync). Other arguments and the result: as in :func:`policy_loss`. Not double-differentiable: a
+    backward with ``create_graph=True`` (``GradReg(estimator="exact")``) raises a clear error.
     """
     what = "fused_linear_policy_loss"
-    if hidden.dim() < 2:
-        raise ValueError(f"{what}: hidden must be [..., T, H], got shape {tuple(hidden.shape)}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        raise ValueError(f"{what}: hidden must be [..., T, H], got {getattr(hidden, 'shape', type(hidden))}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"{what}: hidden must be floating point, got dtype {hidden.dtype}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"{what}: weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
@@ -530,56 +621,51 @@ def fused_linear_policy_loss(
             raise ValueError(f"{what}: {name} is on {t.device} but hidden on {hidden.device}")
         if t is not None and t.dtype != hidden.dtype:
             raise TypeError(f"{what}: {name} dtype {t.dtype} differs from hidden dtype {hidden.dtype}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{what}: chunk_size must be a positive int, got {chunk_size!r}")
-    _check_temperature(temperature, what)
+    if completion_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{what}: token ids must be an integer tensor, got dtype {completion_ids.dtype}")
     if tuple(completion_ids.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"{what}: completion_ids shape {tuple(completion_ids.shape)} must equal hidden shape without H "
             f"{tuple(hidden.shape[:-1])}"
         )
+    if completion_ids.device != hidden.device:
+        raise ValueError(f"{what}: token ids are on {completion_ids.device} but hidden on {hidden.device}")
     if hidden.numel() == 0:
         raise ValueError(f"{what}: empty input (hidden shape {tuple(hidden.shape)})")
-    T = hidden.shape[-2]
-    B = hidden.numel() // (T * hidden.shape[-1])
-    adv, mask, old, ref = _prepare_policy_inputs(
-        B, T, hidden.device, advantages, completion_mask, old_logp, ref_logp, what
-    )
-    mask_b = mask.bool() if mask.dtype != torch.bool else mask
-    ids = completion_ids.reshape(B, T)
-    _check_ids_in_range(ids, weight.shape[0], mask_b, what)
-    use_triton = resolve_backend(backend, hidden.device, what=what) == "triton"
-    if use_triton:
-        check_triton_device(hidden, what=what)
-    if use_triton and importance_sampling == "token":
+    B, T, ids, adv, mask_b, old, ref, agg = _validate_policy(
+        tuple(completion_ids.shape), weight.shape[0], hidden.device, completion_ids, advantages, completion_mask,
+        old_logp, ref_logp, beta, kl_estimator, loss_agg, temperature, importance_sampling, what,
+    )  # fmt: skip
+    impl = select_backend(backend, hidden, what=what)
+    h2 = hidden.reshape(B * T, -1).contiguous()
+    if impl != "torch" and importance_sampling == "token":
         # every token's loss gradient is known in the forward: d(hidden), dW, db are formed chunk by chunk
         # there (3 matmuls per chunk, no recompute) and only scaled by the upstream gradient in backward
-        agg = _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref)
-        from grkernels.kernels.policy_loss import triton_fused_linear_policy_loss
+        from grkernels.kernels.fused_linear import FusedLinearPolicyLossFunction
 
-        mask_f = mask_b.to(torch.float32)
-        inv_ntok = 1.0 / mask_f.sum().clamp(min=1.0)
-        weights = _token_weights(mask_f, agg, num_items, max_completion_length)
+        weights, inv_ntok, adv_tok = _token_level_inputs(mask_b, adv, agg, num_items, max_completion_length)
         grad_on = torch.is_grad_enabled()
         cfg = dict(
             temperature=temperature, clip_low=clip_low, clip_high=clip_high, delta=delta, beta=beta,
             kl_estimator=kl_estimator, entropy_coef=entropy_coef, chunk_size=chunk_size,
-            fp32_grad_weight=fp32_grad_weight,
+            fp32_grad_weight=fp32_grad_weight, inplace_backward=False,
             needs_grad=(
                 grad_on and hidden.requires_grad,
                 grad_on and weight.requires_grad,
                 grad_on and bias is not None and bias.requires_grad,
             ),
         )  # fmt: skip
-        loss, stats = triton_fused_linear_policy_loss(
-            hidden.reshape(B * T, -1).contiguous(), weight, bias, ids, mask_b, weights, inv_ntok, adv, old, ref, cfg
+        flat = lambda t: None if t is None else t.reshape(-1)
+        loss, stats = FusedLinearPolicyLossFunction.apply(
+            h2, weight, bias, ids, mask_b, weights, inv_ntok, adv_tok.reshape(-1), flat(old), flat(ref), cfg, impl
         )
         return loss, _metrics_from_stats(stats)
     from grkernels.kernels.fused_linear import fused_linear_logp_entropy
 
     logp, entropy = fused_linear_logp_entropy(
-        hidden.reshape(B * T, -1).contiguous(), weight, bias, ids.reshape(-1), mask_b.reshape(-1),
-        temperature, chunk_size, use_triton, fp32_grad_weight,
+        h2, weight, bias, ids.reshape(-1), mask_b.reshape(-1), temperature, chunk_size, impl, fp32_grad_weight,
     )  # fmt: skip
     return policy_loss_from_logp(
         logp.reshape(B, T), entropy.reshape(B, T), adv, mask_b, old, ref, beta, clip_low, clip_high,

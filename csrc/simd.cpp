@@ -1,0 +1,42 @@
+// Two builds of simd.inc (AVX2+FMA, baseline) and the load-time choice between them (see simd.h).
+#include "simd.h"
+
+#include <cstring>
+#include <limits>
+
+#if defined(__GNUC__)
+// AVX vector arguments of the static helpers never cross a translation unit: silence the ABI note
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace grk {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define GRK_SIMD_NAME "avx2"
+#include "simd.inc"
+#undef GRK_SIMD_NAME
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+namespace baseline {
+#define GRK_SIMD_NAME "baseline"
+#include "simd.inc"
+#undef GRK_SIMD_NAME
+}  // namespace baseline
+
+const SimdKernels& simd() {
+  static const SimdKernels* chosen = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::kKernels;
+#endif
+    return &baseline::kKernels;
+  }();
+  return *chosen;
+}
+
+}  // namespace grk
