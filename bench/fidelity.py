@@ -27,13 +27,20 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+# Triton rows on CPU tensors need the interpreter on before the FIRST `import triton` in the process (triton.language
+# builds its own @jit helpers at import, compiled or interpreted): if something imported triton earlier with the
+# interpreter off (another benchmark run in the same process, or grkernels' own "is triton installed?" check),
+# setting the variable now is too late, and the [triton] rows fail inside the kernels.
+_TRITON_TOO_EARLY = (not torch.cuda.is_available() and "triton" in sys.modules
+                     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton rows on CPU tensors (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 EPS_SWEEP = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 INTERPRETED_EPS = (1e-4, 1e-3, 1e-2)  # [triton] rows under TRITON_INTERPRET (CPU) run only these
@@ -175,7 +182,13 @@ def main() -> None:
 
     from grkernels.kernels import triton_usable
 
-    lean_ok = not args.no_lean and triton_usable(args.device)
+    if interpreted and _TRITON_TOO_EARLY:
+        why = ("triton was imported in this process before TRITON_INTERPRET=1 was set, so its kernels cannot run on "
+               "CPU tensors here; run bench/fidelity.py in a process of its own (grkernels bench does)")
+        if args.backend == "triton":
+            raise SystemExit(f"fidelity.py --backend triton: {why}")
+        print(f"[triton] rows skipped: {why}", file=sys.stderr)
+    lean_ok = not args.no_lean and triton_usable(args.device) and not (interpreted and _TRITON_TOO_EARLY)
     variants = [  # (label, dtype, estimator, rounding, lean, backend)
         ("fp32 weights, forward", torch.float32, "forward", "nearest", False, args.backend),
     ]

@@ -45,15 +45,21 @@ def markov_batch(gen: torch.Generator, trans: torch.Tensor, batch: int, length: 
     return ids
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from grkernels.cli import device, nonnegative_float, positive_float, positive_int
+
     ap = argparse.ArgumentParser(prog="grkernels quickstart", description=__doc__)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--strength", type=float, default=0.1, help="γ")
-    ap.add_argument("--eps", type=float, default=1e-2, help="ε")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=positive_int, default=40, help="optimizer steps (>= 1)")
+    ap.add_argument("--strength", type=nonnegative_float, default=0.1, help="γ (0: no GR)")
+    ap.add_argument("--eps", type=positive_float, default=1e-2, help="ε")
+    ap.add_argument("--lr", type=positive_float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
+    ap.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
