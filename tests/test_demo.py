@@ -443,3 +443,15 @@ def test_task_world_sweep_end_to_end_and_reproducible(tmp_path, capsys):
         a = res["worlds"][wname]["methods"]["none"]["runs"][0]
         b = other["worlds"][wname]["methods"]["none"]["runs"][0]
         assert b["seed"] == 5 and b["curves"]["gold"] != a["curves"]["gold"]
+
+
+def test_gr_every_is_gr_with_the_extra_pass_on_every_kth_step(tiny_setup):
+    full = _run(tiny_setup, method="gr", gamma=10.0)
+    same = _run(tiny_setup, method="gr_every", gamma=10.0, gr_every=1)
+    assert same["curves"] == full["curves"] and same["final"] == full["final"]
+    cheap = _run(tiny_setup, method="gr_every", gamma=10.0, gr_every=2)
+    none = _run(tiny_setup, method="none")
+    assert cheap["curves"]["gold"][0] == full["curves"]["gold"][0]
+    # full step, reuse (orthogonal correction applied in step()), full, reuse: GR changes every update
+    assert all(r > 0 for r in cheap["curves"]["gr_rel"])
+    assert cheap["final"] != full["final"] and cheap["final"] != none["final"]

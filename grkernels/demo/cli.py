@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reward adds a format term), judge (a learned judge with a spurious feature)")
     g.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="frontier mode: runs none plus each METHOD at each strength, SPEC = "
-                   f"'METHOD:V1,V2;...' (strength = β for kl, reset period for kl_reset, γ for gr and gr_kl, "
-                   f"lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. Replaces --methods and --gamma")
+                   "'METHOD:V1,V2;...' (strength = β for kl, reset period for kl_reset, γ for gr, gr_kl and "
+                   f"gr_every, lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. Replaces --methods, --gamma")
     g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
     g.add_argument("--seed", type=int, default=0, help="first seed")
     g.add_argument("--steps", type=int, default=None, help=f"RL steps per run (default {DEFAULTS['steps']})")
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gr-exclude", default=d.gr_exclude, choices=("paper", "none"),
                    help="paper: no GR on embeddings and output head (as the paper)")
     g.add_argument("--gr-estimator", default=d.gr_estimator, choices=("forward", "central", "exact"))
+    g.add_argument("--gr-every", type=int, default=d.gr_every,
+                   help="gr_every: the extra pass on every k-th step only (orthogonal reuse in between)")
     g.add_argument("--gr-lr-scale", type=float, default=d.gr_lr_scale,
                    help="learning-rate multiplier for GR methods (the paper's runs used ~1.67)")
     g = p.add_argument_group("GRPO")
@@ -181,6 +183,8 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"--vocab must be >= 8 (the rare world picks 1/4 of the vocabulary), got {sizes.vocab}")
     lang = Language(completion_len=args.task_len, format_frac=args.format_frac, q_plain=args.q_plain,
                     q_format=args.q_format)  # validates the ranges
+    if args.gr_every < 1:
+        raise ValueError(f"--gr-every must be >= 1, got {args.gr_every}")
     if args.pretrain_steps < 1:
         raise ValueError(f"--pretrain-steps must be >= 1, got {args.pretrain_steps}")
     sweep = parse_sweep(args.sweep) if args.sweep is not None else None
@@ -189,7 +193,8 @@ def config_from_args(args: argparse.Namespace):
                   kl_estimator=args.kl_estimator,
                   reset_interval=args.reset_interval, reset_alpha=args.reset_alpha, gamma=args.gamma[0],
                   eps=args.eps, g1_clip=args.g1_clip, g2_clip=args.g2_clip, gr_exclude=args.gr_exclude,
-                  gr_estimator=args.gr_estimator, adv_std=args.adv_std, clip_eps=args.clip_eps,
+                  gr_estimator=args.gr_estimator, gr_every=args.gr_every, adv_std=args.adv_std,
+                  clip_eps=args.clip_eps,
                   loss_agg=args.loss_agg, max_grad_norm=args.max_grad_norm, eval_samples=args.eval_samples)
     if rl.group < 2:
         raise ValueError(f"--group must be >= 2 (advantages are relative within a group), got {rl.group}")

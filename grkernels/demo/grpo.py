@@ -13,6 +13,8 @@ Methods:
                   (π_ref ← α·π + (1 − α)·π_ref, as TRL's ``sync_ref_model``)
     ``gr``        forward finite-difference gradient regularisation (γ, ε), GR off embeddings/head
     ``gr_kl``     GR and the KL penalty together
+    ``gr_every``  the cheaper GR: the extra pass on every ``gr_every``-th step only, the steps in between reuse
+                  the last correction made orthogonal to their g1 (``GradReg(every=k, reuse="orthogonal")``)
 
 Metrics per step describe the policy that produced the step's samples (before its update):
 proxy and gold reward (means, gold units), KL(π‖π_init) per sequence (exact sum over positions of
@@ -37,8 +39,9 @@ from grkernels.demo.worlds import World, repetition_penalty
 from grkernels.integrations.reference_reset import mix_into_reference
 
 DEFAULT_METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
-# none_lowlr: the control for "is GR more than a smaller step?" (no regularisation, lr × lowlr_scale); opt-in.
-METHODS = (*DEFAULT_METHODS, "none_lowlr")
+# none_lowlr: the control for "is GR more than a smaller step?" (no regularisation, lr × lowlr_scale); opt-in,
+# as gr_every (GR's extra pass every k-th step only).
+METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_every")
 METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "hack", "loss")
 
 
@@ -63,6 +66,7 @@ class RLConfig:
     g2_clip: float | None = 10.0
     gr_exclude: str = "paper"      # "paper" (embeddings + head, as the paper) or "none"
     gr_estimator: str = "forward"
+    gr_every: int = 4              # gr_every: steps per full GR step (the extra pass)
     adv_std: bool = False
     clip_eps: float = 0.2
     loss_agg: str = "token_mean"
@@ -80,7 +84,7 @@ class RLConfig:
 
     @property
     def uses_gr(self) -> bool:
-        return self.method in ("gr", "gr_kl")
+        return self.method in ("gr", "gr_kl", "gr_every")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,8 +119,9 @@ def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
     from grkernels import GradReg, paper_exclude
 
     exclude = paper_exclude(policy) if cfg.gr_exclude == "paper" else None
+    cheap = {"every": cfg.gr_every, "reuse": "orthogonal"} if cfg.method == "gr_every" else {}
     return GradReg(base, strength=cfg.gamma, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
-                   exclude=exclude, estimator=cfg.gr_estimator, seed=seed)
+                   exclude=exclude, estimator=cfg.gr_estimator, seed=seed, **cheap)
 
 
 def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLConfig, seed: int,
@@ -185,10 +190,13 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
             opt.perturb()
             loss_fn(seqs, comps, adv, old_logp, ref_logp).backward()
             opt.restore_and_combine()
-            gr_rel = opt.metrics(sync=False)["gr_rel"].detach().float()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        if cfg.uses_gr:  # after step(): gr_every's reuse steps apply their correction there
+            rel = opt.metrics(sync=False).get("gr_rel")
+            if rel is not None:
+                gr_rel = torch.as_tensor(rel, device=device).detach().float()
         if cfg.method == "kl_reset" and cfg.reset_interval > 0 and (step + 1) % cfg.reset_interval == 0:
             mix_into_reference(ref, policy, cfg.reset_alpha)
 
