@@ -29,6 +29,7 @@ from grkernels.distributed import check_not_fsdp1, shards_for
 from grkernels.kernels import check_triton_device, resolve_backend
 from grkernels.params import resolve_exclude
 from grkernels.reference import Shards, StepPlan, TorchGRStep, accum_dtype, global_norm
+from grkernels.reuse import REUSE_MODES, CorrectionReuse
 from grkernels.rng import RNGState
 
 ESTIMATORS = ("forward", "central", "exact")
@@ -89,6 +90,13 @@ class GradReg(torch.optim.Optimizer):
         lean: Triton backend only: save g1 of fp32 gradients in bf16 (4 instead of 6 bytes per bf16 parameter
             with fp32 gradients); between perturb() and step() the gradient buffers then hold g − g1, and the
             GR correction keeps fp32 accuracy (see grkernels.kernels.gr_step). Ignored by the torch backend.
+        every: run the full GR step (the extra pass) on every k-th step after warmup only; see ``reuse``.
+        reuse: what the steps in between do: "none" (the plain gradient g1) or "orthogonal" (LookSAM-style: the
+            last full correction, made orthogonal to the current g1 and rescaled to the size relative to ‖g1‖ it
+            had; ``grkernels.reuse``). ``every=1`` is full GR on every step.
+
+    Sub-batch GR (two-phase API): ``mark_subset(fraction)`` after the backward of a subset of the batch, taken
+    first; the perturbed pass then runs on that subset only (see ``mark_subset``).
 
     Per-group overrides: a param group may set ``gr_strength`` (γ for that group) or ``gr_enabled=False``.
     """
@@ -115,6 +123,8 @@ class GradReg(torch.optim.Optimizer):
         seed: int = 0,
         master_weights: str | None = None,
         lean: bool = False,
+        every: int = 1,
+        reuse: str = "none",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"GradReg wraps a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
@@ -144,6 +154,10 @@ class GradReg(torch.optim.Optimizer):
         if warmup_steps < 0:
             raise ValueError(f"GradReg: warmup_steps must be >= 0, got {warmup_steps}")
         resolve_backend(backend, "cpu", what="GradReg")  # validates the name
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"GradReg: every must be a whole number >= 1, got {every!r}")
+        if reuse not in REUSE_MODES:
+            raise ValueError(f"GradReg: reuse must be one of {REUSE_MODES}, got {reuse!r}")
         if schedule is not None and not callable(schedule):
             raise TypeError(f"GradReg: schedule must be callable (step -> factor), got {type(schedule).__name__}")
         if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps:
@@ -156,6 +170,11 @@ class GradReg(torch.optim.Optimizer):
         self.estimator, self.eps_mode, self.rounding, self.backend = estimator, eps_mode, rounding, backend
         self.skip_nonfinite, self.seed = skip_nonfinite, int(seed)
         self.lean = bool(lean)
+        self.every, self.reuse = every, reuse
+        self._reuse = CorrectionReuse()
+        self._reuse_factor = 1.0  # the γ multiplier of the full step whose correction is stored
+        self._subset: dict[int, torch.Tensor] | None = None  # sub-batch GR: g1 of the subset, then R (mark_subset)
+        self._subset_fraction = 1.0
         self.master_weights = master_weights
         self._excluded = resolve_exclude(exclude, named_parameters, self._parameters())
         check_not_fsdp1(self._parameters())
@@ -262,11 +281,23 @@ class GradReg(torch.optim.Optimizer):
             )
         return float(factor)
 
-    @property
-    def active(self) -> bool:
-        """Whether the coming step does GR (False during warmup, or when every γ is 0). Host-side, no sync."""
+    def _regularising(self) -> bool:
+        """GR is on for the coming step (after warmup, some γ > 0), whether or not it is a full step."""
         factor = self.strength_factor()
         return factor != 0.0 and any(self._group_gamma(g) * factor != 0.0 for g in self.param_groups)
+
+    @property
+    def active(self) -> bool:
+        """Whether the coming step is a full GR step, with its perturbed pass(es) (False during warmup, when every
+        γ is 0, and on the steps between full steps with ``every > 1``). Host-side, no sync."""
+        return self._regularising() and (self._step - self.warmup_steps) % self.every == 0
+
+    @property
+    def reusing(self) -> bool:
+        """Whether the coming step applies the stored correction (``every > 1, reuse="orthogonal"``) in step()."""
+        return (
+            self.reuse == "orthogonal" and self._reuse.ready and not self.active and self._regularising()
+        )
 
     @property
     def extra_passes(self) -> int:
@@ -391,7 +422,7 @@ class GradReg(torch.optim.Optimizer):
         finally:
             if plan is not None:
                 _drop_new_grads(plan)
-            self._phase, self._point, self._finite = _IDLE, 0, None
+            self._phase, self._point, self._finite, self._subset = _IDLE, 0, None, None
 
     # ------------------------------------------------------------------ two-phase API
     @torch.no_grad()
@@ -420,6 +451,11 @@ class GradReg(torch.optim.Optimizer):
                     "and gr_enabled (every parameter with a gradient is excluded)"
                 )
             self._phase = _PERTURBED  # from here on an error restores what the backend saved
+            if self.reuse != "none":
+                self._reuse.capture(self._plan.params)
+            self._subset_residual(self._plan)
+        else:
+            self._subset_estimate(self._plan)
         self._plan.shards.before_write(self._plan.params)
         self._backend_for(self._plan).perturb(self._plan, self._point)
         self._point += 1
@@ -435,6 +471,7 @@ class GradReg(torch.optim.Optimizer):
                 f"(state: {self._phase}, perturbed points: {self._point}); the step was aborted"
             )
         impl = self._backend_for(self._plan)
+        self._subset_estimate(self._plan)
         self._plan.shards.before_write(self._plan.params)
         impl.restore_and_combine(self._plan)
         _drop_new_grads(self._plan)
@@ -449,6 +486,50 @@ class GradReg(torch.optim.Optimizer):
         self._metrics = dict(impl.metrics)
         self._finite = impl.metrics["finite"]
         self._phase = _COMBINED
+        self._subset = None
+        if self.reuse != "none":
+            self._metrics.update(self._reuse.store(self._plan.params))
+            self._reuse_factor = self.strength_factor()
+
+    # ------------------------------------------------------------------ sub-batch GR
+    @torch.no_grad()
+    def mark_subset(self, fraction: float) -> None:
+        """Sub-batch GR (K-SAM-style): the perturbed pass runs on a subset S of the batch only.
+
+        Two-phase use: backward of the subset's share of the loss first, then ``mark_subset(|S|/|B|)``, then the
+        backward of the rest (``.grad`` = g1 of the whole batch), ``perturb()``, the backward of the same subset
+        at θ' (same loss scaling: the subset's terms as they appear in the whole batch's loss), and
+        ``restore_and_combine()``. GR then combines with the full-batch estimate g2 ≈ g1 + (g2_S − g1_S)/f,
+        f = ``fraction``: the difference is taken on the same data, the perturbation direction is the whole
+        batch's clip(g1), and with S = B (f = 1) it is full GR exactly. Costs one gradient copy of the GR
+        parameters. Not with ``lean=True`` (its buffers carry g − g1) nor the exact estimator.
+        """
+        if not (0.0 < fraction <= 1.0):
+            raise ValueError(f"GradReg.mark_subset: fraction must be in (0, 1], got {fraction!r}")
+        if self.lean or self.estimator == "exact":
+            raise RuntimeError("GradReg.mark_subset: sub-batch GR needs lean=False and a finite-difference estimator")
+        if self._phase != _IDLE:
+            raise RuntimeError("GradReg.mark_subset: call it before perturb(), after the subset's backward")
+        self._subset = {id(p): p.grad.detach().clone() for p in self._gr_candidates() if p.grad is not None}
+        self._subset_fraction = float(fraction)
+
+    def _subset_residual(self, plan: StepPlan) -> None:
+        """At θ (``.grad`` = g1): the subset buffers become R = g1 − g1_S/f."""
+        if self._subset is None:
+            return
+        inv = 1.0 / self._subset_fraction
+        for p in plan.params:
+            saved = self._subset.get(id(p))
+            self._subset[id(p)] = p.grad.detach().clone() if saved is None else saved.mul_(-inv).add_(p.grad)
+
+    def _subset_estimate(self, plan: StepPlan) -> None:
+        """At a perturbed point (``.grad`` = g_S there): ``.grad`` ← R + g_S/f, the whole-batch estimate."""
+        if self._subset is None:
+            return
+        inv = 1.0 / self._subset_fraction
+        for p in plan.params:
+            if p.grad is not None:
+                p.grad.mul_(inv).add_(self._subset[id(p)])
 
     def _combine_exact(self) -> None:
         """Exact estimator: H·v by double backprop from the graph kept in ``.grad``; ``.grad`` ← g1 + γ·H·v."""
@@ -475,6 +556,8 @@ class GradReg(torch.optim.Optimizer):
             p.grad = p.grad.detach()  # drop the graph (exact mode only: the only place .grad is rebound)
         with torch.no_grad():
             hvp = [torch.zeros_like(p) if h is None else h for p, h in zip(plan.params, hvp)]
+            if self.reuse != "none":
+                self._reuse.capture(plan.params)
             impl.combine_hvp(plan, hvp)
         self._plan = plan
         self._finish_gr(impl)
@@ -562,6 +645,10 @@ class GradReg(torch.optim.Optimizer):
         try:
             if self._phase == _IDLE and self._observed != self._step:
                 self.observe_g1()  # plain step: g1 is what the caller hands us
+            if self._phase == _IDLE and self.reusing:
+                gr = [p for p in self._gr_candidates() if p.grad is not None]
+                scale = self.strength_factor() / self._reuse_factor  # γ schedules scale the stored correction
+                self._metrics.update(self._reuse.apply(gr, scale))
             if self.skip_nonfinite:
                 have = [p for p in self._parameters() if p.grad is not None]
                 finite = _all_finite(have, shards_for(have))
@@ -580,7 +667,7 @@ class GradReg(torch.optim.Optimizer):
         finally:
             self._last_factor = self.strength_factor()
             self._step += 1
-            self._phase, self._point, self._finite, self._plan = _IDLE, 0, None, None
+            self._phase, self._point, self._finite, self._plan, self._subset = _IDLE, 0, None, None, None
 
     # ------------------------------------------------------------------ diagnostics and state
     def metrics(self, sync: bool = True) -> dict[str, Any]:
@@ -619,6 +706,10 @@ class GradReg(torch.optim.Optimizer):
             "skipped": int(self._skipped.sum()) if self._skipped is not None else 0,
             "last_factor": self._last_factor,
         }
+        if self.reuse != "none":
+            position = {id(p): i for i, p in enumerate(self._parameters())}
+            sd["grad_reg"]["reuse"] = self._reuse.state(position)
+            sd["grad_reg"]["reuse_factor"] = self._reuse_factor
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, sd)
             if result is not None:
@@ -644,6 +735,8 @@ class GradReg(torch.optim.Optimizer):
             self._step = int(gr["step"])
             self._skipped = torch.tensor(int(gr["skipped"])) if gr.get("skipped") else None
             self._last_factor = float(gr.get("last_factor", 0.0))
+            self._reuse.load(gr.get("reuse"), self._parameters())
+            self._reuse_factor = float(gr.get("reuse_factor", 1.0))
         self._impl = None
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
