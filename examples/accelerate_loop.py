@@ -1,24 +1,26 @@
-"""GR in a Hugging Face Accelerate loop, with gradient accumulation (works the same under DDP launches).
+"""GR in a Hugging Face Accelerate loop with gradient accumulation: ``GradRegWindow``.
 
     python examples/accelerate_loop.py --steps 20 --grad-accum 2
     accelerate launch --num_processes 2 --cpu examples/accelerate_loop.py     # DDP
 
-``accelerator.prepare`` wraps the ``GradReg`` in an ``AcceleratedOptimizer`` whose ``step()`` calls
-``GradReg.step()``; the two-phase API (``perturb``) is called on the ``GradReg`` itself. Micro-batches other
-than the last of a window run under ``accelerator.no_sync`` in BOTH passes, so g1 and g2 are each all-reduced
-exactly once per optimizer step.
+``accelerator.accumulate()`` skips ``optimizer.step()`` (and so any closure) on the micro-batches that do not end a
+window: ``opt.step(closure)`` there would give GR of the last micro-batch only. ``GradRegWindow.step(batch,
+loss_fn)`` is called once per micro-batch instead: it runs the backward at θ inside ``accelerator.accumulate``,
+and at the end of each window replays the window's micro-batches at θ + ε·clip(g1) with their RNG states (all but
+the last under ``no_sync``, so g1 and g2 are each all-reduced once), restores θ, clips the combined gradient and
+steps once (grkernels.integrations.accelerate).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from grkernels import GradReg, paper_exclude
+from grkernels.integrations.accelerate import GradRegWindow
 
 VOCAB = 16
 
@@ -50,42 +52,31 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--strength", type=float, default=1e-2)
     ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the combined gradient")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
     model = tiny_lm(args.seed)
     gr = GradReg(torch.optim.AdamW(model.parameters(), lr=args.lr), strength=args.strength, eps=args.eps,
                  exclude=paper_exclude(model))  # exclude the tensors before prepare() may wrap the model
     data = cyclic_data(args.steps * args.grad_accum * args.micro_batch * accelerator.num_processes, seed=args.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=args.micro_batch, shuffle=False)
     model, opt, loader = accelerator.prepare(model, gr, loader)  # opt: AcceleratedOptimizer around gr
+    model.train()
 
-    def window_backward(window: list[torch.Tensor]) -> torch.Tensor:
-        """Forward/backward over one accumulation window; only the last micro-batch all-reduces (DDP)."""
-        total = 0.0
-        for k, ids in enumerate(window):
-            last = k == len(window) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                loss = nll(model, ids) / len(window)
-                accelerator.backward(loss)
-            total += loss.detach()
-        return total
-
+    window = GradRegWindow(accelerator, model, opt, max_grad_norm=args.max_grad_norm)
     history: dict[str, list[float]] = {"loss": [], "gr_rel": []}
-    it = iter(loader)
-    for step in range(args.steps):
-        window = [next(it) for _ in range(args.grad_accum)]
-        loss = window_backward(window)  # g1
-        for _ in range(gr.extra_passes):
-            gr.perturb()
-            window_backward(window)  # g2 at θ + ε·clip(g1)
-        opt.step()  # AcceleratedOptimizer -> GradReg.step(): restore θ, combine, AdamW step
-        opt.zero_grad()
-        m = gr.metrics()
-        history["loss"].append(float(accelerator.reduce(loss, reduction="mean")))
-        history["gr_rel"].append(m.get("gr_rel", 0.0))
+    total = 0.0
+    for k, ids in enumerate(loader):
+        total += window.step(ids, nll) / args.grad_accum  # backward at θ; at a window's end also θ' and the step
+        if (k + 1) % args.grad_accum:
+            continue
+        step = (k + 1) // args.grad_accum - 1
+        history["loss"].append(float(accelerator.reduce(total, reduction="mean")))
+        history["gr_rel"].append(gr.metrics().get("gr_rel", 0.0))
+        total = 0.0
         if accelerator.is_main_process and not args.quiet and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {history['loss'][-1]:.4f}  |GR-g1|/|g1| {history['gr_rel'][-1]:.3g}")
     history["params"] = {n: p.detach().cpu().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}

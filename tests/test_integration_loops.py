@@ -49,47 +49,13 @@ def test_accelerate_loop_accumulation_matches_single_batch():
     assert all(r > 0 for r in a["gr_rel"])
 
 
-# ---------------------------------------------------------------- Lightning-style closure
-def test_lightning_style_closure_gives_the_gr_gradient():
-    ex = load_example("lightning_style")
-    module = ex.TinyModule(strength=0.1, eps=1e-3)
-    ref_module = copy.deepcopy(module)
-    batches = ex.make_batches(n=1)
-    seen = {}
-
-    orig = ex.TinyModule.configure_optimizers
-
-    def configure(self):
-        opt = orig(self)
-        opt.optimizer.register_step_pre_hook(
-            lambda o, a, k: seen.update(grads=[p.grad.clone() for p in self.parameters()],
-                                        params=[p.detach().clone() for p in self.parameters()]))
-        return opt
-
-    module.configure_optimizers = configure.__get__(module)
-    torch.manual_seed(123)
-    ex.fit(module, batches)
-
-    # independent recomputation: same dropout masks at θ and θ' (GradReg replays the RNG)
-    ref_module.train()
-    params = list(ref_module.parameters())
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    g1 = torch.autograd.grad(ref_module.training_step(batches[0], 0), params)
-    theta = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, g in zip(params, g1):
-            p.add_(g, alpha=1e-3)
-    torch.set_rng_state(state)
-    g2 = torch.autograd.grad(ref_module.training_step(batches[0], 0), params)
-    exp = [a + (0.1 / 1e-3) * (b - a) for a, b in zip(g1, g2)]
-    got = seen["grads"]
-    num = sum(float((x - y).square().sum()) for x, y in zip(got, exp)) ** 0.5
-    den = sum(float(y.square().sum()) for y in exp) ** 0.5
-    assert num / den < 1e-4
-    assert sum(float((x - y).square().sum()) for x, y in zip(exp, g1)) ** 0.5 / den > 0.01
-    for p, t in zip(seen["params"], theta):  # θ restored before the base optimizer steps
-        assert torch.equal(p, t)
+# ---------------------------------------------------------------- Lightning (the gradient: test_integration_lightning)
+def test_lightning_example_trains_with_accumulation():
+    pytest.importorskip("lightning")
+    ex = load_example("lightning_loop")
+    out = ex.main(["--epochs", "2", "--accumulate", "3", "--clip", "1.0"])
+    assert out["global_step"] == 2 * 5  # 15 micro-batches per epoch, windows of 3: one optimizer step each
+    assert out["gr_rel"] > 0 and out["losses"][-1] < out["losses"][0]
 
 
 # ---------------------------------------------------------------- reference resets
