@@ -452,7 +452,7 @@ class GradReg(torch.optim.Optimizer):
                 )
             self._phase = _PERTURBED  # from here on an error restores what the backend saved
             if self.reuse != "none":
-                self._reuse.capture(self._plan.params)
+                self._reuse.capture(self._plan.params, self._plan.shards)
             self._subset_residual(self._plan)
         else:
             self._subset_estimate(self._plan)
@@ -488,7 +488,7 @@ class GradReg(torch.optim.Optimizer):
         self._phase = _COMBINED
         self._subset = None
         if self.reuse != "none":
-            self._metrics.update(self._reuse.store(self._plan.params))
+            self._metrics.update(self._reuse.store(self._plan.params, self._plan.shards))
             self._reuse_factor = self.strength_factor()
 
     # ------------------------------------------------------------------ sub-batch GR
@@ -510,7 +510,9 @@ class GradReg(torch.optim.Optimizer):
             raise RuntimeError("GradReg.mark_subset: sub-batch GR needs lean=False and a finite-difference estimator")
         if self._phase != _IDLE:
             raise RuntimeError("GradReg.mark_subset: call it before perturb(), after the subset's backward")
-        self._subset = {id(p): p.grad.detach().clone() for p in self._gr_candidates() if p.grad is not None}
+        have = [p for p in self._gr_candidates() if p.grad is not None]
+        shards = shards_for(have)
+        self._subset = {id(p): shards.local(p.grad).detach().clone() for p in have}
         self._subset_fraction = float(fraction)
 
     def _subset_residual(self, plan: StepPlan) -> None:
@@ -519,8 +521,8 @@ class GradReg(torch.optim.Optimizer):
             return
         inv = 1.0 / self._subset_fraction
         for p in plan.params:
-            saved = self._subset.get(id(p))
-            self._subset[id(p)] = p.grad.detach().clone() if saved is None else saved.mul_(-inv).add_(p.grad)
+            saved, g1 = self._subset.get(id(p)), plan.shards.local(p.grad)
+            self._subset[id(p)] = g1.detach().clone() if saved is None else saved.mul_(-inv).add_(g1)
 
     def _subset_estimate(self, plan: StepPlan) -> None:
         """At a perturbed point (``.grad`` = g_S there): ``.grad`` ← R + g_S/f, the whole-batch estimate."""
@@ -529,7 +531,7 @@ class GradReg(torch.optim.Optimizer):
         inv = 1.0 / self._subset_fraction
         for p in plan.params:
             if p.grad is not None:
-                p.grad.mul_(inv).add_(self._subset[id(p)])
+                plan.shards.local(p.grad).mul_(inv).add_(self._subset[id(p)])
 
     def _combine_exact(self) -> None:
         """Exact estimator: H·v by double backprop from the graph kept in ``.grad``; ``.grad`` ← g1 + γ·H·v."""
@@ -557,7 +559,7 @@ class GradReg(torch.optim.Optimizer):
         with torch.no_grad():
             hvp = [torch.zeros_like(p) if h is None else h for p, h in zip(plan.params, hvp)]
             if self.reuse != "none":
-                self._reuse.capture(plan.params)
+                self._reuse.capture(plan.params, plan.shards)
             impl.combine_hvp(plan, hvp)
         self._plan = plan
         self._finish_gr(impl)
@@ -648,7 +650,7 @@ class GradReg(torch.optim.Optimizer):
             if self._phase == _IDLE and self.reusing:
                 gr = [p for p in self._gr_candidates() if p.grad is not None]
                 scale = self.strength_factor() / self._reuse_factor  # γ schedules scale the stored correction
-                self._metrics.update(self._reuse.apply(gr, scale))
+                self._metrics.update(self._reuse.apply(gr, scale, shards_for(gr)))
             if self.skip_nonfinite:
                 have = [p for p in self._parameters() if p.grad is not None]
                 finite = _all_finite(have, shards_for(have))

@@ -15,7 +15,8 @@ between the correction reuse would have applied at that step and the full correc
 
 Memory: one copy of the GR parameters' gradients (grad dtype; 2 B/param for bf16 gradients, 4 B for fp32), kept
 between full steps, plus a transient second copy during a full step. Everything stays on the device (norms and
-ratios are 0-d tensors), so reuse adds no host synchronisation.
+ratios are 0-d tensors), so reuse adds no host synchronisation. Sharded parameters (FSDP2): the stored correction
+is the local shard and every inner product is all-reduced through the step's ``Shards``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from collections.abc import Sequence
 
 import torch
 
-from grkernels.reference import accum_dtype
+from grkernels.reference import Shards, accum_dtype
 
 REUSE_MODES = ("none", "orthogonal")
 
 
-def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Σ⟨a_i, b_i⟩ as a 0-d tensor of ``dtype`` (per-tensor sums in a fixed order)."""
-    return torch.stack([(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(a, b)]).sum()
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], dtype: torch.dtype, shards: Shards) -> torch.Tensor:
+    """Σ⟨a_i, b_i⟩ over local tensors, summed across the processes holding the other shards (0-d, ``dtype``)."""
+    return shards.sum_across(torch.stack([(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(a, b)]).sum())
 
 
 class CorrectionReuse:
@@ -71,58 +72,58 @@ class CorrectionReuse:
     def _matches(self, params: Sequence[torch.Tensor]) -> bool:
         return self.ready and self._ids == tuple(id(p) for p in params)
 
-    def _scaled_direction(self, g1: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _scaled_direction(self, g1: Sequence[torch.Tensor], shards: Shards) -> tuple[list[torch.Tensor], torch.dtype]:
         """The reused correction for gradient g1: ρ·‖g1‖·d/‖d‖ with d the stored c made orthogonal to g1."""
         dtype = accum_dtype(list(g1))
-        g1_sq = _dot(g1, g1, dtype)
-        beta = _dot(self._c, g1, dtype) / g1_sq.clamp_min(torch.finfo(dtype).tiny)
+        g1_sq = _dot(g1, g1, dtype, shards)
+        beta = _dot(self._c, g1, dtype, shards) / g1_sq.clamp_min(torch.finfo(dtype).tiny)
         d = [c.to(dtype) - beta * g.to(dtype) for c, g in zip(self._c, g1)]
-        d_norm = _dot(d, d, dtype).sqrt()
+        d_norm = _dot(d, d, dtype, shards).sqrt()
         scale = self._rho.to(dtype) * g1_sq.sqrt() / d_norm.clamp_min(torch.finfo(dtype).tiny)
         return [x * scale for x in d], dtype
 
     @torch.no_grad()
-    def capture(self, params: Sequence[torch.Tensor]) -> None:
+    def capture(self, params: Sequence[torch.Tensor], shards: Shards) -> None:
         """Full step, right after the backward at θ (``.grad`` = g1): keep g1, and the reuse prediction for the
         ``reuse_cos`` diagnostic."""
-        g1 = [p.grad for p in params]
-        self._pred = self._scaled_direction(g1)[0] if self._matches(params) else None
+        g1 = [shards.local(p.grad) for p in params]
+        self._pred = self._scaled_direction(g1, shards)[0] if self._matches(params) else None
         self._g1 = [g.detach().clone() for g in g1]
 
     @torch.no_grad()
-    def store(self, params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def store(self, params: Sequence[torch.Tensor], shards: Shards) -> dict[str, torch.Tensor]:
         """Full step, after the combine (``.grad`` = GR): c = GR − g1 and ρ; returns ``reuse_cos`` if measured."""
         g1, self._g1 = self._g1, []
-        self._c = [p.grad.detach() - g for p, g in zip(params, g1)]
+        self._c = [shards.local(p.grad).detach() - g for p, g in zip(params, g1)]
         self._ids = tuple(id(p) for p in params)
         dtype = accum_dtype(self._c)
-        g1_sq = _dot(g1, g1, dtype)
+        g1_sq = _dot(g1, g1, dtype, shards)
         tiny = torch.finfo(dtype).tiny
-        c_dot = _dot(self._c, g1, dtype)
-        c_sq = _dot(self._c, self._c, dtype)
+        c_dot = _dot(self._c, g1, dtype, shards)
+        c_sq = _dot(self._c, self._c, dtype, shards)
         # ‖c⊥‖² = ‖c‖² − ⟨c, g1⟩²/‖g1‖²
         perp_sq = (c_sq - c_dot.square() / g1_sq.clamp_min(tiny)).clamp_min(0)
         self._rho = perp_sq.sqrt() / g1_sq.sqrt().clamp_min(tiny)
         out: dict[str, torch.Tensor] = {}
         if self._pred is not None:
-            num = _dot(self._pred, self._c, dtype)
-            den = (_dot(self._pred, self._pred, dtype) * c_sq).sqrt().clamp_min(tiny)
+            num = _dot(self._pred, self._c, dtype, shards)
+            den = (_dot(self._pred, self._pred, dtype, shards) * c_sq).sqrt().clamp_min(tiny)
             out["reuse_cos"] = num / den
         self._pred = None
         return out
 
     @torch.no_grad()
-    def apply(self, params: Sequence[torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def apply(self, params: Sequence[torch.Tensor], scale: float, shards: Shards) -> dict[str, torch.Tensor]:
         """Step in between: ``.grad`` (= g1) ← g1 + scale·ρ·‖g1‖·d/‖d‖ (``scale``: γ now over γ at the full step);
         returns ``gr_rel`` of the applied correction. A no-op (returns {}) unless a correction for exactly these
         parameters is stored."""
         if not self._matches(params):
             return {}
-        g1 = [p.grad for p in params]
-        corr, dtype = self._scaled_direction(g1)
+        g1 = [shards.local(p.grad) for p in params]
+        corr, dtype = self._scaled_direction(g1, shards)
         corr = [c * scale for c in corr]
-        g1_norm = _dot(g1, g1, dtype).sqrt()
+        g1_norm = _dot(g1, g1, dtype, shards).sqrt()
         for g, c in zip(g1, corr):
             g.add_(c.to(g.dtype))
-        rel = _dot(corr, corr, dtype).sqrt() / g1_norm.clamp_min(torch.finfo(dtype).tiny)
+        rel = _dot(corr, corr, dtype, shards).sqrt() / g1_norm.clamp_min(torch.finfo(dtype).tiny)
         return {"gr_rel": rel}
