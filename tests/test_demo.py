@@ -429,6 +429,11 @@ def test_task_world_sweep_end_to_end_and_reproducible(tmp_path, capsys):
         assert w["methods"]["kl_reset@2"]["config"]["reset_interval"] == 2
         assert 0 <= w["setup"][0]["init_gold"] <= 1
     assert "rm_acc_gold" in res["worlds"]["judge"]["setup"][0]
+    # the tables can be redrawn from results.json alone (NaN survives the null round trip)
+    assert cli.main(["--from-results", str(out / "results.json"), "--out", str(tmp_path / "redraw"), "--no-plot"]) == 0
+    assert (tmp_path / "redraw" / "table.txt").read_text() == (out / "table.txt").read_text()
+    with pytest.raises(SystemExit):
+        cli.main(["--from-results", str(out / "nope.json")])
     # same seed, same numbers, also when the second run loads the cached policy (cached == trained: tested above)
     assert cli.main(args + ["--out", str(out), "--no-plot"]) == 0
     again = json.loads((out / "results.json").read_text())

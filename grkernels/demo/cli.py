@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="backend of grkernels' policy loss (auto: Triton on CUDA, torch on CPU)")
     g.add_argument("--no-plot", action="store_true", help="skip demo.png")
+    g.add_argument("--from-results", metavar="JSON", default=None,
+                   help="run nothing: redraw the tables and plots of an earlier results.json into --out")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("experiment")
     g.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS,
@@ -214,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     """``grkernels demo [options]``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.from_results is not None:
+        from grkernels.demo.report import full_table, load_results, write_results
+
+        try:
+            results = load_results(args.from_results)
+        except (OSError, ValueError) as err:
+            parser.error(f"--from-results: {err}")
+        paths = write_results(results, args.out, make_plot=not args.no_plot)
+        print(full_table(results))
+        print("\nwrote " + ", ".join(paths.values()))
+        return 0
     try:
         cfg = config_from_args(args)
     except ValueError as err:

@@ -22,6 +22,7 @@ import json
 import math
 import os
 
+from grkernels.demo.experiment import SCHEMA
 from grkernels.demo.frontier import format_frontier_table, plot_frontiers
 
 # Columns of the table: (summary key, header, format).
@@ -157,6 +158,27 @@ def _clean(x):
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
+
+
+def _restore_nan(x):
+    """None → NaN (the inverse of :func:`_clean` for numbers)."""
+    if x is None:
+        return math.nan
+    if isinstance(x, dict):
+        return {k: _restore_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_restore_nan(v) for v in x]
+    return x
+
+
+def load_results(path: str) -> dict:
+    """Read a ``results.json`` back (nulls become NaN), e.g. to redraw its tables and plots."""
+    with open(path) as f:
+        res = json.load(f)
+    if res.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a grkernels demo results file (schema {res.get('schema')!r}, want {SCHEMA!r})")
+    # Seeds are JSON object keys (strings) nowhere that matters; "values" lists keep their order.
+    return _restore_nan(res)
 
 
 def full_table(results: dict) -> str:
