@@ -613,6 +613,31 @@ class GradReg(torch.optim.Optimizer):
         self._base_step()
         return loss
 
+    @_aborts_on_error
+    def combine(self) -> None:
+        """Two-phase loops: after the step's backward pass(es), before your clip and ``step()``, in every step.
+
+        A full GR step: ``restore_and_combine()`` (θ back, ``.grad`` ← GR; the exact estimator's H·v from the
+        graph). A step between full steps with ``reuse="orthogonal"``: ``.grad`` ← g1 + the reused correction. Any
+        other step (warmup, γ = 0, ``reuse="none"``): records g1's diagnostics. So a clip after it always acts on the
+        gradient the base optimizer steps with, and ``g1_norm`` is always taken before it. Idempotent per step.
+        """
+        if self._phase == _PERTURBED:
+            self.restore_and_combine()
+        elif self._phase == _IDLE and self.needs_graph:
+            self._combine_exact()
+        elif self._phase == _IDLE:
+            self.observe_g1()
+            if self.reusing:
+                self._apply_reuse()
+            self._phase = _COMBINED
+
+    @torch.no_grad()
+    def _apply_reuse(self) -> None:
+        gr = [p for p in self._gr_candidates() if p.grad is not None]
+        scale = self.strength_factor() / self._reuse_factor  # γ schedules scale the stored correction
+        self._metrics.update(self._reuse.apply(gr, scale, shards_for(gr)))
+
     @torch.no_grad()
     def observe_g1(self) -> None:
         """Record ``g1_norm`` of a step without GR (warmup, γ = 0) from ``.grad`` now. Two-phase loops that clip
@@ -648,9 +673,7 @@ class GradReg(torch.optim.Optimizer):
             if self._phase == _IDLE and self._observed != self._step:
                 self.observe_g1()  # plain step: g1 is what the caller hands us
             if self._phase == _IDLE and self.reusing:
-                gr = [p for p in self._gr_candidates() if p.grad is not None]
-                scale = self.strength_factor() / self._reuse_factor  # γ schedules scale the stored correction
-                self._metrics.update(self._reuse.apply(gr, scale, shards_for(gr)))
+                self._apply_reuse()
             if self.skip_nonfinite:
                 have = [p for p in self._parameters() if p.grad is not None]
                 finite = _all_finite(have, shards_for(have))

@@ -268,3 +268,30 @@ def test_head_only_gr_reuses_the_first_pass_hidden_states():
         opt.restore_and_combine()
         results.append([p.grad.clone() for p in params])
     assert rel_err(results[1], results[0]) < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_phase_combine_applies_reuse_before_the_callers_clip(backend):
+    """With combine() the reused correction is in .grad before the caller clips, as the full correction is."""
+    model = tanh_mlp(14)
+    twin = copy.deepcopy(model)
+    x, y = regression_batch(15)
+    kw = dict(strength=0.5, eps=1e-6, g1_clip=None, g2_clip=None, every=2, reuse="orthogonal", backend=backend)
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=1e-2), **kw)
+    ref = GradReg(torch.optim.SGD(twin.parameters(), lr=1e-2), **kw)
+    cap = GradCapture(ref.optimizer)
+    for step in range(4):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        for _ in range(opt.extra_passes):
+            opt.perturb()
+            _loss(model, x, y).backward()
+        opt.combine()
+        combined = [p.grad.clone() for p in model.parameters()]
+        opt.combine()  # idempotent
+        assert bitwise_equal([p.grad for p in model.parameters()], combined)
+        opt.step()
+        ref.step(_closure(twin, x, y))  # the closure path applies the same correction in step()
+        assert rel_err(combined, cap.grads[-1]) < 1e-12
+        if step % 2 == 1:
+            assert opt.metrics()["gr_rel"] > 0  # a reuse step really added a correction

@@ -402,12 +402,10 @@ def test_g1_norm_and_strength_mean_the_same_in_warmup_and_after(two_phase):
         opt.zero_grad()
         if two_phase:
             _loss(model, x, y).backward()
-            if opt.active:
+            for _ in range(opt.extra_passes):
                 opt.perturb()
                 _loss(model, x, y).backward()
-                opt.restore_and_combine()
-            else:
-                opt.observe_g1()
+            opt.combine()
             torch.nn.utils.clip_grad_norm_(params, 1e-4)  # the caller's clip must not change g1_norm
             opt.step()
         else:
