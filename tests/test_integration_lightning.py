@@ -184,3 +184,25 @@ def test_refuses_what_it_cannot_do_right():
     module = Two(manual=True)
     with pytest.raises(TypeError, match="exactly one optimizer"):
         trainer.fit(module, data())
+
+
+def test_error_in_the_replay_leaves_theta_and_the_optimizer_usable():
+    class Failing(Module):
+        calls = 0
+
+        def training_step(self, batch, batch_idx):
+            Failing.calls += 1
+            if Failing.calls == 4:  # window of 3: the first replay
+                raise RuntimeError("boom at theta'")
+            return super().training_step(batch, batch_idx)
+
+    module, rec = Failing(), Recorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=3, precision="64-true",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[rec, GradRegCallback()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, data())
+    assert bitwise_equal([p.detach() for p in module.parameters()], rec.batches[0][2])  # θ, not θ'
+    assert "training_step" not in module.__dict__  # the callback took its capture off again
+    trainer2, module2, rec2 = fit(3, None)  # a new run in the same process is unaffected
+    assert trainer2.global_step == 2

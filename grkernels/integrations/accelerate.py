@@ -25,18 +25,25 @@ the LR scheduler if given, ``optimizer.zero_grad()``. One optimizer step per win
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from grkernels.integrations.window import accelerate_sync_context, replay_window
 from grkernels.optim import GradReg
 from grkernels.rng import RNGState
 
 __all__ = ["GradRegWindow"]
+
+
+@dataclass
+class _MicroBatch:
+    batch: Any
+    rng: RNGState  # before the forward at θ
 
 
 class GradRegWindow:
@@ -66,7 +73,7 @@ class GradRegWindow:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.grad_reg: GradReg = gr
         self.max_grad_norm, self.lr_scheduler = max_grad_norm, lr_scheduler
-        self._window: list[tuple[Any, RNGState]] = []
+        self._window: list[_MicroBatch] = []
 
     def step(self, batch: Any, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> torch.Tensor:
         """One micro-batch: backward at θ; at the end of the window also the pass at θ' and the optimizer step.
@@ -80,30 +87,24 @@ class GradRegWindow:
             loss = loss_fn(self.model, batch)
             acc.backward(loss)
             if gr.active:
-                self._window.append((batch, rng))
+                self._window.append(_MicroBatch(batch, rng))
             if acc.sync_gradients:
                 window, self._window = self._window, []
                 self._finish(window, loss_fn)
         return loss.detach()
 
-    def _finish(self, window: list[tuple[Any, RNGState]], loss_fn: Callable) -> None:
+    def _finish(self, window: list[_MicroBatch], loss_fn: Callable) -> None:
         acc, gr = self.accelerator, self.grad_reg
         if gr.active:
-            rng_after = RNGState()
+            def replay_one(mb: _MicroBatch, last: bool) -> None:
+                with accelerate_sync_context(acc, self.model, last):
+                    acc.backward(loss_fn(self.model, mb.batch))
+
             try:
-                for _ in range(gr.extra_passes):
-                    gr.perturb()
-                    for k, (batch, rng) in enumerate(window):
-                        rng.replay()
-                        with self._sync_context(last=k == len(window) - 1):
-                            acc.backward(loss_fn(self.model, batch))
-                gr.restore_and_combine()
+                replay_window(gr, window, replay_one)
             except BaseException:
-                gr.restore()  # θ back bitwise, .grad = g1
-                self.optimizer.zero_grad()  # the window is void: the next one starts clean
+                self.optimizer.zero_grad()  # θ is back; the window is void, the next one starts clean
                 raise
-            finally:
-                rng_after.replay()
         else:
             gr.observe_g1()  # before the clip, as GR steps record g1_norm
         if self.max_grad_norm is not None:
@@ -112,9 +113,3 @@ class GradRegWindow:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad()
-
-    def _sync_context(self, last: bool):
-        acc = self.accelerator
-        if last or acc.gradient_state.plugin_kwargs.get("sync_each_batch", False):
-            return contextlib.nullcontext()
-        return acc.no_sync(self.model)

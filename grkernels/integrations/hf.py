@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from grkernels.integrations.window import accelerate_sync_context, replay_window
 from grkernels.rng import RNGState
 
 __all__ = [
@@ -328,32 +329,20 @@ class GradRegTrainerMixin:
             self.__dict__.update(saved)
 
     def _grad_reg_sync_context(self, model: torch.nn.Module, last: bool):
-        acc = self.accelerator
-        if last or acc.gradient_state.plugin_kwargs.get("sync_each_batch", False):
-            return contextlib.nullcontext()
-        return acc.no_sync(model=model)
+        return accelerate_sync_context(self.accelerator, model, last)
 
     def _grad_reg_second_pass(self, model: torch.nn.Module, window: list[_Captured]) -> None:
-        gr = self._grad_reg
-        rng_after = RNGState()
-        try:
-            for _ in range(gr.extra_passes):
-                gr.perturb()
-                with self._grad_reg_replay_guard():
-                    for k, entry in enumerate(window):
-                        entry.rng.replay()
-                        self._gr_replay = entry
-                        try:
-                            with self._grad_reg_sync_context(model, last=k == len(window) - 1):
-                                super().training_step(model, entry.raw, entry.num_items_in_batch)
-                        finally:
-                            self._gr_replay = None
-            gr.restore_and_combine()
-        except BaseException:
-            gr.restore()  # theta back bitwise, .grad = g1
-            raise
-        finally:
-            rng_after.replay()
+        stock_step = super().training_step
+
+        def replay_one(entry: _Captured, last: bool) -> None:
+            self._gr_replay = entry
+            try:
+                with self._grad_reg_sync_context(model, last=last):
+                    stock_step(model, entry.raw, entry.num_items_in_batch)
+            finally:
+                self._gr_replay = None
+
+        replay_window(self._grad_reg, window, replay_one, guard=self._grad_reg_replay_guard)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -57,6 +57,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.utilities import _block_parallel_sync_behavior
 
+from grkernels.integrations.window import replay_window
 from grkernels.optim import GradReg
 from grkernels.rng import RNGState
 
@@ -192,10 +193,14 @@ class GradRegCallback(pl.Callback):
         self._module = pl_module
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Take the capture off the module again (also after an exception: :meth:`on_exception`)."""
         if self._module is not None and "training_step" in self._module.__dict__:
             del self._module.__dict__["training_step"]
         self._module = None
         self._window = []
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
 
     # ------------------------------------------------------------------ the pass at θ'
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -212,19 +217,7 @@ class GradRegCallback(pl.Callback):
                 "GradRegCallback: no training_step was recorded in this accumulation window (was the callback "
                 "added after fit started, or training_step bypassed?); GR cannot replay the window"
             )
-        rng_after = RNGState()
-        try:
-            for _ in range(gr.extra_passes):
-                gr.perturb()
-                for k, mb in enumerate(window):
-                    mb.rng.replay()
-                    self._replay(trainer, pl_module, optimizer, mb, last=k == len(window) - 1)
-            gr.restore_and_combine()
-        except BaseException:
-            gr.restore()  # θ back bitwise, .grad = g1
-            raise
-        finally:
-            rng_after.replay()
+        replay_window(gr, window, lambda mb, last: self._replay(trainer, pl_module, optimizer, mb, last))
 
     def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, mb: _MicroBatch,
                 last: bool) -> None:
