@@ -1,9 +1,11 @@
-"""Trainer integrations: any ``transformers.Trainer`` (:mod:`.hf`), TRL 1.x (:mod:`.trl`), reference resets
-for plain loops (:mod:`.reference_reset`).
+"""Host integrations: any ``transformers.Trainer`` (:mod:`.hf`), TRL 1.x (:mod:`.trl`), Lightning
+(:mod:`.lightning`, ``GradRegCallback``), Accelerate loops (:mod:`.accelerate`, ``GradRegWindow``), reference resets
+for plain loops (:mod:`.reference_reset`); :mod:`.window` is the accumulation-window replay they share.
 
-The submodules import their frameworks (transformers, TRL) on import; this package imports none of them.
+The submodules import their frameworks (transformers, TRL, lightning, accelerate) on import; this package imports
+none of them.
 """
 
 from __future__ import annotations
 
-__all__ = ["hf", "trl", "reference_reset"]
+__all__ = ["accelerate", "hf", "lightning", "reference_reset", "trl", "window"]
