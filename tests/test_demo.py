@@ -440,7 +440,21 @@ def test_task_world_sweep_end_to_end_and_reproducible(tmp_path, capsys):
     assert again["worlds"]["judge"]["setup"][0]["cached"] == 1.0 and res["worlds"]["judge"]["setup"][0]["cached"] == 0
     assert _strip(again) == _strip(res)
     assert again["worlds"]["format"]["frontier"] == res["worlds"]["format"]["frontier"]
-    # another RL seed, same pretrained policy: other numbers
+    # a sweep of another method, run separately, merges into the first (none is shared and identical)
+    extra = tmp_path / "extra"
+    assert cli.main(TASK_ARGS + ["--worlds", "format,judge", "--sweep", "gr_all:10", "--no-plot", "--out", str(extra),
+                                 "--cache-dir", str(out / "cache")]) == 0
+    merged_dir = tmp_path / "merged"
+    assert cli.main(["--from-results", f"{out / 'results.json'},{extra / 'results.json'}", "--no-plot",
+                     "--out", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "results.json").read_text())
+    for wname in ("format", "judge"):
+        w = merged["worlds"][wname]
+        assert list(w["methods"]) == ["none", "kl@0.1", "gr@10", "kl_reset@2", "gr_all@10"]
+        assert set(w["frontier"]["methods"]) == {"none", "kl", "gr", "kl_reset", "gr_all"}
+        # GR on embeddings and head too is another update than GR off them
+        assert w["methods"]["gr_all@10"]["runs"][0]["curves"] != w["methods"]["gr@10"]["runs"][0]["curves"]
+    # another RL seed, same pretrained policy: other numbers (and it does not merge with seeds 0-1)
     assert cli.main(args + ["--out", str(out), "--no-plot", "--seed", "5", "--seeds", "1"]) == 0
     capsys.readouterr()
     other = json.loads((out / "results.json").read_text())
@@ -448,6 +462,9 @@ def test_task_world_sweep_end_to_end_and_reproducible(tmp_path, capsys):
         a = res["worlds"][wname]["methods"]["none"]["runs"][0]
         b = other["worlds"][wname]["methods"]["none"]["runs"][0]
         assert b["seed"] == 5 and b["curves"]["gold"] != a["curves"]["gold"]
+    with pytest.raises(SystemExit):
+        cli.main(["--from-results", f"{out / 'results.json'},{extra / 'results.json'}", "--out", str(merged_dir)])
+    assert "differs between parts" in capsys.readouterr().err
 
 
 def test_gr_every_is_gr_with_the_extra_pass_on_every_kth_step(tiny_setup):

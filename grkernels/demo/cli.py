@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                    help="backend of grkernels' policy loss (auto: Triton on CUDA, torch on CPU)")
     g.add_argument("--no-plot", action="store_true", help="skip demo.png")
-    g.add_argument("--from-results", metavar="JSON", default=None,
-                   help="run nothing: redraw the tables and plots of an earlier results.json into --out")
+    g.add_argument("--from-results", metavar="JSON[,JSON...]", type=_csv(str), default=None,
+                   help="run nothing: redraw the tables and plots of earlier results.json files into --out; several "
+                   "(same worlds and seeds, e.g. sweeps of different methods) are merged, frontiers recomputed")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("experiment")
     g.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS,
@@ -89,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "reward adds a format term), judge (a learned judge with a spurious feature)")
     g.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="frontier mode: runs none plus each METHOD at each strength, SPEC = "
-                   "'METHOD:V1,V2;...' (strength = β for kl, reset period for kl_reset, γ for gr, gr_kl and "
-                   f"gr_every, lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. Replaces --methods, --gamma")
+                   "'METHOD:V1,V2;...' (strength = β for kl, reset period for kl_reset, γ for gr, gr_kl, "
+                   f"gr_all, gr_every, lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. "
+                   "Replaces --methods, --gamma")
     g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
     g.add_argument("--seed", type=int, default=0, help="first seed")
     g.add_argument("--steps", type=int, default=None, help=f"RL steps per run (default {DEFAULTS['steps']})")
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("task worlds (format, judge): the synthetic language and its pretrained policy")
     g.add_argument("--pretrain-steps", type=int, default=3000,
                    help="pretraining steps on the language (cached in --out/cache; ~2 CPU-minutes at 3000)")
+    g.add_argument("--cache-dir", default=None,
+                   help="where pretrained policies are kept (default: --out/cache); share it between runs")
     g.add_argument("--pretrain-seed", type=int, default=0, help="seed of the one pretrained policy all RL seeds share")
     g.add_argument("--task-len", type=int, default=lang.completion_len, help="completion length of the task")
     g.add_argument("--format-frac", type=float, default=lang.format_frac,
@@ -207,7 +211,8 @@ def config_from_args(args: argparse.Namespace):
         rare_penalty=args.rare_penalty, rare_bonus=args.rare_bonus,
         device=device, workers=workers, backend=args.backend,
         lang=lang, pretrain_steps=args.pretrain_steps, pretrain_seed=args.pretrain_seed,
-        cache_dir=os.path.join(args.out, "cache"), format_weight=args.format_weight, sure_right=args.sure_right,
+        cache_dir=args.cache_dir if args.cache_dir is not None else os.path.join(args.out, "cache"),
+        format_weight=args.format_weight, sure_right=args.sure_right,
         sure_wrong=args.sure_wrong, sweep=sweep,
     )
 
@@ -217,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.from_results is not None:
-        from grkernels.demo.report import full_table, load_results, write_results
+        from grkernels.demo.report import full_table, load_results, merge_results, write_results
 
         try:
-            results = load_results(args.from_results)
+            results = merge_results([load_results(p) for p in args.from_results])
         except (OSError, ValueError) as err:
             parser.error(f"--from-results: {err}")
         paths = write_results(results, args.out, make_plot=not args.no_plot)

@@ -46,8 +46,8 @@ from grkernels.demo.worlds import WORLD_ALIASES, WORLDS, Sizes, make_base, make_
 
 ALL_WORLDS = (*WORLDS, *TASK_WORLDS)
 # What a sweep varies per method (``--sweep kl:0.1,0.3``): the method's strength knob in RLConfig.
-SWEEP_PARAMS = {"kl": "beta", "kl_reset": "reset_interval", "gr": "gamma", "gr_kl": "gamma", "gr_every": "gamma",
-                "none_lowlr": "lowlr_scale"}
+SWEEP_PARAMS = {"kl": "beta", "kl_reset": "reset_interval", "gr": "gamma", "gr_kl": "gamma", "gr_all": "gamma",
+                "gr_every": "gamma", "none_lowlr": "lowlr_scale"}
 
 SCHEMA = "grkernels.demo/v1"
 
@@ -94,7 +94,7 @@ class ExperimentConfig:
             return out
         out = []
         for m in self.methods:
-            if m in ("gr", "gr_kl", "gr_every"):
+            if m in ("gr", "gr_kl", "gr_all", "gr_every"):
                 for g in self.gammas:
                     label = m if len(self.gammas) == 1 else f"{m}@{g:g}"
                     out.append((label, replace(self.rl, method=m, gamma=g)))

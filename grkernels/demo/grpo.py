@@ -13,6 +13,7 @@ Methods:
                   (π_ref ← α·π + (1 − α)·π_ref, as TRL's ``sync_ref_model``)
     ``gr``        forward finite-difference gradient regularisation (γ, ε), GR off embeddings/head
     ``gr_kl``     GR and the KL penalty together
+    ``gr_all``    GR on every parameter, embeddings and head included (``gr`` leaves them out, as the paper)
     ``gr_every``  the cheaper GR: the extra pass on every ``gr_every``-th step only, the steps in between reuse
                   the last correction made orthogonal to their g1 (``GradReg(every=k, reuse="orthogonal")``)
 
@@ -40,8 +41,8 @@ from grkernels.integrations.reference_reset import mix_into_reference
 
 DEFAULT_METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
 # none_lowlr: the control for "is GR more than a smaller step?" (no regularisation, lr × lowlr_scale); opt-in,
-# as gr_every (GR's extra pass every k-th step only).
-METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_every")
+# as gr_all (GR on embeddings and head too) and gr_every (GR's extra pass every k-th step only).
+METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_all", "gr_every")
 METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "hack", "loss")
 
 
@@ -84,7 +85,7 @@ class RLConfig:
 
     @property
     def uses_gr(self) -> bool:
-        return self.method in ("gr", "gr_kl", "gr_every")
+        return self.method in ("gr", "gr_kl", "gr_all", "gr_every")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,7 +119,7 @@ def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
         return base
     from grkernels import GradReg, paper_exclude
 
-    exclude = paper_exclude(policy) if cfg.gr_exclude == "paper" else None
+    exclude = paper_exclude(policy) if cfg.gr_exclude == "paper" and cfg.method != "gr_all" else None
     cheap = {"every": cfg.gr_every, "reuse": "orthogonal"} if cfg.method == "gr_every" else {}
     return GradReg(base, strength=cfg.gamma, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
                    exclude=exclude, estimator=cfg.gr_estimator, seed=seed, **cheap)

@@ -181,6 +181,42 @@ def load_results(path: str) -> dict:
     return _restore_nan(res)
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """Several results of the same worlds and seeds (e.g. sweeps run separately) as one, frontiers recomputed.
+
+    A method label present in two parts must hold the same runs (``none`` of two sweeps with the same seeds
+    does); the initial gold of each (world, seed) must agree. The per-method tables' matched columns
+    (@KL*, @Δproxy*) stay as computed within each part; the frontier (K*, envelopes) is over all methods.
+    """
+    from grkernels.demo.experiment import _stats
+    from grkernels.demo.frontier import frontier_summary
+
+    out = json.loads(json.dumps(parts[0]))  # deep copy
+    out["merged_from"] = [p["config"] for p in parts]
+    for part in parts[1:]:
+        for wname, w in part["worlds"].items():
+            if wname not in out["worlds"]:
+                out["worlds"][wname] = json.loads(json.dumps(w))
+                continue
+            base = out["worlds"][wname]
+            g0 = {s["seed"]: s["init_gold"] for s in base["setup"]}
+            if any(g0.get(s["seed"], s["init_gold"]) != s["init_gold"] for s in w["setup"]):
+                raise ValueError(f"merge: world {wname} has another initial policy in one part (other set-up)")
+            for label, m in w["methods"].items():
+                if label in base["methods"]:
+                    if [r["curves"] for r in base["methods"][label]["runs"]] != [r["curves"] for r in m["runs"]]:
+                        raise ValueError(f"merge: method {label!r} of world {wname} differs between parts")
+                    continue
+                base["methods"][label] = m
+    window = out.get("smoothing_window", 10)
+    for wname, w in out["worlds"].items():
+        if any(p["worlds"].get(wname, {}).get("frontier") for p in parts):
+            g0 = {s["seed"]: s["init_gold"] for s in w["setup"]}
+            p0 = {s["seed"]: s["init_proxy"] for s in w["setup"]}
+            w["frontier"] = frontier_summary(w["methods"], g0, p0, window, _stats)
+    return out
+
+
 def full_table(results: dict) -> str:
     """The per-method table, then the frontier tables when the run was a sweep."""
     frontier = format_frontier_table(results)
