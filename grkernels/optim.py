@@ -499,7 +499,9 @@ class GradReg(torch.optim.Optimizer):
         Two-phase use: backward of the subset's share of the loss first, then ``mark_subset(|S|/|B|)``, then the
         backward of the rest (``.grad`` = g1 of the whole batch), ``perturb()``, the backward of the same subset
         at θ' (same loss scaling: the subset's terms as they appear in the whole batch's loss), and
-        ``restore_and_combine()``. GR then combines with the full-batch estimate g2 ≈ g1 + (g2_S − g1_S)/f,
+        ``restore_and_combine()``. Under DDP the subset's backward must end synchronised (its last micro-batch
+        outside ``no_sync``), so that the saved g1_S is the global one. GR then combines with the full-batch
+        estimate g2 ≈ g1 + (g2_S − g1_S)/f,
         f = ``fraction``: the difference is taken on the same data, the perturbation direction is the whole
         batch's clip(g1), and with S = B (f = 1) it is full GR exactly. Costs one gradient copy of the GR
         parameters. Not with ``lean=True`` (its buffers carry g − g1) nor the exact estimator.
@@ -513,6 +515,20 @@ class GradReg(torch.optim.Optimizer):
         have = [p for p in self._gr_candidates() if p.grad is not None]
         shards = shards_for(have)
         self._subset = {id(p): shards.local(p.grad).detach().clone() for p in have}
+        self._subset_fraction = float(fraction)
+
+    @property
+    def subset_fraction(self) -> float | None:
+        """The marked subset's share of the batch (None: no subset marked this step). Settable until
+        ``perturb()``, for a caller that learns the batch's size only after marking (e.g. a short last window)."""
+        return None if self._subset is None else self._subset_fraction
+
+    @subset_fraction.setter
+    def subset_fraction(self, fraction: float) -> None:
+        if self._subset is None or self._phase != _IDLE:
+            raise RuntimeError("GradReg.subset_fraction: set it after mark_subset() and before perturb()")
+        if not (0.0 < fraction <= 1.0):
+            raise ValueError(f"GradReg.subset_fraction must be in (0, 1], got {fraction!r}")
         self._subset_fraction = float(fraction)
 
     def _subset_residual(self, plan: StepPlan) -> None:
