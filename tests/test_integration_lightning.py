@@ -34,9 +34,9 @@ def data() -> torch.utils.data.DataLoader:
 class Module(L.LightningModule):
     """A float64 tanh MLP with dropout; records the gradient and θ the base optimizer sees."""
 
-    def __init__(self, manual: bool = False, warmup_steps: int = 0):
+    def __init__(self, manual: bool = False, warmup_steps: int = 0, dropout: float = 0.3):
         super().__init__()
-        self.net = tanh_mlp(seed=0, dropout=0.3)
+        self.net = tanh_mlp(seed=0, dropout=dropout)
         self.automatic_optimization = not manual
         self.warmup_steps = warmup_steps
         self.seen: list[dict] = []
@@ -206,3 +206,30 @@ def test_error_in_the_replay_leaves_theta_and_the_optimizer_usable():
     assert "training_step" not in module.__dict__  # the callback took its capture off again
     trainer2, module2, rec2 = fit(3, None)  # a new run in the same process is unaffected
     assert trainer2.global_step == 2
+
+
+def test_checkpoint_resume_keeps_the_gr_state(tmp_path):
+    """GR's state (step counter: warmup, schedule) and the base optimizer's travel in Lightning's checkpoint through
+    LightningGradReg: resumed after 6 of 7 warmup steps, the 7th step is plain and the 8th is a GR step. (Lightning
+    itself does not continue the data order here, so the run is not compared with an uninterrupted one.)"""
+    def trainer(steps):
+        return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision="64-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[GradRegCallback()])
+
+    first = Module(warmup_steps=7, dropout=0.0)
+    t = trainer(6)
+    t.fit(first, data())
+    t.save_checkpoint(tmp_path / "six.ckpt")
+    resumed = Module(warmup_steps=7, dropout=0.0)
+    t2 = trainer(8)
+    t2.fit(resumed, data(), ckpt_path=tmp_path / "six.ckpt")
+    gr = t2.strategy.optimizers[0].grad_reg
+    assert t2.global_step == 8 and len(resumed.seen) == 2 and gr.metrics()["step"] == 8
+    assert float(t2.callback_metrics["grad_reg/gr_rel"]) > 0  # step 8 was GR: the counter came back as 6
+    # step 7 was plain (warmup): exactly g1 at θ_6 on Lightning's first batch of the resumed epoch
+    names = [n for n, _ in resumed.net.named_parameters()]
+    theta = {n: t.clone().requires_grad_(True) for n, t in zip(names, resumed.seen[0]["theta"])}
+    x, y = next(iter(data()))
+    g1 = torch.autograd.grad(nn.functional.mse_loss(functional_call(resumed.net, theta, (x,)), y), list(theta.values()))
+    assert rel_err(resumed.seen[0]["grad"], list(g1)) < 1e-12
