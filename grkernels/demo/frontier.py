@@ -5,11 +5,14 @@ seed. A method's *frontier* in one seed is the envelope of all its runs' smoothe
 
     E(k) = max { Δgold_t : smoothed KL(π_t‖π_init) ≤ k, over the method's runs and steps t }
 
-(Δgold = gold minus the initial policy's gold). Summary numbers per method, mean ± std over seeds:
+(Δgold = gold minus the initial policy's gold; steps from the first full smoothing window on).
+Summary numbers per method, mean ± std over seeds:
     best_gold_at_kl   E(K*), K* = the smallest "largest KL reached" over all methods of the world,
                       so every method's envelope is defined up to K*
     auf               the mean of E over [0, K*] (area under the frontier divided by K*, Δgold units)
     peak_gold         the envelope's maximum at any KL
+    best_final_gold   the final Δgold (fresh samples of the last policy) of the method's best strength
+                      (best by the mean over seeds; ``best_final_label`` names it)
 plus per variant the final point (Δgold, KL, Δproxy, hack feature) that the plot draws.
 A method with more strengths has more runs to take a maximum over: compare methods with the same
 number of strengths (the committed sweeps use three each).
@@ -46,7 +49,11 @@ def smoothed(run: dict, key: str, window: int) -> list[float]:
 
 
 def _trajectory(run: dict, g0: float, window: int) -> list[tuple[float, float]]:
-    return [(k, g - g0) for k, g in zip(smoothed(run, "kl", window), smoothed(run, "gold", window))]
+    """(KL, Δgold) per step from the first full window on: the first ``window − 1`` trailing means average fewer
+    steps, so they are noisier, and an envelope (a maximum) would pick up their noise. Runs shorter than a window
+    keep their last step."""
+    pts = list(zip(smoothed(run, "kl", window), smoothed(run, "gold", window)))
+    return [(k, g - g0) for k, g in pts[min(window, len(pts)) - 1:]]
 
 
 def frontier_summary(methods: dict, g0: dict[int, float], p0: dict[int, float], window: int, stats) -> dict:
@@ -75,8 +82,11 @@ def frontier_summary(methods: dict, g0: dict[int, float], p0: dict[int, float], 
             finite = [e for e in env if math.isfinite(e)]
             auf.append(sum(finite) / len(finite) if finite else math.nan)
             peak.append(max(y for _, y in pts))
+        finals = {lab: stats([r["final"]["gold"] - g0[r["seed"]] for r in methods[lab]["runs"]]) for lab in labs}
+        top = max(labs, key=lambda lab: finals[lab]["mean"] if math.isfinite(finals[lab]["mean"]) else -math.inf)
         out["methods"][f] = {"strengths": [strength(lab) for lab in labs], "labels": labs,
-                             "best_gold_at_kl": stats(best), "auf": stats(auf), "peak_gold": stats(peak)}
+                             "best_gold_at_kl": stats(best), "auf": stats(auf), "peak_gold": stats(peak),
+                             "best_final_gold": finals[top], "best_final_label": top}
     for label, m in methods.items():
         runs = m["runs"]
         out["variants"][label] = {
@@ -107,12 +117,14 @@ def format_frontier_table(results: dict) -> str:
         if not fr:
             continue
         lines.append(f"world {wname}: frontier summary (K* = {fr['k_star']:.2f} nats; Δgold over the initial policy)")
-        rows = [["method", "strengths", "best Δgold @KL≤K*", "area/K*", "peak Δgold", "ρ(‖g1‖,acc)"]]
+        rows = [["method", "strengths", "best Δgold @KL≤K*", "area/K*", "peak Δgold", "best final Δgold", "at",
+                 "ρ(‖g1‖,acc)"]]
         for f, m in fr["methods"].items():
             rho = [v for lab in m["labels"] for v in w["methods"][lab]["summary"]["spearman_gn_acc"]["values"]]
             rho = [v for v in rho if v is not None and math.isfinite(v)]
             rows.append([f, ",".join(f"{s:g}" for s in m["strengths"]), cell(m["best_gold_at_kl"], "{:+.3f}"),
                          cell(m["auf"], "{:+.3f}"), cell(m["peak_gold"], "{:+.3f}"),
+                         cell(m["best_final_gold"], "{:+.3f}"), m["best_final_label"],
                          f"{sum(rho) / len(rho):+.2f}" if rho else "n/a"])
         lines += _aligned(rows)
         rows = [["variant", "final Δgold", "final KL", "final Δproxy", "final hack"]]
@@ -154,10 +166,11 @@ def plot_frontiers(results: dict, path: str) -> str:
             finals = {"kl": [], "proxy": [], "gold": []}
             for lab in m["labels"]:
                 for r in w["methods"][lab]["runs"]:
-                    gold = [v - g0[r["seed"]] for v in smoothed(r, "gold", window)]
-                    axes[row][0].plot(smoothed(r, "kl", window), gold, color=col, alpha=0.25, linewidth=0.7)
-                    axes[row][1].plot([v - p0[r["seed"]] for v in smoothed(r, "proxy", window)], gold, color=col,
-                                      alpha=0.25, linewidth=0.7)
+                    traj = _trajectory(r, g0[r["seed"]], window)
+                    gain = [v - p0[r["seed"]] for v in smoothed(r, "proxy", window)][-len(traj):]
+                    axes[row][0].plot([k for k, _ in traj], [g for _, g in traj], color=col, alpha=0.25,
+                                      linewidth=0.7)
+                    axes[row][1].plot(gain, [g for _, g in traj], color=col, alpha=0.25, linewidth=0.7)
                 v = fr["variants"][lab]
                 finals["kl"].append(v["final_kl"])
                 finals["proxy"].append(v["final_proxy_gain"])
@@ -191,8 +204,8 @@ def plot_frontiers(results: dict, path: str) -> str:
             ax.grid(alpha=0.3)
             ax.set_ylabel("gold − initial gold")
         axes[row][0].legend(fontsize=8)
-    fig.suptitle("grkernels demo --sweep: thin lines = runs (smoothed), markers = final point per strength "
-                 "(mean ± std over seeds)")
+    fig.suptitle("grkernels demo --sweep: thin lines = runs (smoothed, from the first full window), "
+                 "markers = final point per strength (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
