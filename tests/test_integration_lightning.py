@@ -233,3 +233,36 @@ def test_checkpoint_resume_keeps_the_gr_state(tmp_path):
     x, y = next(iter(data()))
     g1 = torch.autograd.grad(nn.functional.mse_loss(functional_call(resumed.net, theta, (x,)), y), list(theta.values()))
     assert rel_err(resumed.seen[0]["grad"], list(g1)) < 1e-12
+
+
+# ---------------------------------------------------------------- without the callback: refused where it is wrong
+def naive_trainer(**kw):
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=2, precision="64-true", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+
+
+@pytest.mark.parametrize("manual,accumulate,match", [(False, 3, "accumulate_grad_batches=3"),
+                                                     (True, 1, "manual optimization")])
+def test_gradreg_without_the_callback_is_refused(manual, accumulate, match):
+    """grkernels' entry point adds a guard to every Trainer: a plain GradReg where Lightning would silently give
+    GR of the last micro-batch (or leave θ perturbed) is refused before any step, pointing to GradRegCallback."""
+    module = Module(manual=manual)
+    theta = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(RuntimeError, match=match) as err:
+        naive_trainer(accumulate_grad_batches=accumulate).fit(module, data())
+    assert "GradRegCallback" in str(err.value)
+    assert bitwise_equal([p.detach() for p in module.parameters()], theta) and not module.seen
+
+
+def test_gradreg_without_the_callback_warns_about_clipping_and_runs_plain_closure():
+    module = Module()
+    with pytest.warns(UserWarning, match="g1 and g2 separately"):
+        naive_trainer(gradient_clip_val=1.0).fit(module, data())
+    assert len(module.seen) == 2
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = naive_trainer()  # the one case Lightning's closure contract gets right: no alarm
+        trainer.fit(Module(), data())
+    assert trainer.global_step == 2 and not [w for w in caught if "GradReg" in str(w.message)]

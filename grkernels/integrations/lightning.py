@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,7 @@ from grkernels.integrations.window import replay_window
 from grkernels.optim import GradReg
 from grkernels.rng import RNGState
 
-__all__ = ["GradRegCallback", "LightningGradReg"]
+__all__ = ["GradRegCallback", "LightningGradReg", "guard_callbacks"]
 
 
 class LightningGradReg(torch.optim.Optimizer):
@@ -248,3 +249,40 @@ class GradRegCallback(pl.Callback):
         m = self.grad_reg.metrics(sync=False)
         logs = {f"grad_reg/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in m.items()}
         pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+
+
+class _GradRegGuard(pl.Callback):
+    """Added to every Lightning Trainer by the ``lightning.pytorch.callbacks_factory`` entry point of grkernels:
+    refuses (or warns about) a ``GradReg`` handed to Lightning without :class:`GradRegCallback` where Lightning's
+    optimizer contract cannot give the GR gradient. Does nothing when no optimizer is a GradReg."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if any(isinstance(cb, GradRegCallback) for cb in trainer.callbacks):
+            return
+        raw = [o for o in trainer.strategy.optimizers if isinstance(o, GradReg)]
+        if not raw:
+            return
+        fix = "add callbacks=[grkernels.integrations.lightning.GradRegCallback()] to the Trainer"
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "GradReg under Lightning's manual optimization: self.optimizers() is a LightningOptimizer proxy that "
+                "keeps perturb()'s state in a copy, so step() fails and the weights stay perturbed; " + fix
+            )
+        if trainer.accumulate_grad_batches > 1:
+            raise RuntimeError(
+                f"GradReg with accumulate_grad_batches={trainer.accumulate_grad_batches}: Lightning calls "
+                "optimizer.step(closure) with the last micro-batch's closure only, and step(closure) zeroes the "
+                "gradients accumulated before it, so GR would see the last micro-batch alone; " + fix
+            )
+        if trainer.gradient_clip_val:
+            warnings.warn(
+                "GradReg with gradient_clip_val: Lightning clips inside the closure, i.e. g1 and g2 separately, not "
+                f"the combined GR gradient; {fix} (or clip with GradReg's g1_clip/g2_clip)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+def guard_callbacks() -> list[pl.Callback]:
+    """The ``lightning.pytorch.callbacks_factory`` entry point: the guard above, for every Lightning Trainer."""
+    return [_GradRegGuard()]
