@@ -1,7 +1,8 @@
 """The loss ops registered once with ``torch.library``: schema, CPU kernel, CUDA kernel, fake kernel, autograd.
 
-Ops (``torch.ops.grkernels.*``); ``impl`` is "cpp", "triton" or "torch", chosen by
-:func:`grkernels.kernels.select_backend` (the public wrappers in :mod:`grkernels.ops` pass it):
+Ops (``torch.ops.grkernels.*``); ``impl`` is "cpp" or "triton", chosen by
+:func:`grkernels.kernels.select_backend` (the public wrappers in :mod:`grkernels.ops` pass it; ``backend="torch"``
+never reaches these ops: it is the plain autograd specification in :mod:`grkernels.ops.losses`):
 
 - ``logp_entropy(logits [..., V], ids [...], active [...]?, temperature, with_entropy, inplace_backward, impl)
   -> (logp, entropy, mx, log_s)``: chosen-token log-prob and entropy (nats) plus the two parts of the log-sum-exp
@@ -15,15 +16,13 @@ Ops (``torch.ops.grkernels.*``); ``impl`` is "cpp", "triton" or "torch", chosen 
   (w·l, H·m), differentiable w.r.t. the logits; ``stats`` = (KL·m, low-clip·m, high-clip·m), not.
 
 Outputs are fp32 (fp64 for fp64 logits). Kernels: CPU tensors run ``torch.ops.grkernels_cpp`` (``csrc/``) for
-impl "cpp" and the Triton kernels under ``TRITON_INTERPRET=1`` for "triton"; CUDA tensors run Triton. impl
-"torch" runs the specification (:func:`grkernels.ops.losses._torch_logp_entropy` and
-:func:`grkernels.ops.losses._per_token_loss`) on either device; it recomputes everything from the logits in
-backward and returns ``mx = log_s = 0``.
+impl "cpp" and the Triton kernels under ``TRITON_INTERPRET=1`` for "triton"; CUDA tensors run Triton.
 
 Second derivatives: the kernels' backward is not itself differentiable. When a graph of the gradient is asked
 for (``create_graph=True``, e.g. ``GradReg(estimator="exact")``) the backward instead differentiates the
-torch specification by autograd from the saved logits, so double backprop is exact (it then costs the torch
-path's vocab-sized temporaries).
+torch specification (:func:`grkernels.ops.losses._torch_logp_entropy`, :func:`grkernels.ops.losses._per_token_loss`)
+by autograd from the saved logits, so double backprop is exact (it then costs the torch path's vocab-sized
+temporaries).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from grkernels.kernels import KL_CODES
 
-_IMPLS = ("cpp", "triton", "torch")
+_IMPLS = ("cpp", "triton")
 
 torch.library.define(
     "grkernels::logp_entropy",
@@ -90,19 +89,19 @@ def _as_3d(x: Tensor) -> Tensor:
     return x
 
 
-# ---------------------------------------------------------------------------------------- the torch impl
-def _ref_logp_entropy(logits, ids, active, temperature, with_entropy):
+# ---------------------------------------------------------------------------------------- the specification
+def ref_logp_entropy(logits, ids, active, temperature, with_entropy):
     from grkernels.ops.losses import _torch_logp_entropy
 
     lp, h = _torch_logp_entropy(logits, ids, temperature, with_entropy, active=active)
     return lp, (torch.zeros_like(lp) if h is None else h)
 
 
-def _ref_grad(logits: Tensor, outputs_fn, grads: list[Tensor | None], create_graph: bool) -> Tensor:
+def ref_grad(logits: Tensor, outputs_fn, grads: list[Tensor | None], create_graph: bool) -> Tensor:
     """d(Σ outputs·grads)/d logits of the torch specification ``outputs_fn(x)``, by autograd.
 
     ``create_graph``: differentiate w.r.t. the saved logits themselves, keeping the graph (double backprop);
-    else w.r.t. a detached copy (the torch impl's plain backward)."""
+    else w.r.t. a detached copy (a plain backward, e.g. the chunked LM head's torch path)."""
     with torch.enable_grad():
         x = logits if create_graph else logits.detach().requires_grad_()
         outs = outputs_fn(x)
@@ -115,7 +114,7 @@ def _ref_grad(logits: Tensor, outputs_fn, grads: list[Tensor | None], create_gra
 
 
 def _ref_policy_terms(x, ids, mask, weights, adv, old, ref, temperature, clip_low, clip_high, delta, beta, kl_est):
-    """Specification of ``policy_loss_terms``: (terms [2, n], stats [3, n], g_lp [n]) by the torch formulas."""
+    """Specification of ``policy_loss_terms``: (terms [2, n], stats [3, n], lp [n]) by the torch formulas."""
     from grkernels.ops.losses import _per_token_loss, _torch_logp_entropy
 
     mask = mask.reshape(-1).bool()
@@ -139,10 +138,6 @@ def _ref_policy_terms(x, ids, mask, weights, adv, old, ref, temperature, clip_lo
 def _logp_entropy_kernel(logits, ids, active, temperature, with_entropy, inplace_backward, impl):
     _check_impl(impl, logits.device)
     lead = ids.shape
-    if impl == "torch":
-        lp, h = _ref_logp_entropy(logits, ids, active, temperature, with_entropy)
-        zero = torch.zeros_like(lp)
-        return lp.detach(), h.detach(), zero, zero.clone()
     x3 = _as_3d(logits)
     ids_f = _rows(ids, torch.int64)
     act = _rows(active, torch.bool)
@@ -168,7 +163,7 @@ def _logp_entropy_setup(ctx, inputs, output):
     _, h, mx, log_s = output
     ctx.save_for_backward(logits, ids, active, mx, log_s, h)
     ctx.temperature, ctx.with_entropy, ctx.impl = temperature, with_entropy, impl
-    ctx.inplace = inplace_backward and impl != "torch"
+    ctx.inplace = inplace_backward
     ctx.mark_non_differentiable(mx, log_s)
     if not with_entropy:
         ctx.mark_non_differentiable(h)
@@ -181,8 +176,8 @@ def _logp_entropy_bwd(ctx, g_lp, g_ent, _g_mx, _g_ls):
         return None, None, None, None, None, None, None
     g_ent = g_ent if ctx.with_entropy else None
     if torch.is_grad_enabled():  # create_graph=True: differentiate the specification, keeping the graph
-        fn = lambda x: _ref_logp_entropy(x, ids, active, ctx.temperature, ctx.with_entropy)
-        grad = _ref_grad(logits, fn, [g_lp, g_ent], create_graph=True)
+        fn = lambda x: ref_logp_entropy(x, ids, active, ctx.temperature, ctx.with_entropy)
+        grad = ref_grad(logits, fn, [g_lp, g_ent], create_graph=True)
         return grad, None, None, None, None, None, None
     acc = mx.dtype
     g_lp = torch.zeros_like(mx) if g_lp is None else g_lp.to(acc)
@@ -217,9 +212,6 @@ def _backward_into(grad3, x3, ids, active, mx, log_s, ent, g_lp, g_ent, temperat
 
 def _logp_entropy_backward_kernel(logits, ids, active, mx, log_s, entropy, g_lp, g_ent, temperature, impl):
     _check_impl(impl, logits.device)
-    if impl == "torch":
-        fn = lambda x: _ref_logp_entropy(x, ids, active, temperature, g_ent is not None)
-        return _ref_grad(logits, fn, [g_lp, g_ent], create_graph=False).to(logits.dtype).contiguous()
     x3 = _as_3d(logits)
     grad3 = torch.empty(x3.shape, dtype=x3.dtype, device=x3.device)
     _backward_into(grad3, x3, ids, active, mx, log_s, entropy, g_lp, g_ent, temperature, impl)
@@ -232,9 +224,9 @@ def _logp_entropy_backward_fake(logits, ids, active, mx, log_s, entropy, g_lp, g
 
 def _logp_entropy_backward_inplace_kernel(logits, ids, active, mx, log_s, entropy, g_lp, g_ent, temperature, impl):
     _check_impl(impl, logits.device)
-    x3 = _as_3d(logits) if impl != "torch" else None
-    if x3 is None or x3.data_ptr() != logits.data_ptr() or x3.shape[-1] != logits.shape[-1]:
-        # no in-place 3-d view of this layout (or the torch impl): compute, then copy into the buffer
+    x3 = _as_3d(logits)
+    if x3.data_ptr() != logits.data_ptr():
+        # no in-place 3-d view of this layout: compute, then copy into the buffer
         grad = _logp_entropy_backward_kernel(logits, ids, active, mx, log_s, entropy, g_lp, g_ent, temperature, impl)
         logits.copy_(grad.view(logits.shape))
         return
@@ -247,15 +239,6 @@ def _policy_terms_kernel(
 ):
     _check_impl(impl, logits.device)
     acc = acc_dtype(logits)
-    if impl == "torch":
-        with torch.enable_grad():
-            x = logits.detach().requires_grad_()
-            terms, stats, lp = _ref_policy_terms(
-                x, ids, mask, weights, adv, old, ref, temperature, clip_low, clip_high, delta, beta, kl_est
-            )
-            (g_lp,) = torch.autograd.grad(terms[0].sum(), lp)
-        zero = torch.zeros_like(g_lp)
-        return terms.detach(), stats, zero, zero.clone(), g_lp
     x3 = _as_3d(logits)
     n = ids.numel()
     ids_f, mask_b = _rows(ids, torch.int64), _rows(mask, torch.bool)
@@ -303,7 +286,7 @@ def _policy_terms_bwd(ctx, g_terms, _g_stats, _g_mx, _g_ls, _g_glp):
     temperature = ctx.cfg[0]
     if torch.is_grad_enabled():  # create_graph=True: differentiate the specification, keeping the graph
         fn = lambda x: _ref_policy_terms(x, ids, mask, weights, adv, old, ref, *ctx.cfg)[0]
-        grad = _ref_grad(logits, lambda x: [fn(x)], [g_terms], create_graph=True)
+        grad = ref_grad(logits, lambda x: [fn(x)], [g_terms], create_graph=True)
         return (grad, *none)
     g_terms = g_terms.to(mx.dtype)
     mask_f = mask.reshape(-1).to(mx.dtype)
@@ -312,12 +295,9 @@ def _policy_terms_bwd(ctx, g_terms, _g_stats, _g_mx, _g_ls, _g_glp):
     glp = g_lp * g_terms[0]
     gent = g_terms[1] * mask_f
     ent = terms[1].reshape(-1)
-    if ctx.inplace and ctx.impl != "torch":
+    if ctx.inplace:
         torch.ops.grkernels.logp_entropy_backward_(logits, ids, None, mx, log_s, ent, glp, gent, temperature, ctx.impl)
         return (logits, *none)
-    if ctx.impl == "torch":
-        fn = lambda x: _ref_policy_terms(x, ids, mask, weights, adv, old, ref, *ctx.cfg)[0]
-        return (_ref_grad(logits, lambda x: [fn(x)], [g_terms], create_graph=False), *none)
     args = (ids, None, mx, log_s, ent, glp, gent, temperature, ctx.impl)
     return (torch.ops.grkernels.logp_entropy_backward(logits, *args), *none)
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_triton
+from conftest import DEVICE, requires_triton
 
 import grkernels.ops as ops
+from grkernels.kernels import cpp_loaded, cpp_status
 
-BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+requires_cpp = pytest.mark.skipif(DEVICE != "cpu" or not cpp_loaded(), reason=f"C++ kernels: {cpp_status()}")
+
+BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton)]
+KERNELS = [pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton)]
 
 
 def _inputs(B=2, T=5, H=16, V=41, seed=0, dtype=torch.float32):

@@ -135,8 +135,8 @@ def test_neg_inf_and_huge_logits(backend, device):
         assert (grad[0, 0, ::3] == 0).all(), "-inf entries have p = 0 and zero gradient"
 
 
-@requires_triton
-def test_triton_inplace_backward_writes_into_logits(device):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_inplace_backward_writes_into_logits(backend, device):
     torch.manual_seed(4)
     V = 33
     base = torch.randn(2, 3, V)
@@ -144,7 +144,7 @@ def test_triton_inplace_backward_writes_into_logits(device):
     ref_x, lp_ref, _ = _ref(base, ids)
     leaf = base.clone().to(device).requires_grad_()
     logits = leaf * 1.0  # a non-leaf buffer, as a model's logits would be
-    lp, _ = ops.logp_and_entropy(logits, ids.to(device), inplace_backward=True, backend="triton")
+    lp, _ = ops.logp_and_entropy(logits, ids.to(device), inplace_backward=True, backend=backend)
     ptr = logits.data_ptr()
     lp.sum().backward()
     lp_ref.sum().backward()
@@ -154,15 +154,15 @@ def test_triton_inplace_backward_writes_into_logits(device):
     torch.testing.assert_close(logits.detach().cpu().double(), ref_x.grad, atol=1e-5, rtol=0)
 
 
-@requires_triton
-def test_triton_noncontiguous_shifted_slice(device):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_noncontiguous_shifted_slice(backend, device):
     """logits[:, :-1] (the usual shift) is read through its strides, without a copy."""
     torch.manual_seed(5)
     V = 29
     full = torch.randn(2, 6, V)
     ids = torch.randint(0, V, (2, 5))
     x = full.clone().to(device).requires_grad_()
-    lp, h = ops.logp_and_entropy(x[:, :-1], ids.to(device), backend="triton")
+    lp, h = ops.logp_and_entropy(x[:, :-1], ids.to(device), backend=backend)
     ref_x, lp_ref, h_ref = _ref(full[:, :-1], ids)
     torch.testing.assert_close(lp.cpu().double(), lp_ref.detach(), atol=2e-5, rtol=0)
     (lp.sum() + h.sum()).backward()
@@ -190,8 +190,8 @@ def test_public_selective_log_softmax_and_entropy(backend, device):
     assert ops.token_entropy(logits[0, 0], backend=backend).shape == ()
 
 
-@requires_triton
-def test_triton_saves_no_vocab_sized_copy(device):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernels_save_no_vocab_sized_copy(backend, device):
     """Autograd keeps the logits themselves and O(tokens) tensors, nothing else vocab-sized."""
     V, N = 64, 12
     logits = torch.randn(3, 4, V, device=device).requires_grad_()
@@ -203,7 +203,7 @@ def test_triton_saves_no_vocab_sized_copy(device):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lp, h = ops.logp_and_entropy(work, torch.randint(0, V, (3, 4), device=device), backend="triton")
+        lp, h = ops.logp_and_entropy(work, torch.randint(0, V, (3, 4), device=device), backend=backend)
     big = [t for t in saved if t.numel() > N]
     assert big, "the logits must be saved (backward recomputes the softmax from them)"
     for t in big:

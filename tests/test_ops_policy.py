@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_triton
+from conftest import DEVICE, requires_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import grkernels.ops as ops
+from grkernels.kernels import cpp_loaded, cpp_status
 
-BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+requires_cpp = pytest.mark.skipif(DEVICE != "cpu" or not cpp_loaded(), reason=f"C++ kernels: {cpp_status()}")
+
+BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton)]
+KERNELS = [pytest.param("cpp", marks=requires_cpp), pytest.param("triton", marks=requires_triton)]
 GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # x max|grad|, one rounding
 
 
@@ -166,14 +170,14 @@ def test_on_policy_bf16_per_token_advantages(backend, device):
     torch.testing.assert_close(x.grad.cpu().double(), xr.grad, atol=2.0**-7 * scale, rtol=0)
 
 
-@requires_triton
-def test_triton_inplace_backward_policy_loss(device):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_inplace_backward_policy_loss(backend, device):
     logits, _, ids_padded, mask, adv, old, ref = _inputs(seed=11)
     logits, ids_padded, mask, adv, old, ref = _to(device, logits, ids_padded, mask, adv, old, ref)
     leaf = logits.clone().requires_grad_()
     work = leaf * 1.0
     loss, _ = ops.policy_loss(work, ids_padded, adv, mask, old, ref, beta=0.1, inplace_backward=True,
-                              entropy_coef=0.02, backend="triton")  # fmt: skip
+                              entropy_coef=0.02, backend=backend)  # fmt: skip
     loss.backward()
     leaf2 = logits.clone().requires_grad_()
     loss2, _ = ops.policy_loss(leaf2, ids_padded, adv, mask, old, ref, beta=0.1, entropy_coef=0.02, backend="torch")
@@ -251,8 +255,8 @@ def test_policy_loss_bad_inputs(device):
         ops.policy_loss(logits[:0], ids_padded[:0], adv[:0], mask[:0])
 
 
-@requires_triton
-def test_triton_fused_token_path_matches_generic_path_and_saves_no_vocab_copy(device):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_fused_token_path_matches_generic_path_and_saves_no_vocab_copy(backend, device):
     """The fused token-level kernel equals kernel + torch epilogue, and autograd keeps O(tokens) besides logits."""
     logits, _, ids_padded, mask, adv, old, ref = _inputs(seed=13, per_token_adv=True)
     logits, ids_padded, mask, adv, old, ref = _to(device, logits, ids_padded, mask, adv, old, ref)
@@ -261,7 +265,7 @@ def test_triton_fused_token_path_matches_generic_path_and_saves_no_vocab_copy(de
     work = x1 * 1.0
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss1, m1 = ops.policy_loss(work, ids_padded, adv, mask, old, ref, backend="triton", **kw)
+        loss1, m1 = ops.policy_loss(work, ids_padded, adv, mask, old, ref, backend=backend, **kw)
     n_tok = mask.numel()
     for t in saved:
         if t.numel() > 5 * n_tok:  # O(tokens) vectors are allowed (at most five per token)
@@ -269,7 +273,7 @@ def test_triton_fused_token_path_matches_generic_path_and_saves_no_vocab_copy(de
     loss1.backward()
     # the generic path: the log-prob/entropy kernel, then the shared torch epilogue
     x2 = logits.clone().requires_grad_()
-    lp, h = ops.logp_and_entropy(x2, ids_padded, active=mask, backend="triton")
+    lp, h = ops.logp_and_entropy(x2, ids_padded, active=mask, backend=backend)
     loss2, m2 = ops.policy_loss_from_logp(
         lp, h, adv, mask, old, ref, kw["beta"], kw["clip_low"], kw["clip_high"], kw["kl_estimator"],
         kw["loss_agg"], "token", kw["entropy_coef"],
@@ -295,7 +299,6 @@ def test_triton_fused_token_path_matches_generic_path_and_saves_no_vocab_copy(de
     seed=st.integers(0, 2**16),
 )
 def test_fuzz_policy_loss_triton_vs_torch_float64(b, t, v, dtype, agg, isl, on_policy, estimator, seed):
-    from conftest import DEVICE
 
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(b, t, v, generator=g) * 3).to(dtype)

@@ -11,7 +11,6 @@ its launcher; the ops are registered with ``torch.library`` in :mod:`grkernels.l
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -20,13 +19,20 @@ BACKENDS = ("auto", "torch", "triton", "cpp")
 KL_CODES = {"k1": 0, "k2": 1, "k3": 2}  # kernel argument of the KL estimators (Triton constexpr, C++ int)
 
 
-@functools.cache
+# Import probes, cached in plain dicts rather than functools.cache: torch.compile traces the backend choice and
+# warns about (and ignores) lru_cache wrappers, while a dict lookup traces as the constant it is.
+_PROBES: dict[str, object] = {}
+
+
 def triton_installed() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if "triton" not in _PROBES:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _PROBES["triton"] = False
+        else:
+            _PROBES["triton"] = True
+    return bool(_PROBES["triton"])
 
 
 def interpreter_on() -> bool:
@@ -34,11 +40,9 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _cpp_import() -> str | None:
-    """None when ``grkernels._C`` loads, else why not (one line)."""
+def _cpp_probe() -> str | None:
     if os.environ.get("GRKERNELS_NO_CPP", "0") not in ("", "0"):
-        return "disabled by GRKERNELS_NO_CPP"
+        return "disabled by GRKERNELS_NO_CPP=1"
     try:
         import grkernels._C  # noqa: F401  (loading the library registers torch.ops.grkernels_cpp)
     except ImportError as err:
@@ -46,6 +50,13 @@ def _cpp_import() -> str | None:
     except Exception as err:  # a broken build (e.g. an ABI mismatch with this torch): say so, run on torch
         return f"grkernels._C failed to load: {type(err).__name__}: {err}"
     return None
+
+
+def _cpp_import() -> str | None:
+    """None when ``grkernels._C`` loads, else why not (one line); probed once per process."""
+    if "cpp" not in _PROBES:
+        _PROBES["cpp"] = _cpp_probe()
+    return _PROBES["cpp"]  # type: ignore[return-value]
 
 
 def cpp_loaded() -> bool:

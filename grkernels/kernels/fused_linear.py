@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from grkernels.library import loss_and_stats, policy_loss_terms, ref_grad, ref_logp_entropy
+
 
 def accumulate_head_grads(
     dz: torch.Tensor,
@@ -84,9 +86,16 @@ class FusedLinearLogProbEntropy(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = _chunk_logits(hidden[s:e], weight, bias)
-            parts.append(torch.ops.grkernels.logp_entropy(z, ids[s:e], active[s:e], temperature, True, False, impl))
+            if impl == "torch":  # the specification; backward recomputes its gradient by autograd
+                lp, h = ref_logp_entropy(z, ids[s:e], active[s:e], temperature, True)
+                parts.append((lp, h, lp, lp))  # no log-sum-exp parts needed (placeholders, dropped below)
+            else:
+                parts.append(torch.ops.grkernels.logp_entropy(z, ids[s:e], active[s:e], temperature, True, False,
+                                                              impl))  # fmt: skip
             del z
         logp, ent, mx, log_s = (torch.cat(p) for p in zip(*parts))
+        if impl == "torch":
+            mx = log_s = None
         ctx.save_for_backward(hidden, weight, bias, ids, active, mx, log_s, ent)
         ctx.temperature = float(temperature)
         ctx.chunk_size = chunk_size
@@ -102,10 +111,10 @@ class FusedLinearLogProbEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         if g_lp is None and g_ent is None:
             return (None,) * 9
-        zero = mx.new_zeros(())
+        zero = ent.new_zeros(())
         # masked tokens: zero upstream gradient, so the kernel skips reading their logits
-        g_lp = torch.zeros_like(mx) if g_lp is None else torch.where(active, g_lp.float(), zero).contiguous()
-        g_ent = None if g_ent is None else torch.where(active, g_ent.float(), zero).contiguous()
+        g_lp = torch.zeros_like(ent) if g_lp is None else torch.where(active, g_lp.to(ent.dtype), zero).contiguous()
+        g_ent = None if g_ent is None else torch.where(active, g_ent.to(ent.dtype), zero).contiguous()
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden) if need_h else None
         # dW sums over all chunks: by default in an fp32 accumulator (a bf16 running sum is rounded once per
@@ -118,11 +127,15 @@ class FusedLinearLogProbEntropy(torch.autograd.Function):
             e = min(s + ctx.chunk_size, n)
             h = hidden[s:e]
             dz = _chunk_logits(h, weight, bias)
-            # the chunk's logits become their gradient in place (masked tokens: zero upstream, zero rows)
-            torch.ops.grkernels.logp_entropy_backward_(
-                dz, ids[s:e], active[s:e], mx[s:e], log_s[s:e], ent[s:e], g_lp[s:e],
-                None if g_ent is None else g_ent[s:e], ctx.temperature, ctx.impl,
-            )  # fmt: skip
+            g_e = None if g_ent is None else g_ent[s:e]
+            if ctx.impl == "torch":
+                fn = lambda x: ref_logp_entropy(x, ids[s:e], active[s:e], ctx.temperature, True)
+                dz = ref_grad(dz, fn, [g_lp[s:e], g_e], create_graph=False).to(dz.dtype)
+            else:  # the chunk's logits become their gradient in place (masked tokens: zero upstream, zero rows)
+                torch.ops.grkernels.logp_entropy_backward_(
+                    dz, ids[s:e], active[s:e], mx[s:e], log_s[s:e], ent[s:e], g_lp[s:e], g_e, ctx.temperature,
+                    ctx.impl,
+                )  # fmt: skip
             accumulate_head_grads(dz, weight, h, grad_h if need_h else None, grad_w if need_w else None,
                                   grad_b if need_b else None, slice(s, e))
             del dz
@@ -162,7 +175,6 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, mask_b, weights, inv_ntok, adv_tok, old, ref, cfg, impl):
-        from grkernels.library import loss_and_stats, policy_loss_terms
 
         N = hidden.shape[0]
         V = weight.shape[0]

@@ -76,13 +76,15 @@ def _check_temperature(temperature: float, what: str) -> None:
 def _check_ids_in_range(index: torch.Tensor, vocab: int, active: torch.Tensor | None, what: str) -> None:
     """Token ids of active tokens must lie in [0, V).
 
-    On CPU a host check raises ValueError. On CUDA the check is ``torch._assert_async``: a device-side
-    assertion enqueued on the stream, so the launch path never waits for the GPU.
+    On CPU a host check raises ValueError. On CUDA (and inside ``torch.compile``) the check is
+    ``torch._assert_async``: a device-side assertion enqueued on the stream, so the launch path never waits
+    for the GPU.
     """
     bad = (index < 0) | (index >= vocab)
     if active is not None:
         bad = bad & active
-    if index.device.type == "cuda":
+    # under torch.compile a host read would break the graph: the assertion then runs inside it
+    if index.device.type == "cuda" or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), f"{what}: token id outside [0, {vocab}) (vocab size)")
     elif bool(bad.any()):
         first = index[bad].flatten()[0].item()
