@@ -66,7 +66,7 @@ def frontier_summary(methods: dict, g0: dict[int, float], p0: dict[int, float], 
     for label in methods:
         fams.setdefault(family(label), []).append(label)
     seeds = sorted({r["seed"] for m in methods.values() for r in m["runs"]})
-    reach = {f: max((k for lab in labs for r in methods[lab]["runs"] for k in smoothed(r, "kl", window)),
+    reach = {f: max((k for lab in labs for r in methods[lab]["runs"] for k, _ in _trajectory(r, 0.0, window)),
                     default=math.nan) for f, labs in fams.items()}
     k_star = min(reach.values()) if reach else math.nan
     out: dict = {"k_star": k_star, "methods": {}, "variants": {}}
