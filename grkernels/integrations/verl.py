@@ -1,0 +1,311 @@
+"""Gradient regularization in verl (0.9): a config switch on the actor's (or critic's) FSDP engine.
+
+verl's update is ``BaseEngine.train_batch``: zero the gradients, ``forward_backward_batch`` over the
+micro-batches of a mini-batch (gradient sync on the last one only), ``optimizer_step`` (clip to
+``optim.clip_grad``, skip a non-finite step, step). An optimizer alone never sees the batch, so GR lives in the
+engine. :class:`GradRegFSDPEngineWithLMHead` (and ``...WithValueHead``) subclass verl's FSDP engines and, when GR
+is on, run per mini-batch:
+
+    g1 = ∇L(θ)         forward_backward_batch (verl's, unchanged; its metrics are the ones reported)
+    θ' = θ + ε·clip(g1) on the GR parameters                          GradReg.perturb()
+    g2 = ∇L(θ')        forward_backward_batch again: the same micro-batches, the RNG state of each replayed
+    θ restored bitwise; grad ← g1 + (γ/ε)·(clip(g2) − clip(g1))      GradReg.restore_and_combine()
+    verl's own optimizer_step: clip the combined gradient, skip if non-finite, step the base optimizer
+
+so the gradient verl's optimizer steps with is exactly g1 + (γ/ε)(g2 − g1) over all micro-batches of the
+mini-batch, with verl's loss (any ``loss_agg_mode``, the KL loss, entropy bonus) and its global-token
+normalisation. Old log-probs are computed before the update (``compute_log_prob``), so the pass at θ'
+differentiates the same loss. Excluded parameters (default: embeddings and output head) get g1.
+
+Configuration, in verl's config style (a dataclass with ``_target_``; Hydra overrides)::
+
+    actor_rollout_ref.actor.optim._target_=grkernels.integrations.verl.GradRegFSDPOptimizerConfig
+    +actor_rollout_ref.actor.optim.grad_reg.strength=0.01      # γ (0: off, verl's own update bitwise)
+    +actor_rollout_ref.actor.optim.grad_reg.eps=0.001          # ε
+    actor_rollout_ref.model.external_lib=grkernels.integrations.verl
+
+Importing this module (the ``_target_`` or ``external_lib`` does it in every worker) registers the GR engines in
+verl's ``EngineRegistry`` under vendor-specific keys (("cuda", "nvidia"), ("cuda", "amd"), ("npu", "huawei")),
+which verl looks up before its device-wide default: every FSDP engine of the process is then a GR engine, which
+behaves exactly like verl's own (bitwise) when its optimizer config has no ``grad_reg`` or γ = 0.
+
+Metrics: ``grad_reg/g1_norm``, ``grad_reg/g2_norm``, ``grad_reg/gr_rel`` (= ‖GR − g1‖/‖g1‖),
+``grad_reg/perturb_ratio``, ``grad_reg/skipped``, ``grad_reg/strength``, ``grad_reg/step`` in the engine's
+metrics dict (``actor/grad_reg/...`` in the trainer's logs). State: GR's step counter (warmup, schedule,
+stochastic-rounding seeds) is part of the optimizer's state dict, which verl's FSDP checkpoints save and load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from verl.base_config import BaseConfig
+from verl.utils.tensordict_utils import maybe_fix_3d_position_ids
+from verl.workers.config import FSDPOptimizerConfig
+from verl.workers.engine import EngineRegistry
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+from grkernels.optim import GradReg
+from grkernels.params import paper_exclude
+from grkernels.rng import RNGState
+
+__all__ = [
+    "GradRegConfig",
+    "GradRegEngineMixin",
+    "GradRegFSDPEngineWithLMHead",
+    "GradRegFSDPEngineWithValueHead",
+    "GradRegFSDPOptimizerConfig",
+    "register_engines",
+]
+
+
+@dataclass
+class GradRegConfig(BaseConfig):
+    """GR settings (``optim.grad_reg``), the knobs of :class:`grkernels.GradReg`.
+
+    Args:
+        strength: γ, weight of the penalty (γ/2)·‖∇L‖² (1/loss units). 0 turns GR off: no second pass, verl's
+            own update bitwise.
+        eps: ε, the finite-difference step: θ' = θ + ε·clip(g1) (``eps_mode="absolute"``), or the norm of the
+            perturbation (``"radius"``: θ' = θ + ε·v/‖v‖).
+        eps_mode: "absolute" (paper) or "radius".
+        g1_clip, g2_clip: max norms of g1 (the perturbation direction) and g2 inside GR; None (``null``) or
+            <= 0 disables a clip. verl's ``optim.clip_grad`` then clips the combined gradient.
+        exclude: parameter-name substrings left out of GR (they get g1). None (default): the embeddings and the
+            output head, as in the paper (``grkernels.paper_exclude``); ``[]``: GR on every parameter.
+        estimator: "forward" (1 extra forward/backward per mini-batch) or "central" (2). The exact
+            (double-backprop) estimator cannot run under FSDP2 and is refused.
+        warmup_steps: optimizer steps without GR first.
+        every, reuse: the full GR step only every k-th step; in between the plain gradient (``reuse="none"``)
+            or the last correction made orthogonal to g1 (``"orthogonal"``), see ``grkernels.reuse``.
+        rounding: "stochastic" or "nearest", for low-precision weights (verl's fp32 shards round to nearest).
+        backend: "auto" (Triton on CUDA when installed), "torch" or "triton".
+        lean: Triton backend: keep g1 in bf16 (less memory).
+        seed: seed of the stochastic rounding.
+    """
+
+    strength: float = 1e-3
+    eps: float = 1e-3
+    eps_mode: str = "absolute"
+    g1_clip: float | None = 10.0
+    g2_clip: float | None = 10.0
+    exclude: list[str] | None = None
+    estimator: str = "forward"
+    warmup_steps: int = 0
+    every: int = 1
+    reuse: str = "none"
+    rounding: str = "stochastic"
+    backend: str = "auto"
+    lean: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.strength) and self.strength >= 0):
+            raise ValueError(f"grad_reg.strength must be a finite number >= 0, got {self.strength}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"grad_reg.eps must be a finite number > 0, got {self.eps}")
+        if self.estimator == "exact":
+            raise ValueError(
+                "grad_reg.estimator='exact' cannot run in verl's FSDP engines: FSDP2 reduces gradients outside "
+                "autograd, so there is no graph to differentiate again. Use 'forward' or 'central'."
+            )
+        for name in ("g1_clip", "g2_clip"):  # the command line cannot write None everywhere: <= 0 means off
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                object.__setattr__(self, name, None)
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", [self.exclude])
+        self.gradreg_kwargs()  # the remaining checks are GradReg's own; fail at config time, not at step 1
+
+    def gradreg_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`grkernels.GradReg` (all but ``exclude``), validated."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        kwargs.pop("exclude")
+        GradReg(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **kwargs)  # raises on bad values
+        return kwargs
+
+
+@dataclass
+class GradRegFSDPOptimizerConfig(FSDPOptimizerConfig):
+    """verl's ``FSDPOptimizerConfig`` plus ``grad_reg`` (a :class:`GradRegConfig` or a mapping of its fields).
+
+    Every other field keeps verl's meaning: the base optimizer (``optimizer_impl``/``optimizer``,
+    ``override_optimizer_config``), learning rate and schedule, and ``clip_grad``, which clips the combined GR
+    gradient before the step.
+    """
+
+    grad_reg: Any = field(default_factory=GradRegConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        gr = self.grad_reg
+        if gr is None:
+            gr = GradRegConfig(strength=0.0)
+        elif isinstance(gr, Mapping) and not isinstance(gr, GradRegConfig):
+            gr = GradRegConfig(**{k: v for k, v in dict(gr).items() if k != "_target_"})
+        if not isinstance(gr, GradRegConfig):
+            raise TypeError(f"optim.grad_reg must be a GradRegConfig or a mapping of its fields, got {type(gr)}")
+        object.__setattr__(self, "grad_reg", gr)  # BaseConfig fields are frozen once set
+
+
+def grad_reg_config(optimizer_config: Any) -> GradRegConfig | None:
+    """The GR settings of a verl optimizer config, or None when GR is off (no ``grad_reg``, or γ = 0)."""
+    gr = getattr(optimizer_config, "grad_reg", None)
+    if gr is None or gr.strength == 0.0:
+        return None
+    return gr
+
+
+class _MicroBatchRNG:
+    """RNG state before each micro-batch's forward in the pass at θ, replayed before the same micro-batch in the
+    pass(es) at θ' (same dropout masks)."""
+
+    def __init__(self) -> None:
+        self.states: list[RNGState] = []
+        self.replaying = False
+        self.index = 0
+
+    def at_micro_batch(self) -> None:
+        if not self.replaying:
+            self.states.append(RNGState())
+            return
+        if self.index >= len(self.states):
+            raise RuntimeError(
+                f"GR in verl: the pass at θ' ran more micro-batches than the pass at θ ({len(self.states)}); the "
+                "micro-batch split must not depend on the parameters"
+            )
+        self.states[self.index].replay()
+        self.index += 1
+
+    def rewind(self) -> None:
+        self.replaying, self.index = True, 0
+
+    def check_complete(self) -> None:
+        if self.index != len(self.states):
+            raise RuntimeError(
+                f"GR in verl: the pass at θ' ran {self.index} micro-batches, the pass at θ {len(self.states)}"
+            )
+
+
+class GradRegEngineMixin:
+    """GR for a verl FSDP engine: put it before the engine class in the bases (see the module docstring).
+
+    Uses of the engine's hooks: ``_build_optimizer`` wraps verl's optimizer in :class:`grkernels.GradReg` when
+    GR is on; ``train_batch`` runs the extra pass(es) and ``GradReg.combine()``; ``forward_step`` records /
+    replays the RNG state per micro-batch; ``optimizer_step`` is verl's, then GR goes idle whether verl stepped or
+    skipped.
+    """
+
+    _grad_reg: GradReg | None = None
+    _gr_rng: _MicroBatchRNG | None = None
+
+    @property
+    def grad_reg(self) -> GradReg | None:
+        """The :class:`grkernels.GradReg` around verl's optimizer (None when GR is off)."""
+        return self._grad_reg
+
+    def _build_optimizer(self, module: torch.nn.Module) -> torch.optim.Optimizer:
+        optimizer = super()._build_optimizer(module)  # verl's: any optimizer class by import path
+        cfg = grad_reg_config(self.optimizer_config)
+        self._grad_reg = None
+        if cfg is None:
+            return optimizer
+        if getattr(self, "scaler", None) is not None:
+            raise NotImplementedError(
+                "GR in verl does not support fp16 mixed precision with loss scaling (ShardedGradScaler): g1 would "
+                "be the scaled gradient. Use mixed_precision.param_dtype=bf16 (or fp32)."
+            )
+        exclude = paper_exclude(module) if cfg.exclude is None else (list(cfg.exclude) or None)
+        self._grad_reg = GradReg(
+            optimizer, exclude=exclude, named_parameters=list(module.named_parameters()), **cfg.gradreg_kwargs()
+        )
+        return self._grad_reg
+
+    def forward_step(self, micro_batch: Any, loss_function: Any, forward_only: bool) -> Any:
+        if self._gr_rng is not None and not forward_only:
+            self._gr_rng.at_micro_batch()
+        return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
+
+    def train_batch(self, data: Any, loss_function: Any) -> Any:
+        """verl's ``train_batch`` with the GR pass(es) between the backward at θ and the optimizer step."""
+        gr = self._grad_reg
+        if gr is None:
+            return super().train_batch(data, loss_function)
+        maybe_fix_3d_position_ids(data)
+        self.optimizer_zero_grad()
+        passes = gr.extra_passes
+        rng = self._gr_rng = _MicroBatchRNG() if passes else None
+        rng_after = None
+        try:
+            outputs = self.forward_backward_batch(data, loss_function, forward_only=False)
+            if passes:
+                rng_after = RNGState()
+            for _ in range(passes):
+                gr.perturb()
+                rng.rewind()
+                self.forward_backward_batch(data, loss_function, forward_only=False)  # outputs: those at θ
+                rng.check_complete()
+            # before verl's clip: θ back and .grad = the GR gradient (a full step), g1 + the reused correction
+            # (every/reuse), or g1 with its diagnostics recorded (warmup)
+            gr.combine()
+        except BaseException:
+            gr.restore()  # θ back bitwise, gradients back to g1, GR idle and usable
+            raise
+        finally:
+            self._gr_rng = None
+            if rng_after is not None:
+                rng_after.replay()  # the RNG continues from where the pass at θ left it
+        grad_norm = self.optimizer_step()
+        if self.is_mp_src_rank_with_outputs():
+            assert "grad_norm" not in outputs["metrics"]
+            outputs["metrics"]["grad_norm"] = grad_norm
+            # one value per mini-batch, as a list like verl's per-micro-batch metrics (the worker gathers lists
+            # over data-parallel ranks; GR's metrics are global, the same on every rank)
+            outputs["metrics"].update({f"grad_reg/{k}": [v] for k, v in gr.metrics(sync=True).items()})
+        return outputs
+
+    def optimizer_step(self) -> float:
+        try:
+            return super().optimizer_step()
+        finally:
+            if self._grad_reg is not None:
+                # verl skips a non-finite step without calling step(): end GR's step (θ is already θ) so that
+                # the next one starts clean. No-op after a step taken.
+                self._grad_reg.restore()
+
+
+class GradRegFSDPEngineWithLMHead(GradRegEngineMixin, FSDPEngineWithLMHead):
+    """verl's ``FSDPEngineWithLMHead`` (actor, reference) with GR; identical to it when GR is off."""
+
+
+class GradRegFSDPEngineWithValueHead(GradRegEngineMixin, FSDPEngineWithValueHead):
+    """verl's ``FSDPEngineWithValueHead`` (critic) with GR; identical to it when GR is off."""
+
+
+#: (device, vendor) pairs of verl's built-in platforms whose FSDP engines get a GR subclass on import.
+DEFAULT_DEVICES: tuple[tuple[str, str], ...] = (("cuda", "nvidia"), ("cuda", "amd"), ("npu", "huawei"))
+
+_registered: set[tuple[str, str]] = set()
+
+
+def register_engines(devices: tuple[tuple[str, str], ...] = DEFAULT_DEVICES) -> None:
+    """Register the GR engines in verl's ``EngineRegistry`` for ``devices`` ((device, vendor) pairs), backends
+    "fsdp" and "fsdp2". verl looks the vendor-specific key up before the device-wide default, so its own engines
+    stay registered (and selectable with ``VERL_ENGINE_VENDOR``). Each pair is registered once per process."""
+    for device, vendor in devices:
+        if (device, vendor) in _registered:
+            continue
+        for model_type, cls in (
+            ("language_model", GradRegFSDPEngineWithLMHead),
+            ("value_model", GradRegFSDPEngineWithValueHead),
+        ):
+            EngineRegistry.register(model_type=model_type, backend=["fsdp", "fsdp2"], device=device, vendor=vendor)(cls)
+        _registered.add((device, vendor))
+
+
+register_engines()

@@ -1,0 +1,187 @@
+"""One verl policy update per case, 2 CPU processes with gloo: ``torchrun --nproc_per_node 2 verl_worker.py IN OUT``.
+
+``IN`` (written by ``tests/test_integration_verl.py``) holds a tiny Hugging Face model with its tokenizer
+(``IN/model``) and a global batch of rollouts (``IN/batch.pt``: left-padded prompts, right-padded responses, old
+and reference log-probs, advantages). Each rank takes its half of the batch, builds verl's ``TrainingWorker``
+(verl's FSDP2 engine, through verl's ``EngineRegistry``) and runs verl's update path ``train_mini_batch`` →
+``BaseEngine.train_batch`` with verl's ``ppo_loss``, on several micro-batches per rank.
+
+Per case it writes ``OUT/<case>_rank<r>.pt``: the gradient the base optimizer steps with (gathered full tensors,
+captured by a step pre-hook), the parameters after the step and verl's metrics. ``OUT/done_rank<r>`` marks a
+worker that got to the end; ``OUT/error_rank<r>.txt`` holds a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+MICRO = 2  # sequences per micro-batch and rank: 3 micro-batches per rank with the test's 12 sequences
+LR = 1e-3
+CLIP_GRAD = 0.5  # verl's optim.clip_grad, on the combined gradient
+
+#: case -> settings: "engine" ("verl": verl's own FSDPEngineWithLMHead; "gr": grkernels' engine), "grad_reg"
+#: (GradRegConfig fields, None: plain FSDPOptimizerConfig), "loss" (ActorConfig loss fields), "steps".
+GR = dict(strength=15.0, eps=5e-2, g1_clip=0.05, g2_clip=0.05)
+KL = dict(loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="low_var_kl")
+CASES: dict[str, dict[str, Any]] = {
+    "verl": dict(engine="verl", grad_reg=None, loss=KL),
+    "off": dict(engine="gr", grad_reg=dict(strength=0.0), loss=KL),
+    "gr_kl": dict(engine="gr", grad_reg=GR, loss=KL),
+    "gr_seq_central": dict(
+        engine="gr",
+        grad_reg=dict(strength=0.02, eps=2e-2, g1_clip=None, g2_clip=None, estimator="central", exclude=[]),
+        loss=dict(loss_agg_mode="seq-mean-token-mean", use_kl_loss=False),
+    ),
+    "gr_sum_radius": dict(
+        engine="gr",
+        grad_reg=dict(strength=60.0, eps=1e-2, g1_clip=0.05, g2_clip=0.05, eps_mode="radius", exclude=["lm_head"]),
+        loss=dict(loss_agg_mode="seq-mean-token-sum", use_kl_loss=True, kl_loss_coef=0.2, kl_loss_type="k2"),
+    ),
+}
+RESUME = dict(engine="gr", grad_reg=dict(GR, warmup_steps=1), loss=KL)
+
+
+def make_worker(model_dir: str, case: dict[str, Any]):
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig, TrainingWorkerConfig
+    from verl.workers.engine_workers import TrainingWorker
+
+    from grkernels.integrations.verl import GradRegFSDPOptimizerConfig
+
+    # verl's own engine: a vendor with no GR registration falls back to the device-wide default
+    os.environ["VERL_ENGINE_VENDOR"] = "none" if case["engine"] == "verl" else "cpu"
+    model = HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"}, use_remove_padding=False,
+                          external_lib="grkernels.integrations.verl")
+    engine = FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False,
+                              micro_batch_size_per_gpu=MICRO, mixed_precision={"param_dtype": "fp32"})
+    optim_kw = dict(lr=LR, clip_grad=CLIP_GRAD, total_training_steps=10)
+    if case["grad_reg"] is None:
+        optim = FSDPOptimizerConfig(**optim_kw)
+    else:
+        optim = GradRegFSDPOptimizerConfig(**optim_kw, grad_reg=case["grad_reg"])
+    worker = TrainingWorker(TrainingWorkerConfig(model_type="language_model", model_config=model,
+                                                 engine_config=engine, optimizer_config=optim,
+                                                 checkpoint_config=CheckpointConfig()))
+    worker.reset()
+    worker.set_loss_fn(partial(_ppo_loss(), config=actor_config(case["loss"])))
+    return worker
+
+
+def _ppo_loss():
+    from verl.workers.utils.losses import ppo_loss
+
+    return ppo_loss
+
+
+def actor_config(loss: dict[str, Any]):
+    from verl.workers.config import ActorConfig
+
+    return ActorConfig(strategy="fsdp2", rollout_n=1, ppo_mini_batch_size=12, ppo_micro_batch_size_per_gpu=MICRO,
+                       use_dynamic_bsz=False, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2,
+                       entropy_coeff=0.0, **loss)
+
+
+def local_batch(batch: dict[str, torch.Tensor], rank: int, world: int):
+    """This rank's share of the global batch as verl's trainer hands it to ``update_actor`` (no padding)."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    n = batch["prompts"].shape[0]
+    sl = slice(rank * n // world, (rank + 1) * n // world)
+    attn = batch["attention_mask"][sl]
+    fields = {k: batch[k][sl] for k in ("prompts", "responses", "attention_mask", "response_mask", "old_log_probs",
+                                        "advantages", "ref_log_prob")}
+    fields["input_ids"] = torch.cat([fields["prompts"], fields["responses"]], dim=1)
+    fields["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)
+    td = TensorDict(fields, batch_size=[attn.shape[0]])
+    td = left_right_2_no_padding(td)
+    tu.assign_non_tensor(td, temperature=1.0, calculate_entropy=False, global_batch_size=n, mini_batch_size=n,
+                         epochs=1, seed=0, dataloader_kwargs={"shuffle": False}, compute_loss=True)
+    return td
+
+
+def base_optimizer(engine):
+    from grkernels import GradReg
+
+    return engine.optimizer.optimizer if isinstance(engine.optimizer, GradReg) else engine.optimizer
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def run_step(worker, td) -> dict[str, Any]:
+    """One ``train_mini_batch``: the gradient at the base optimizer's step, parameters after, metrics."""
+    engine = worker.engine
+    captured: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+
+    def hook(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    captured[names[id(p)]] = full(p.grad)
+
+    handle = base_optimizer(engine).register_step_pre_hook(hook)
+    try:
+        out = worker.train_mini_batch(td.clone())
+    finally:
+        handle.remove()
+    metrics = {} if out is None else {k: [float(x) for x in v] for k, v in out["metrics"].items()}
+    return {"grad": captured, "params": {n: full(p) for n, p in engine.module.named_parameters()},
+            "metrics": metrics}
+
+
+def main() -> None:
+    in_dir, out_dir = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    try:
+        from grkernels.integrations.verl_cpu import use_cpu_platform
+
+        use_cpu_platform()
+        batch = torch.load(os.path.join(in_dir, "batch.pt"))
+        td = local_batch(batch, rank, world)
+        model_dir = os.path.join(in_dir, "model")
+        only = os.environ.get("VERL_WORKER_CASES")
+        for name, case in CASES.items():
+            if only and name not in only.split(","):
+                continue
+            worker = make_worker(model_dir, case)
+            result = run_step(worker, td)
+            result["gr_engine"] = type(worker.engine).__name__
+            torch.save(result, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+            del worker
+        if not only or "resume" in only.split(","):
+            # warmup step, checkpoint, GR step; then a fresh worker loads the checkpoint and redoes the GR step
+            ckpt = os.path.join(out_dir, "ckpt")
+            worker = make_worker(model_dir, RESUME)
+            first = run_step(worker, td)
+            worker.save_checkpoint(ckpt)
+            second = run_step(worker, td)
+            del worker
+            worker = make_worker(model_dir, RESUME)
+            worker.load_checkpoint(ckpt)
+            resumed = run_step(worker, td)
+            torch.save({"first": first, "second": second, "resumed": resumed},
+                       os.path.join(out_dir, f"resume_rank{rank}.pt"))
+        open(os.path.join(out_dir, f"done_rank{rank}"), "w").close()
+    except BaseException:
+        with open(os.path.join(out_dir, f"error_rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""GR in verl: one policy update of verl's FSDP2 engine on 2 gloo processes against an independent recomputation.
+
+The worker (``tests/dist_workers/verl_worker.py``) runs verl's own update path (``TrainingWorker.train_mini_batch``
+→ ``BaseEngine.train_batch``, verl's ``ppo_loss``) with 3 micro-batches per rank. Here, in float64 and without
+verl, the same update is recomputed from the saved weights and batch: per-token log-probs of a plain Hugging Face
+model, the PPO-clip loss (dual clip), verl's KL estimators and loss aggregation over the global batch, g1, the
+perturbed point, g2, ``g1 + (γ/ε)(clip(g2) − clip(g1))`` on the GR parameters (g1 on the excluded ones), and
+verl's gradient clipping. The gradient the base optimizer steps with must match it (relative error < 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="verl is installed in its own venv: `make test-verl` (part of `make test`)")
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_workers"))
+import verl_worker as W  # noqa: E402
+
+VOCAB, PROMPT, RESPONSE, BATCH = 48, 5, 7, 12
+
+
+def make_model_dir(path: Path) -> torch.nn.Module:
+    """A tiny Qwen2 (random weights, untied head) and a word-level tokenizer, built in code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", eos_token="t1", bos_token="t2",
+                                  unk_token="t0")
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                      attention_dropout=0.0)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so that log-probs (and GR) vary
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def make_batch(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rollouts as verl's trainer holds them: prompts left-padded, responses right-padded (odd lengths), "old" and
+    reference log-probs near the model's own (so that ratios fall on both sides of the PPO clip)."""
+    g = torch.Generator().manual_seed(seed)
+    p_len = torch.randint(1, PROMPT + 1, (BATCH,), generator=g)
+    r_len = torch.randint(1, RESPONSE + 1, (BATCH,), generator=g)
+    r_len[0] = RESPONSE
+    prompts = torch.zeros(BATCH, PROMPT, dtype=torch.long)
+    responses = torch.zeros(BATCH, RESPONSE, dtype=torch.long)
+    attn = torch.zeros(BATCH, PROMPT + RESPONSE, dtype=torch.long)
+    for i in range(BATCH):
+        prompts[i, PROMPT - p_len[i]:] = torch.randint(3, VOCAB, (int(p_len[i]),), generator=g)
+        responses[i, : r_len[i]] = torch.randint(3, VOCAB, (int(r_len[i]),), generator=g)
+        attn[i, PROMPT - p_len[i]: PROMPT + r_len[i]] = 1
+    batch = {"prompts": prompts, "responses": responses, "attention_mask": attn,
+             "response_mask": attn[:, PROMPT:].clone()}
+    mask = batch["response_mask"].double()
+    with torch.no_grad():
+        logp = response_logprobs(model, dict(model.named_parameters()), batch)
+    noise = lambda scale: scale * torch.randn(BATCH, RESPONSE, generator=g, dtype=torch.float64)  # noqa: E731
+    batch["old_log_probs"] = ((logp + noise(0.3)) * mask).float()
+    batch["ref_log_prob"] = ((logp + noise(0.5)) * mask).float()
+    batch["advantages"] = (torch.randn(BATCH, 1, generator=g, dtype=torch.float64) * mask).float()
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------- reference
+def response_logprobs(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+    """(B, R) log π(response token) at ``params``, one unpadded sequence at a time; 0 past each response."""
+    rows = []
+    for i in range(BATCH):
+        keep = batch["attention_mask"][i].bool()
+        ids = torch.cat([batch["prompts"][i], batch["responses"][i]])[keep]
+        n_resp = int(batch["response_mask"][i].sum())
+        logits = torch.func.functional_call(model, params, (ids[None],), {"use_cache": False}).logits[0]
+        logp = torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[1:, None])[:, 0]  # position t predicts t + 1
+        rows.append(torch.nn.functional.pad(logp[len(ids) - 1 - n_resp:], (0, RESPONSE - n_resp)))
+    return torch.stack(rows)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """verl's loss_agg_mode over the whole global batch (what the sum over ranks and micro-batches must give)."""
+    if mode == "token-mean":
+        return (x * mask).sum() / mask.sum()
+    per_seq = (x * mask).sum(-1)
+    if mode == "seq-mean-token-mean":
+        per_seq = per_seq / mask.sum(-1)
+    assert mode in ("seq-mean-token-mean", "seq-mean-token-sum"), mode
+    return per_seq.mean()
+
+
+def ppo_loss(logp: torch.Tensor, batch: dict, loss: dict[str, Any]) -> torch.Tensor:
+    """PPO-clip with dual clip (c = 3), plus the KL loss to the reference policy (k3 = low_var_kl, or k2)."""
+    mask = batch["response_mask"].double()
+    adv, old = batch["advantages"].double(), batch["old_log_probs"].double()
+    ratio = torch.exp((logp - old).clamp(-20, 20))
+    clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    pg = torch.where(adv < 0, torch.minimum(clipped, -adv * 3.0), clipped)
+    total = aggregate(pg, mask, loss["loss_agg_mode"])
+    if loss["use_kl_loss"]:
+        d = batch["ref_log_prob"].double() - logp
+        if loss["kl_loss_type"] == "low_var_kl":
+            kl = (torch.exp(d.clamp(-20, 20)) - d.clamp(-20, 20) - 1).clamp(-10, 10)
+        else:
+            assert loss["kl_loss_type"] == "k2"
+            kl = 0.5 * d.square()
+        total = total + loss["kl_loss_coef"] * aggregate(kl, mask, loss["loss_agg_mode"])
+    return total
+
+
+def reference_step(model_dir: Path, batch: dict, case: dict[str, Any],
+                   theta: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The gradient the base optimizer must step with, recomputed in float64: GR on the GR parameters, then verl's
+    clip to ``clip_grad``. Also g1 (for the size of the correction) and GR's g1 norm."""
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="eager").double()
+    params = {n: p.detach().double() for n, p in model.named_parameters()}
+    if theta is not None:
+        params = {n: theta[n].double() for n in params}
+    names = list(params)
+
+    def grad_at(point: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        leaves = {n: t.clone().requires_grad_(True) for n, t in point.items()}
+        loss = ppo_loss(response_logprobs(model, leaves, batch), batch, case["loss"])
+        return dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
+
+    def norm(g: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+        return torch.sqrt(sum(g[k].square().sum() for k in keys))
+
+    def clip(n: torch.Tensor, c: float | None) -> torch.Tensor:
+        return torch.ones((), dtype=torch.float64) if c is None else (c / (n + 1e-6)).clamp(max=1.0)
+
+    gr = {**dict(strength=1e-3, eps=1e-3, g1_clip=10.0, g2_clip=10.0, exclude=None, estimator="forward",
+                 eps_mode="absolute"), **case["grad_reg"]}
+    exclude = ["embed_tokens", "lm_head"] if gr["exclude"] is None else gr["exclude"]
+    P = [n for n in names if not any(e in n for e in exclude)]
+    g1 = grad_at(params)
+    n1 = norm(g1, P)
+    s1 = clip(n1, gr["g1_clip"])
+    vnorm = s1 * n1 if gr["eps_mode"] == "radius" else torch.ones((), dtype=torch.float64)
+    step = gr["eps"] / vnorm  # θ' = θ + step·v: ε (absolute) or ε/‖v‖ (radius)
+
+    def at(sign: float) -> dict[str, torch.Tensor]:
+        return {n: params[n] + sign * step * s1 * g1[n] if n in P else params[n] for n in names}
+
+    gamma = gr["strength"]
+    g2 = grad_at(at(+1.0))
+    s2 = clip(norm(g2, P), gr["g2_clip"])
+    if gr["estimator"] == "central":
+        gm = grad_at(at(-1.0))
+        sm = clip(norm(gm, P), gr["g2_clip"])
+        corr = {n: gamma / (2 * step) * (s2 * g2[n] - sm * gm[n]) for n in P}
+    else:
+        corr = {n: gamma / step * (s2 * g2[n] - s1 * g1[n]) for n in P}
+    full = {n: g1[n] + corr[n] if n in P else g1[n] for n in names}
+    coef = clip(norm(full, names), W.CLIP_GRAD)  # verl's optimizer_step: clip_grad_norm_ of the combined grad
+    return {"grad": {n: full[n] * coef for n in names}, "g1": g1, "g1_norm": float(n1),
+            "gr_rel": float(norm(corr, P) / n1)}
+
+
+def rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    diff = sum((a[k].double() - b[k].double()).square().sum() for k in a)
+    return float(torch.sqrt(diff / sum(b[k].double().square().sum() for k in b)))
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, Any]:
+    """Model, batch, one torchrun of the worker (every case); the results of both ranks."""
+    root = tmp_path_factory.mktemp("verl")
+    inp, out = root / "in", root / "out"
+    inp.mkdir()
+    out.mkdir()
+    model = make_model_dir(inp / "model")
+    batch = make_batch(model.double())
+    torch.save(batch, inp / "batch.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    worker = Path(__file__).parent / "dist_workers" / "verl_worker.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(inp), str(out)], env=env, capture_output=True, text=True, timeout=900)
+    errors = "".join(f.read_text() for f in out.glob("error_rank*.txt"))
+    # judged by what the workers wrote: a finished run is one whose ranks both reached the end
+    assert all((out / f"done_rank{r}").exists() for r in range(2)), errors or proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
+               for name in [*W.CASES, "resume"]}
+    return {"dir": inp / "model", "batch": batch, "results": results}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gr_off_is_verls_own_update_bitwise(run):
+    """γ = 0 through grkernels' engine and config = verl's FSDPEngineWithLMHead with a plain optimizer config."""
+    for verl, off in zip(run["results"]["verl"], run["results"]["off"]):
+        assert verl["gr_engine"] == "FSDPEngineWithLMHead" and off["gr_engine"] == "GradRegFSDPEngineWithLMHead"
+        assert _equal(verl["grad"], off["grad"]) and _equal(verl["params"], off["params"])
+        assert verl["metrics"]["loss"] == off["metrics"]["loss"]
+        assert not any(k.startswith("grad_reg/") for k in off["metrics"])
+    from safetensors.torch import load_file
+
+    initial = load_file(run["dir"] / "model.safetensors")
+    moved = run["results"]["verl"][0]["params"]
+    assert sorted(initial) == sorted(moved) and not any(torch.equal(initial[k], moved[k]) for k in initial)
+
+
+@pytest.mark.parametrize("case", [c for c in W.CASES if c.startswith("gr_")])
+def test_gr_update_equals_independent_recomputation(run, case):
+    """The gradient verl's optimizer steps with = g1 + (γ/ε)(clip(g2) − clip(g1)), verl-clipped (fp32 vs fp64)."""
+    ref = reference_step(run["dir"], run["batch"], W.CASES[case])
+    assert ref["gr_rel"] > 1e-2  # the GR correction is far above the tolerance: skipping GR would fail
+    for rank in run["results"][case]:
+        assert rank["gr_engine"] == "GradRegFSDPEngineWithLMHead"
+        assert rel_error(rank["grad"], ref["grad"]) < 1e-5
+        m = rank["metrics"]
+        assert m["grad_reg/step"] == [1.0, 1.0] and m["grad_reg/strength"][0] == W.CASES[case]["grad_reg"]["strength"]
+        assert math.isclose(m["grad_reg/g1_norm"][0], ref["g1_norm"], rel_tol=1e-5)
+        assert math.isclose(m["grad_reg/gr_rel"][0], ref["gr_rel"], rel_tol=1e-3)
+    if W.CASES[case]["loss"] == W.CASES["verl"]["loss"]:  # verl's loss metrics are those of the pass at θ
+        for key in ("loss", "actor/pg_loss", "kl_loss", "actor/pg_clipfrac"):
+            assert run["results"][case][0]["metrics"][key] == run["results"]["verl"][0]["metrics"][key]
+
+
+def test_resume_from_verls_checkpoint_is_exact(run):
+    """warmup step (= verl's own step, bitwise), checkpoint, GR step; a fresh worker that loads the checkpoint
+    redoes the GR step bitwise (GR's step counter travels in the optimizer state); the GR step matches the
+    recomputation at the parameters after the first step."""
+    for r, res in enumerate(run["results"]["resume"]):
+        first, second, resumed = res["first"], res["second"], res["resumed"]
+        assert _equal(first["params"], run["results"]["verl"][r]["params"])
+        assert first["metrics"]["grad_reg/strength"][0] == 0.0 and second["metrics"]["grad_reg/strength"][0] > 0
+        assert _equal(second["grad"], resumed["grad"]) and _equal(second["params"], resumed["params"])
+        assert second["metrics"]["grad_reg/step"] == resumed["metrics"]["grad_reg/step"] == [2.0, 2.0]
+    ref = reference_step(run["dir"], run["batch"], W.RESUME, theta=run["results"]["resume"][0]["first"]["params"])
+    assert rel_error(run["results"]["resume"][0]["second"]["grad"], ref["grad"]) < 1e-5
