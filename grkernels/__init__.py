@@ -6,6 +6,7 @@
 """
 
 from grkernels._version import __version__
+from grkernels.library import info
 from grkernels.ops import (
     fused_linear_policy_loss,
     kl_penalty,
@@ -24,6 +25,7 @@ __all__ = [
     "__version__",
     "depth_param_groups",
     "fused_linear_policy_loss",
+    "info",
     "kl_penalty",
     "paper_exclude",
     "policy_loss",

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": "the reward-hacking experiment: none / KL / KL+resets / GR / GR+KL (see README)",
         "quickstart": "a tiny model trained a few dozen steps with GradReg(AdamW), printing GR diagnostics",
         "bench": "GPU benchmarks of the GR-step and loss kernels (writes JSON under bench/results)",
+        "info": "which implementation (torch / cpp / triton) each op uses here, and why",
     }
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="grkernels", description="Gradient regularization for RL fine-tuning")
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         from grkernels.quickstart import main as run
     elif command == "demo":
         from grkernels.demo.cli import main as run
+    elif command == "info":
+        from grkernels.library import info_main as run
     else:
         from grkernels.bench_cli import main as run
     return _run_cleanly(command, run, rest)

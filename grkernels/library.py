@@ -384,4 +384,19 @@ def format_info(table: dict[str, dict[str, str]] | None = None) -> str:
     return "\n".join(f"{k:<{width}}  {v['implementation']:<16} {v['reason']}" for k, v in table.items())
 
 
-__all__ = ["acc_dtype", "format_info", "info", "logp_entropy", "loss_and_stats", "policy_loss_terms"]
+def info_main(argv: list[str]) -> int:
+    """``python -m grkernels info [--device DEV]``: print :func:`info`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="grkernels info", description="which implementation each op uses")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu, plus cuda when available)")
+    args = parser.parse_args(argv)
+    try:
+        table = info(args.device)
+    except RuntimeError as err:  # e.g. an unknown device string
+        parser.error(str(err))
+    print(format_info(table))
+    return 0
+
+
+__all__ = ["acc_dtype", "format_info", "info", "info_main", "logp_entropy", "loss_and_stats", "policy_loss_terms"]
