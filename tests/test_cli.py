@@ -161,3 +161,12 @@ def test_fidelity_detects_triton_imported_before_the_interpreter():
                             "assert not fidelity._TRITON_TOO_EARLY"], cwd=root, env=env, capture_output=True,
                            text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["demo", "quickstart", "bench", "info"])
+def test_every_subcommand_refuses_an_unknown_flag(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--no-such-flag", "1"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
