@@ -3,9 +3,10 @@
 A sweep (``grkernels demo --sweep``) runs ``none`` plus every (method, strength) in every world and
 seed. A method's *frontier* in one seed is the envelope of all its runs' smoothed trajectories:
 
-    E(k) = max { Δgold_t : smoothed KL(π_t‖π_init) ≤ k, over the method's runs and steps t }
+    E(k) = max { Δgold_t : smoothed KL(π_t‖π_init) ≤ k, over the method's runs and steps t } ∪ {0}
 
-(Δgold = gold minus the initial policy's gold; steps from the first full smoothing window on).
+(Δgold = gold minus the initial policy's gold; steps from the first full smoothing window on; the 0 is
+the initial policy itself, so E ≥ 0: a method that only loses gold has the flat frontier E = 0).
 Summary numbers per method, mean ± std over seeds:
     best_gold_at_kl   E(K*), K* = the smallest "largest KL reached" over all methods of the world,
                       so every method's envelope is defined up to K*
@@ -56,6 +57,13 @@ def _trajectory(run: dict, g0: float, window: int) -> list[tuple[float, float]]:
     return [(k, g - g0) for k, g in pts[min(window, len(pts)) - 1:]]
 
 
+def seed_points(methods: dict, labels: list[str], seed: int, g0: float, window: int) -> list[tuple[float, float]]:
+    """All (KL, Δgold) points of ``labels``' runs of ``seed``, plus the initial policy (0, 0) where every run
+    starts (the infinite-strength limit of every method); empty when the seed has no runs."""
+    pts = [p for lab in labels for r in methods[lab]["runs"] if r["seed"] == seed for p in _trajectory(r, g0, window)]
+    return [(0.0, 0.0), *pts] if pts else []
+
+
 def frontier_summary(methods: dict, g0: dict[int, float], p0: dict[int, float], window: int, stats) -> dict:
     """Per-method frontier numbers and per-variant final points of one world.
 
@@ -73,8 +81,7 @@ def frontier_summary(methods: dict, g0: dict[int, float], p0: dict[int, float], 
     for f, labs in fams.items():
         best, auf, peak = [], [], []
         for s in seeds:
-            pts = [p for lab in labs for r in methods[lab]["runs"] if r["seed"] == s
-                   for p in _trajectory(r, g0[s], window)]
+            pts = seed_points(methods, labs, s, g0[s], window)
             if not pts:
                 continue
             best.append(envelope(pts, k_star))
@@ -183,8 +190,7 @@ def plot_frontiers(results: dict, path: str) -> str:
             ks = kl_grid(fr["k_star"])
             envs = []
             for s in sorted(g0):
-                pts = [p for lab in m["labels"] for r in w["methods"][lab]["runs"] if r["seed"] == s
-                       for p in _trajectory(r, g0[s], window)]
+                pts = seed_points(w["methods"], m["labels"], s, g0[s], window)
                 if pts:
                     envs.append([envelope(pts, k) for k in ks])
             if envs and ks:
