@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -603,6 +604,7 @@ class GradReg(torch.optim.Optimizer):
                     )
                 self._combine_exact()
             return self._base_step()
+        _refuse_hidden_accumulation()
         if self._phase != _IDLE:
             raise RuntimeError(
                 f"GradReg.step(closure) while a two-phase step was {self._phase}: the pending step was aborted "
@@ -804,6 +806,28 @@ class GradReg(torch.optim.Optimizer):
         self._excluded = {id(groups[gi]["params"][pi]) for gi, pi in state["_excluded"]}
         self._init_hooks()
         self._patch_step_function()
+
+
+def _refuse_hidden_accumulation() -> None:
+    """``step(closure)`` re-evaluates one batch from zeroed gradients: wrong when a host accumulates micro-batches
+    and calls the optimizer only on the window's last one. Accelerate's ``AcceleratedOptimizer`` does that under
+    ``gradient_accumulation_steps > 1``: found by looking at the callers (a few frames, host only, no sync)."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if type(owner).__module__.startswith("accelerate") and type(owner).__name__ == "AcceleratedOptimizer":
+            steps = getattr(getattr(owner, "gradient_state", None), "num_steps", 1)
+            if steps > 1:
+                raise RuntimeError(
+                    f"GradReg.step(closure) under Accelerate's gradient accumulation ({steps} micro-batches): "
+                    "Accelerate calls the optimizer on the window's last micro-batch only, so the closure would "
+                    "see that micro-batch alone. Use grkernels.integrations.accelerate.GradRegWindow (GR over the "
+                    "whole window), or the two-phase API (perturb / combine) after the window's backward passes."
+                )
+            return
+        frame = frame.f_back
 
 
 def _drop_new_grads(plan: StepPlan) -> None:

@@ -143,3 +143,30 @@ def test_error_in_the_replay_restores_theta_and_the_next_window_works():
     window.step(data[2], loss_fn)
     window.step(data[3], loss_fn)
     assert gr.metrics()["step"] == 1 and not bitwise_equal([p.detach() for p in model.parameters()], theta)
+
+
+def test_step_closure_under_accelerate_accumulation_is_refused():
+    """Accelerate calls the optimizer on the window's last micro-batch only: step(closure) would re-evaluate that
+    micro-batch alone from zeroed gradients. Refused with a pointer to GradRegWindow; θ untouched."""
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.1), strength=0.5, eps=1e-3)
+    model, opt = acc.prepare(model, opt)
+    x = torch.randn(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="GradRegWindow"):
+        for _ in range(2):
+            with acc.accumulate(model):
+                opt.step(closure)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    # Without accumulation the closure path is fine through Accelerate.
+    acc.gradient_state.plugin_kwargs["num_steps"] = 1
+    opt.step(closure)
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
