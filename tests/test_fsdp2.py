@@ -13,8 +13,6 @@ it, and the shard is restored bitwise), and the refusals of FSDP1 and of the exa
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,19 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_workers"))
 import fsdp2_worker as W  # noqa: E402
+from launch import torchrun  # noqa: E402
 
 WORKER = Path(__file__).parent / "dist_workers" / "fsdp2_worker.py"
 pytestmark = pytest.mark.slow
 
 _TRITON = importlib.util.find_spec("triton") is not None
-
-
-def torchrun(script: Path, out: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 script out args`` on CPU with one thread per process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(out), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

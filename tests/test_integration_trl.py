@@ -444,7 +444,9 @@ def test_plain_hf_trainer_gradient(tmp_path):
 def test_unsupported_backends_raise_clear_errors(tmp_path, flag, match):
     from transformers import TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1)
+    # DeepSpeed: ZeRO-1/2 run (tests/test_deepspeed.py); a longer accumulation window is refused
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1,
+                             gradient_accumulation_steps=2)
     tr = grad_reg_trainer(Trainer)(model=make_model(), args=args, train_dataset=LMData())
     setattr(tr, flag, True)
     with pytest.raises(NotImplementedError, match=match):

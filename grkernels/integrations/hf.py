@@ -180,9 +180,10 @@ class GradRegTrainerMixin:
     passed in ``optimizers=``) in :class:`grkernels.GradReg`, which shares its ``param_groups`` so LR schedulers
     keep working.
 
-    Not supported yet (a clear error is raised): DeepSpeed (the optimizer step happens inside
-    ``accelerator.backward``), FSDP, fp16 with a gradient scaler (the scaled g1 would set the perturbation),
-    LOMO optimizers.
+    DeepSpeed ZeRO-1/2 (``gradient_accumulation_steps=1``): GR runs on the engine's partitions between the backward
+    and the engine's step (:mod:`grkernels.integrations.deepspeed`); ``grad_reg`` is then a ``DeepSpeedGR``.
+    Not supported yet (a clear error is raised): ZeRO-3, FSDP through the Trainer, fp16 with a gradient scaler
+    (the scaled g1 would set the perturbation), LOMO optimizers.
     """
 
     #: Trainer attributes holding metric/log containers that the replay may append to: they are replaced by
@@ -214,10 +215,11 @@ class GradRegTrainerMixin:
 
     def _grad_reg_check_supported(self) -> None:
         acc = getattr(self, "accelerator", None)
-        if getattr(self, "is_deepspeed_enabled", False):
+        if getattr(self, "is_deepspeed_enabled", False) and self.args.gradient_accumulation_steps != 1:
             raise NotImplementedError(
-                "grkernels GradReg does not support DeepSpeed yet: DeepSpeed steps the optimizer inside "
-                "accelerator.backward, before the pass at theta' could run. Use DDP (or a single device)."
+                "grkernels GradReg under DeepSpeed supports gradient_accumulation_steps=1 only (tested): replaying a "
+                "longer window would reduce the ZeRO gradient partitions once per micro-batch. Raise the per-device "
+                "batch size instead, or use DDP / FSDP2."
             )
         if getattr(self, "is_fsdp_enabled", False):
             raise NotImplementedError(
@@ -248,6 +250,8 @@ class GradRegTrainerMixin:
 
         self._grad_reg_check_supported()
         opt = super().create_optimizer(*(() if model is None else (model,)))
+        if getattr(self, "is_deepspeed_enabled", False):
+            return opt  # DeepSpeed wraps the plain optimizer; GR runs on its partitions (integrations/deepspeed.py)
         if isinstance(opt, GradReg):
             self._grad_reg = opt
             return opt
@@ -286,10 +290,24 @@ class GradRegTrainerMixin:
             self._gr_window.append(_Captured(raw=inputs, prepared=prepared, rng=RNGState()))
         return prepared
 
+    _gr_holding = False  # DeepSpeed: inside DeepSpeedGR.hold_step (the engine steps after the GR passes)
+
     def training_step(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         gr = self._grad_reg
+        if gr is None and getattr(self, "is_deepspeed_enabled", False) and self._gr_replay is None:
+            from grkernels.integrations.deepspeed import trainer_grad_reg
+
+            cfg = self.grad_reg_settings_for_optimizer()
+            gr = self._grad_reg = trainer_grad_reg(self, cfg, self._grad_reg_exclude(self.model))
         if gr is None or self._gr_replay is not None:
             return super().training_step(model, inputs, num_items_in_batch)
+        if hasattr(gr, "hold_step") and not self._gr_holding and gr.active and self.accelerator.sync_gradients:
+            self._gr_holding = True
+            try:
+                with gr.hold_step():
+                    return self.training_step(model, inputs, num_items_in_batch)
+            finally:
+                self._gr_holding = False
         n_before = len(self._gr_window)
         self._gr_capturing = gr.active
         try:
