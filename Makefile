@@ -22,7 +22,8 @@ DEMO_OUT ?= demo_out
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+# csrc/ sources too: the editable install compiles the C++ extension grkernels._C, so a changed kernel reinstalls
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77" wheel
 	@if $(PY) -c "import torch" 2>/dev/null; then \

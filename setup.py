@@ -1,9 +1,11 @@
 """Build entry point of grkernels.
 
-Metadata lives in pyproject.toml. This file adds the optional C++ CPU ops in ``csrc/``:
-they are compiled as a torch extension when torch is importable at build time (install
-with ``pip install --no-build-isolation``), and skipped otherwise, so that ``python -m
-build`` in an isolated environment never pulls a CUDA torch just to build a wheel.
+Metadata lives in pyproject.toml. This file adds the C++ CPU ops in ``csrc/``:
+they are compiled as the torch extension ``grkernels._C`` when torch is importable at build time
+(``pip install --no-build-isolation [-e] .``, what ``make setup`` runs; an editable install builds it
+in place), and skipped otherwise, so that ``python -m build`` in an isolated environment never pulls
+a CUDA torch just to build a wheel. Without the extension every op runs on the torch reference
+(``python -m grkernels info`` says so). ``GRKERNELS_NO_EXT=1`` skips the build.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ def _cpp_extensions() -> tuple[list, dict]:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    ext = CppExtension("grkernels._C", sources, extra_compile_args=["-O3", "-ffp-contract=off"])
+    depends = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.inc")))
+    # -ffp-contract=off: no FMA contraction, so the AVX2 and baseline builds of csrc/simd.inc give the same bits
+    ext = CppExtension(
+        "grkernels._C", sources, depends=depends, extra_compile_args=["-O3", "-ffp-contract=off"]
+    )
     return [ext], {"build_ext": BuildExtension}
 
 

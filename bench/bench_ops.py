@@ -5,9 +5,10 @@
 Compares on the same inputs (512 tokens x 32k vocab fp32 for the logits head, hidden 256 for the LM-head
 variant): eager torch written as TRL 1.16 computes it (full log_softmax), TRL's own chunked
 ``selective_log_softmax`` / ``entropy_from_logits``, torch.compile of the eager code (opt-in, see below),
-and grkernels (the torch backend on CPU; the Triton kernels only on CUDA: under TRITON_INTERPRET they are a
-correctness tool, orders of magnitude slower, so they are not timed here). The GPU numbers that matter
-come from ``bench/gpu_ops.py``.
+and grkernels (on CPU: the C++ kernels of ``grkernels._C`` and the torch backend; the Triton kernels only on
+CUDA: under TRITON_INTERPRET they are a correctness tool, orders of magnitude slower, so they are not timed
+here). ``test_logp_entropy_fwd_bwd``: chosen-token log-prob + entropy forward and backward alone (512 tokens x
+32k vocab fp32), eager torch vs the C++ kernels. The GPU numbers that matter come from ``bench/gpu_ops.py``.
 """
 
 from __future__ import annotations
@@ -105,8 +106,54 @@ CASES = {
     "eager_torch": eager_loss,
     "trl_chunked": trl_chunked_loss,
     "torch_compile": None,
-    "grkernels": grkernels_loss,
+    "grkernels": grkernels_loss,  # auto: the C++ kernels on CPU when built
+    "grkernels_torch": lambda *a: grkernels_loss(*a, backend="torch"),
 }
+
+
+def eager_logp_entropy(logits, ids):
+    """Eager torch, as TRL-style code writes it: full fp32 log-softmax, gather, entropy from it."""
+    logp_all = torch.log_softmax(logits.float(), -1)
+    p = logp_all.exp()
+    return logp_all.gather(-1, ids[..., None]).squeeze(-1), -(p * logp_all).sum(-1)
+
+
+LOGP_CASES = {
+    "eager_torch": eager_logp_entropy,
+    "grkernels_torch": lambda x, ids: ops.logp_and_entropy(x, ids, backend="torch"),
+    "grkernels_cpp": lambda x, ids: ops.logp_and_entropy(x, ids, backend="cpp"),
+}
+
+
+@pytest.mark.parametrize("impl", list(LOGP_CASES))
+def test_logp_entropy_fwd_bwd(benchmark, impl):
+    """Log-prob + entropy, forward and backward, 512 tokens x 32k vocab fp32 (upstream gradients on both)."""
+    from grkernels.kernels import cpp_loaded
+
+    if impl == "grkernels_cpp" and (DEVICE != "cpu" or not cpp_loaded()):
+        pytest.skip("the C++ kernels are not built (or not a CPU run)")
+    logits, ids = _inputs()[:2]
+    g = torch.Generator().manual_seed(2)
+    g_lp, g_h = (torch.randn(B, T, generator=g).to(DEVICE) for _ in range(2))
+    fn = LOGP_CASES[impl]
+    x = logits.detach().requires_grad_()
+
+    def loss():
+        lp, h = fn(x, ids)
+        return (lp * g_lp + h * g_h).sum()
+
+    def run():
+        (grad,) = torch.autograd.grad(loss(), x)
+        return grad
+
+    benchmark.extra_info.update(tokens=B * T, vocab=V, device=DEVICE, dtype="fp32", threads=torch.get_num_threads())
+    benchmark.extra_info["saved_for_backward_mib"] = saved_mib(loss)
+    benchmark.extra_info["logits_mib"] = logits.numel() * logits.element_size() / 2**20
+    grad = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    x_ref = logits.detach().double().requires_grad_()
+    lp, h = eager_logp_entropy(x_ref, ids)
+    (want,) = torch.autograd.grad((lp * g_lp + h * g_h).sum(), x_ref)
+    torch.testing.assert_close(grad.double(), want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", list(CASES))
