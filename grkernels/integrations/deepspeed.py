@@ -209,28 +209,27 @@ class DeepSpeedGR:
             self._publish()
         self._point += 1
 
-    @torch.no_grad()
-    def restore_and_combine(self) -> None:
-        """After the backward(s) at θ': θ back bitwise (published), the GR gradient in the engine's partition."""
+    def _put_back(self, op) -> None:
+        """``op(plan)`` (a backend restore) on the live gradient partition; the weights are published and the step
+        is over whatever happens."""
         self._refresh_grads()
         try:
-            self._impl.restore_and_combine(self._plan)
+            op(self._plan)
         finally:
             self._publish()
             self._point = 0
-            self._plan, self._frags = None, []
+
+    @torch.no_grad()
+    def restore_and_combine(self) -> None:
+        """After the backward(s) at θ': θ back bitwise (published), the GR gradient in the engine's partition."""
+        self._put_back(self._impl.restore_and_combine)
         self._metrics = dict(self._impl.metrics)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Abort: θ back bitwise and published, gradients back to g1. No-op when nothing is perturbed."""
         if self._point:
-            self._refresh_grads()
-            try:
-                self._impl.restore(self._plan)
-            finally:
-                self._publish()
-                self._point = 0
+            self._put_back(self._impl.restore)
 
     def metrics(self, sync: bool = True) -> dict[str, Any]:
         """``g1_norm``, ``g2_norm``, ``gr_rel``, ``perturb_ratio`` of the last GR step (global; floats if ``sync``)."""
