@@ -4,11 +4,6 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__GNUC__)
-// AVX vector arguments of the static helpers never cross a translation unit: silence the ABI note
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
 namespace grk {
 
 #if defined(__x86_64__) && defined(__GNUC__)
