@@ -197,7 +197,7 @@ def run(tmp_path_factory) -> dict[str, Any]:
     # judged by what the workers wrote: a finished run is one whose ranks both reached the end
     assert all((out / f"done_rank{r}").exists() for r in range(2)), errors or proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
-               for name in [*W.CASES, "resume"]}
+               for name in [*W.CASES, "resume", "faults", "fsdp1"]}
     return {"dir": inp / "model", "batch": batch, "results": results}
 
 
@@ -248,3 +248,102 @@ def test_resume_from_verls_checkpoint_is_exact(run):
         assert second["metrics"]["grad_reg/step"] == resumed["metrics"]["grad_reg/step"] == [2.0, 2.0]
     ref = reference_step(run["dir"], run["batch"], W.RESUME, theta=run["results"]["resume"][0]["first"]["params"])
     assert rel_error(run["results"]["resume"][0]["second"]["grad"], ref["grad"]) < 1e-5
+
+
+def test_faults_in_the_pass_at_theta_prime(run):
+    """An exception in the pass at θ' leaves θ bitwise and the engine usable: redoing the step gives the clean GR
+    step bitwise (no gradient left over from the aborted accumulation). A NaN there: verl skips the step, θ stays,
+    and the next step is the clean GR step."""
+    for f, clean in zip(run["results"]["faults"], run["results"]["gr_kl"]):
+        assert "theta'" in f["raised"]
+        assert _equal(f["after_error"], f["initial"])
+        assert _equal(f["after_error_step"]["grad"], clean["grad"])
+        assert _equal(f["after_error_step"]["params"], clean["params"])
+        assert f["nan_step"]["grad"] == {} and math.isnan(f["nan_step"]["metrics"]["grad_norm"][0])
+        assert _equal(f["nan_step"]["params"], f["initial"])
+        assert _equal(f["after_nan_step"]["params"], clean["params"])
+
+
+def test_fsdp1_strategy_is_refused(run):
+    """``strategy: fsdp`` (FSDP1: flat local shards, local norms) with GR on: refused when the engine is built."""
+    for r in run["results"]["fsdp1"]:
+        assert "FSDP1" in r["refused"]
+
+
+# ---------------------------------------------------------------------------------------------------- in-process
+@pytest.fixture
+def cpu_verl():
+    from grkernels.integrations.verl_cpu import use_cpu_platform
+
+    use_cpu_platform()  # before verl's engine modules are imported
+
+
+def test_config_in_verls_style(cpu_verl):
+    """``optim._target_`` + ``optim.grad_reg`` through verl's own conversion (Hydra instantiate, or the merge
+    into the structured dataclass), with the command line's "<= 0 disables a clip"."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from grkernels.integrations.verl import GradRegConfig, GradRegFSDPOptimizerConfig, grad_reg_config
+
+    raw = OmegaConf.create({"_target_": "grkernels.integrations.verl.GradRegFSDPOptimizerConfig", "lr": 1e-6,
+                            "clip_grad": 2.0,
+                            "grad_reg": {"strength": 0.02, "g1_clip": 0, "g2_clip": -1, "exclude": ["lm_head"]}})
+    for cfg in (omega_conf_to_dataclass(raw), omega_conf_to_dataclass(raw, dataclass_type=GradRegFSDPOptimizerConfig)):
+        assert isinstance(cfg, GradRegFSDPOptimizerConfig) and isinstance(cfg.grad_reg, GradRegConfig)
+        assert (cfg.lr, cfg.clip_grad) == (1e-6, 2.0)
+        assert (cfg.grad_reg.strength, cfg.grad_reg.g1_clip, cfg.grad_reg.g2_clip) == (0.02, None, None)
+        assert cfg.grad_reg.exclude == ["lm_head"] and grad_reg_config(cfg) is cfg.grad_reg
+    assert grad_reg_config(GradRegFSDPOptimizerConfig(grad_reg={"strength": 0.0})) is None
+    assert grad_reg_config(GradRegFSDPOptimizerConfig(grad_reg=None)) is None
+
+
+@pytest.mark.parametrize(("settings", "error", "match"), [
+    (dict(estimator="exact"), ValueError, "cannot run in verl"),
+    (dict(strength=-1.0), ValueError, "strength"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps_mode="relative"), ValueError, "eps_mode"),
+    (dict(warmup_steps=-2), ValueError, "warmup_steps"),
+    (dict(gamma=0.1), TypeError, "gamma"),
+])
+def test_bad_settings_fail_at_config_time(cpu_verl, settings, error, match):
+    from grkernels.integrations.verl import GradRegFSDPOptimizerConfig
+
+    with pytest.raises(error, match=match):
+        GradRegFSDPOptimizerConfig(grad_reg=settings)
+
+
+def test_engine_registration(cpu_verl, monkeypatch):
+    """The GR engines sit under vendor-specific keys, verl's own under the device-wide ones (still selectable)."""
+    from verl.workers.engine import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+    from grkernels.integrations.verl import GradRegFSDPEngineWithLMHead, GradRegFSDPEngineWithValueHead
+
+    for device, vendor in (("cpu", "cpu"), ("cuda", "nvidia"), ("cuda", "amd"), ("npu", "huawei")):
+        monkeypatch.setenv("VERL_ENGINE_DEVICE", device)
+        for backend in ("fsdp", "fsdp2"):
+            monkeypatch.setenv("VERL_ENGINE_VENDOR", vendor)
+            assert EngineRegistry.get_engine_cls("language_model", backend) is GradRegFSDPEngineWithLMHead
+            assert EngineRegistry.get_engine_cls("value_model", backend) is GradRegFSDPEngineWithValueHead
+            monkeypatch.setenv("VERL_ENGINE_VENDOR", "other")
+            assert EngineRegistry.get_engine_cls("language_model", backend) is FSDPEngineWithLMHead
+            assert EngineRegistry.get_engine_cls("value_model", backend) is FSDPEngineWithValueHead
+
+
+def test_gpu_example_config_composes(cpu_verl):
+    """examples/verl_grpo_gpu.yaml composes over verl's ppo_trainer.yaml and gives the GR optimizer config."""
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from grkernels.integrations.verl import GradRegFSDPOptimizerConfig
+
+    examples = Path(__file__).parents[1] / "examples"
+    with initialize_config_dir(config_dir=str(examples), version_base=None):
+        cfg = compose(config_name="verl_grpo_gpu", overrides=["data.train_files=t.parquet", "data.val_files=v.parquet"])
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    actor.validate(cfg.trainer.n_gpus_per_node, cfg.data.train_batch_size, cfg.actor_rollout_ref.model)
+    assert isinstance(actor.optim, GradRegFSDPOptimizerConfig)
+    assert (actor.optim.grad_reg.strength, actor.optim.grad_reg.eps, actor.optim.lr) == (0.01, 0.001, 1e-6)
+    assert cfg.actor_rollout_ref.model.external_lib == "grkernels.integrations.verl"
+    assert cfg.algorithm.adv_estimator == "grpo" and actor.strategy == "fsdp2"

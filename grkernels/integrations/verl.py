@@ -204,6 +204,16 @@ class GradRegEngineMixin:
     _grad_reg: GradReg | None = None
     _gr_rng: _MicroBatchRNG | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if grad_reg_config(self.optimizer_config) is not None and self.engine_config.strategy != "fsdp2":
+            # before the model is built: FSDP1's flat local shards would give GR local norms (GradReg refuses them)
+            raise NotImplementedError(
+                f"GR in verl needs strategy 'fsdp2' (got {self.engine_config.strategy!r}): FSDP1 holds flat local "
+                "shards of concatenated parameters, so GR's norms (clipping, eps_mode='radius', metrics) would be "
+                "one rank's. Set actor.strategy=fsdp2, or grad_reg.strength=0."
+            )
+
     @property
     def grad_reg(self) -> GradReg | None:
         """The :class:`grkernels.GradReg` around verl's optimizer (None when GR is off)."""
@@ -255,6 +265,7 @@ class GradRegEngineMixin:
             gr.combine()
         except BaseException:
             gr.restore()  # θ back bitwise, gradients back to g1, GR idle and usable
+            _drop_pending_fsdp2_grads(self.module)
             raise
         finally:
             self._gr_rng = None
@@ -277,6 +288,22 @@ class GradRegEngineMixin:
                 # verl skips a non-finite step without calling step(): end GR's step (θ is already θ) so that
                 # the next one starts clean. No-op after a step taken.
                 self._grad_reg.restore()
+
+
+def _drop_pending_fsdp2_grads(module: torch.nn.Module) -> None:
+    """Forget the unsharded gradients FSDP2 accumulates on micro-batches without gradient sync. After an exception
+    in the middle of an accumulation window they would otherwise be reduced into the next step's gradient
+    (``zero_grad`` only clears the sharded ``.grad``). Reaches FSDP2's ``FSDPParam`` (torch >= 2.6 internals)."""
+    from grkernels.distributed import _fsdp2_params
+
+    mine = {id(p) for p in module.parameters()}
+    for key, (fsdp_param, _) in _fsdp2_params().items():
+        if key not in mine:
+            continue
+        fsdp_param.unsharded_accumulated_grad = None
+        unsharded = getattr(fsdp_param, "_unsharded_param", None)
+        if unsharded is not None:
+            unsharded.grad = None
 
 
 class GradRegFSDPEngineWithLMHead(GradRegEngineMixin, FSDPEngineWithLMHead):

@@ -7,8 +7,9 @@ and reference log-probs, advantages). Each rank takes its half of the batch, bui
 ``BaseEngine.train_batch`` with verl's ``ppo_loss``, on several micro-batches per rank.
 
 Per case it writes ``OUT/<case>_rank<r>.pt``: the gradient the base optimizer steps with (gathered full tensors,
-captured by a step pre-hook), the parameters after the step and verl's metrics. ``OUT/done_rank<r>`` marks a
-worker that got to the end; ``OUT/error_rank<r>.txt`` holds a traceback.
+captured by a step pre-hook), the parameters after the step and verl's metrics; ``faults`` (an exception and a NaN
+in the pass at θ'), ``resume`` (through verl's checkpoint) and ``fsdp1`` (refused) write what they pass through.
+``OUT/done_rank<r>`` marks a worker that got to the end; ``OUT/error_rank<r>.txt`` holds a traceback.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ CASES: dict[str, dict[str, Any]] = {
 RESUME = dict(engine="gr", grad_reg=dict(GR, warmup_steps=1), loss=KL)
 
 
-def make_worker(model_dir: str, case: dict[str, Any]):
+def make_worker(model_dir: str, case: dict[str, Any], strategy: str = "fsdp2"):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig, TrainingWorkerConfig
     from verl.workers.engine_workers import TrainingWorker
@@ -59,7 +60,7 @@ def make_worker(model_dir: str, case: dict[str, Any]):
     os.environ["VERL_ENGINE_VENDOR"] = "none" if case["engine"] == "verl" else "cpu"
     model = HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"}, use_remove_padding=False,
                           external_lib="grkernels.integrations.verl")
-    engine = FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False,
+    engine = FSDPEngineConfig(strategy=strategy, use_torch_compile=False, use_dynamic_bsz=False,
                               micro_batch_size_per_gpu=MICRO, mixed_precision={"param_dtype": "fp32"})
     optim_kw = dict(lr=LR, clip_grad=CLIP_GRAD, total_training_steps=10)
     if case["grad_reg"] is None:
@@ -140,6 +141,45 @@ def run_step(worker, td) -> dict[str, Any]:
             "metrics": metrics}
 
 
+class FaultyLoss:
+    """verl's ppo_loss, failing in the pass at θ': raising at its ``raise_at``-th call, or returning NaN from
+    call ``nan_after`` + 1 on (3 micro-batches per pass and rank)."""
+
+    def __init__(self, loss, raise_at: int | None = None, nan_after: int | None = None) -> None:
+        self.loss, self.raise_at, self.nan_after, self.calls = loss, raise_at, nan_after, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.raise_at:
+            raise RuntimeError("loss failed in the pass at theta'")
+        loss, metrics = self.loss(*args, **kwargs)
+        if self.nan_after is not None and self.calls > self.nan_after:
+            loss = loss * float("nan")
+        return loss, metrics
+
+
+def faults(model_dir: str, td) -> dict[str, Any]:
+    """An exception in the pass at θ', then a NaN there (verl skips the step), then a normal GR step."""
+    worker = make_worker(model_dir, CASES["gr_kl"])
+    loss = worker.loss_fn
+    initial = {n: full(p) for n, p in worker.engine.module.named_parameters()}
+    worker.set_loss_fn(FaultyLoss(loss, raise_at=2 * 3 - 1))
+    try:
+        worker.train_mini_batch(td.clone())
+        raised = ""
+    except RuntimeError as err:
+        raised = str(err)
+    after_error = {n: full(p) for n, p in worker.engine.module.named_parameters()}
+    worker.set_loss_fn(loss)
+    after_error_step = run_step(worker, td)  # the step the exception aborted, now done
+    worker = make_worker(model_dir, CASES["gr_kl"])
+    worker.set_loss_fn(FaultyLoss(loss, nan_after=3))
+    nan_step = run_step(worker, td)
+    worker.set_loss_fn(loss)
+    return {"initial": initial, "raised": raised, "after_error": after_error, "after_error_step": after_error_step,
+            "nan_step": nan_step, "after_nan_step": run_step(worker, td)}
+
+
 def main() -> None:
     in_dir, out_dir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -161,6 +201,15 @@ def main() -> None:
             result["gr_engine"] = type(worker.engine).__name__
             torch.save(result, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
             del worker
+        if not only or "fsdp1" in only.split(","):
+            try:
+                make_worker(model_dir, CASES["gr_kl"], strategy="fsdp")
+                refused = ""
+            except NotImplementedError as err:
+                refused = str(err)
+            torch.save({"refused": refused}, os.path.join(out_dir, f"fsdp1_rank{rank}.pt"))
+        if not only or "faults" in only.split(","):
+            torch.save(faults(model_dir, td), os.path.join(out_dir, f"faults_rank{rank}.pt"))
         if not only or "resume" in only.split(","):
             # warmup step, checkpoint, GR step; then a fresh worker loads the checkpoint and redoes the GR step
             ckpt = os.path.join(out_dir, "ckpt")
