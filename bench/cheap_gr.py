@@ -134,6 +134,8 @@ def fidelity(kind: str, args, ks, fracs) -> dict:
         g1 = [params[i].grad.detach().clone() for i in gr_ids]
         full = gr_gradient(probe, task, None)
         c = [full[i] - g for i, g in zip(gr_ids, g1)]
+        if dot(g1, g1) == 0:  # pg: every sample got the same reward, so no advantage and no gradient
+            continue
         for k in ks:
             if step % k == 0:
                 beta = dot(c, g1) / dot(g1, g1)
@@ -141,7 +143,7 @@ def fidelity(kind: str, args, ks, fracs) -> dict:
                 stored[k] = (c, (dot(perp, perp) / dot(g1, g1)) ** 0.5)
                 orth = none = (1.0, 1.0)
             else:
-                orth = cos_ratio(reuse_prediction(*stored[k], g1), c)
+                orth = cos_ratio(reuse_prediction(*stored[k], g1), c) if stored[k] else (0.0, 0.0)
                 none = (0.0, 0.0)
             rows.setdefault(f"every{k}-orthogonal", []).append(orth)
             rows.setdefault(f"every{k}-none", []).append(none)
@@ -175,24 +177,26 @@ def cost(args, ks, fracs) -> list[dict]:
     task = Task("lm", model, args.vocab, args.batch, args.length, gen, trans)
     n = args.batch
     everything = torch.arange(n)
-    micro = everything.chunk(args.micro)
+
+    size = max(1, n // args.micro)  # micro-batch size, the same in every mode (CPU speed depends on it)
+
+    def chunks(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return rows.split(size) if len(rows) else ()
 
     def run(opt, subset_frac: float | None) -> None:
         opt.zero_grad()
-        if opt.active and subset_frac is not None:
-            m = max(1, round(subset_frac * n))
-            task.terms(everything[:m]).sum().backward()
+        m = n if subset_frac is None or not opt.active else max(1, round(subset_frac * n))
+        for mb in chunks(everything[:m]):
+            task.terms(mb).sum().backward()
+        if m < n:
             opt.mark_subset(m / n)
-            task.terms(everything[m:]).sum().backward()
-            opt.perturb()
-            task.terms(everything[:m]).sum().backward()
-        else:
-            for mb in micro:
+            for mb in chunks(everything[m:]):
                 task.terms(mb).sum().backward()
-            if opt.active:
-                opt.perturb()
-                for mb in micro:
-                    task.terms(mb).sum().backward()
+        for _ in range(opt.extra_passes):
+            opt.perturb()
+            for mb in chunks(everything[:m]):
+                task.terms(mb).sum().backward()
+        opt.combine()
         opt.step()
 
     modes = [("plain", None, {}), ("full", None, {})]

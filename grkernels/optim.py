@@ -85,8 +85,9 @@ class GradReg(torch.optim.Optimizer):
         seed: seed of the stochastic rounding (the step index is mixed in; resuming reproduces it).
         master_weights: for optimizers that step fp32 master copies of low-precision model weights: the name of
             the attribute on each master (a parameter of the base optimizer) holding the model's weight. GR then
-            perturbs that weight from the master, w ← round(master + ε·v) (one rounding, not two), and restores it
-            bitwise; the masters are never written. The caller copies model gradients into ``master.grad`` after
+            perturbs that weight where the gradient was taken, w ← round(w + ε·v) (not from the master: master − w
+            is up to half an ulp per element and would swamp ε·v), and restores it bitwise; the masters are never
+            written. The caller copies model gradients into ``master.grad`` after
             each backward, as mixed-precision trainers do.
         lean: Triton backend only: save g1 of fp32 gradients in bf16 (4 instead of 6 bytes per bf16 parameter
             with fp32 gradients); between perturb() and step() the gradient buffers then hold g − g1, and the

@@ -80,8 +80,8 @@ class StepPlan:
             perturbed point gives them is dropped again (``.grad`` back to None) when the step ends or aborts.
     model_attr: fp32 master weights: when set, each GR parameter is an optimizer's master and
             ``getattr(master, model_attr)`` is the low-precision weight the model computes with. That weight is
-            perturbed from the master (w ← round(master + ε·v), one rounding), saved and restored bitwise; the
-            master is never written.
+            perturbed where the gradient was taken, w ← round(w + ε·v) (not from the master: master − w, up to
+            half an ulp per element, would swamp ε·v), saved and restored bitwise; the master is never written.
     """
 
     params: list[torch.Tensor]
@@ -234,15 +234,10 @@ class TorchGRStep:
         # The perturbation ε·s1·g1 (zero where g1 is not finite: a NaN must never reach the weights).
         step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
         realised_sq = torch.zeros((), dtype=dtype, device=plan.device)
-        masters = [p.detach() for p in plan.params] if plan.model_attr else [None] * len(plan.params)
         try:
-            for i, (p, w, theta, g1, master) in enumerate(
-                zip(plan.params, plan.weights(), self._theta, self._g1, masters)
-            ):
+            for i, (p, w, theta, g1) in enumerate(zip(plan.params, plan.weights(), self._theta, self._g1)):
                 grid = plan.shards.compute_dtype(p)
-                new = perturbed_value(
-                    theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point, source=master, grid=grid
-                )
+                new = perturbed_value(theta, g1, step, plan.rounding, seed=plan.seed, index=i, point=point, grid=grid)
                 new = torch.where(self._finite, new, theta)
                 w.copy_(new)
                 if point == 0:  # against the weight the model computed g1 with

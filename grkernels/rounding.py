@@ -47,21 +47,19 @@ def perturbed_value(
     seed: int,
     index: int,
     point: int,
-    source: torch.Tensor | None = None,
     grid: torch.dtype | None = None,
 ) -> torch.Tensor:
     """θ + step·direction in θ's dtype; ``step`` is a 0-d device tensor (no host read).
 
     Computed in float32 (float64 for float64 parameters); bf16/fp16 results are stochastically rounded when
-    ``rounding == "stochastic"``, else rounded to nearest. With ``source`` (an fp32 master of the low-precision
-    θ), the sum starts from the master: one rounding of master + step·direction into θ's dtype.
+    ``rounding == "stochastic"``, else rounded to nearest.
 
     With ``grid`` (the dtype a mixed-precision model computes with, e.g. FSDP2 casting fp32 shards to bf16), the
     result is rn_grid(θ) + step·direction rounded onto ``grid`` and stored in θ's dtype: the model's cast then
     keeps it exactly, and the perturbation starts from the weight the model computed with at θ.
     """
     wide = torch.float64 if theta.dtype == torch.float64 else torch.float32
-    start = theta if source is None else source
+    start = theta
     target = theta.dtype if grid is None else grid
     if grid is not None:
         start = start.to(grid)

@@ -435,9 +435,9 @@ def test_unaligned_views_of_a_flat_buffer(device):
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_master_weights_hook(device, rounding):
-    """model_attr: GR parameters are fp32 masters; the bf16 model weight is set to round(master + ε·v) (one
-    rounding from the master), the master is never written, both are exact after the step, and the gradient
-    equals the torch backend's (its combine does not depend on the weights)."""
+    """model_attr: GR parameters are fp32 masters; the bf16 model weight w is set to round(w + ε·v) (from the
+    weight the gradient was taken at, not from the master), the master is never written, both are exact after the
+    step, and the gradient equals the torch backend's (its combine does not depend on the weights)."""
     gen = torch.Generator().manual_seed(21)
     sizes = [5000, 7, 1]
     masters = [torch.randn(n, generator=gen).to(device) for n in sizes]
@@ -457,7 +457,7 @@ def test_master_weights_hook(device, rounding):
     impl.perturb(plan, 0)
     torch_impl.perturb(ref_plan, 0)
     assert all(torch.equal(m, m_) for m, m_ in zip(masters, m0))  # masters untouched
-    x = [m + (1e-2 * g) for m, g in zip(m0, g1)]  # the target, from the master
+    x = [w.float() + (1e-2 * g) for w, g in zip(w0, g1)]  # the target, from the model weight
     for w, xt in zip(models, x):
         if rounding == "nearest":
             assert torch.equal(w, xt.to(torch.bfloat16))
@@ -465,7 +465,7 @@ def test_master_weights_hook(device, rounding):
             near = xt.to(torch.bfloat16)
             other = torch.nextafter(near, torch.where(near.float() < xt, math.inf, -math.inf).to(torch.bfloat16))
             assert bool(((w == near) | (w == other)).all())
-    if rounding == "stochastic":  # unbiased around the fp32 target (not around the rounded weight + ε·v)
+    if rounding == "stochastic":  # unbiased around w + ε·v: E[w' − w] = ε·v, the intended perturbation
         assert abs(float((models[0].double() - x[0].double()).mean())) < 4 * 2**-8 / math.sqrt(5000)
     for m, r, g in zip(masters, ref, g2):
         m.grad.add_(g)

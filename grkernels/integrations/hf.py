@@ -104,6 +104,19 @@ class GradRegArguments:
         metadata={"help": "'absolute' (paper: theta' = theta + eps*clip(g1)) or 'radius' (theta' = theta + "
                   "eps*v/|v|: a perturbation of norm eps whatever the gradient scale; see BENCHMARKS.md)."},
     )
+    grad_reg_every: int = field(
+        default=1, metadata={"help": "Run the full GR step (the second pass) on every k-th optimizer step only."}
+    )
+    grad_reg_reuse: str = field(
+        default="none",
+        metadata={"help": "Between full GR steps: 'none' (plain gradient) or 'orthogonal' (reuse the last "
+                  "correction, orthogonal to the current gradient, rescaled; LookSAM-style)."},
+    )
+    grad_reg_subset_fraction: float = field(
+        default=1.0,
+        metadata={"help": "Sub-batch GR: the second pass replays only the first ceil(f*n) of the n micro-batches "
+                  "of each accumulation window (a random subset: batches are shuffled). 1: all. Single process."},
+    )
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(GradRegArguments))
@@ -132,6 +145,14 @@ def grad_reg_settings(args: Any, overrides: dict[str, Any] | None = None) -> dic
         raise ValueError(f"grad_reg_eps must be a finite number > 0, got {e}")
     if out["grad_reg_eps_mode"] not in ("absolute", "radius"):
         raise ValueError(f"grad_reg_eps_mode must be 'absolute' or 'radius', got {out['grad_reg_eps_mode']!r}")
+    if int(out["grad_reg_every"]) < 1:
+        raise ValueError(f"grad_reg_every must be >= 1, got {out['grad_reg_every']}")
+    if out["grad_reg_reuse"] not in ("none", "orthogonal"):
+        raise ValueError(f"grad_reg_reuse must be 'none' or 'orthogonal', got {out['grad_reg_reuse']!r}")
+    if not 0.0 < float(out["grad_reg_subset_fraction"]) <= 1.0:
+        raise ValueError(f"grad_reg_subset_fraction must be in (0, 1], got {out['grad_reg_subset_fraction']}")
+    if float(out["grad_reg_subset_fraction"]) < 1.0 and out["grad_reg_estimator"] == "exact":
+        raise ValueError("grad_reg_subset_fraction < 1 needs a finite-difference estimator (forward or central)")
     if int(out["grad_reg_warmup_steps"]) < 0:
         raise ValueError(f"grad_reg_warmup_steps must be >= 0, got {out['grad_reg_warmup_steps']}")
     out["grad_reg_g1_clip"] = _clip_value(out["grad_reg_g1_clip"])
@@ -226,6 +247,14 @@ class GradRegTrainerMixin:
                 "grkernels GradReg with FSDP/FSDP2 through the Trainer is not supported yet (untested with "
                 "sharded DTensor parameters and deferred gradient reduction). Use DDP (or a single device)."
             )
+        if float(self.grad_reg_settings_for_optimizer()["grad_reg_subset_fraction"]) < 1.0 and (
+            getattr(self.args, "world_size", 1) > 1
+        ):
+            raise NotImplementedError(
+                "grad_reg_subset_fraction < 1 runs on one process only: under DDP the subset's gradient at theta "
+                "would be this rank's unreduced sum. Use grad_reg_subset_fraction=1, or the two-phase API with "
+                "GradReg.mark_subset (end the subset's backward synchronised)."
+            )
         if getattr(self.args, "fp16", False) or (acc is not None and getattr(acc, "scaler", None) is not None):
             raise NotImplementedError(
                 "grkernels GradReg does not support fp16 with a gradient scaler: g1 would be the scaled "
@@ -268,6 +297,8 @@ class GradRegTrainerMixin:
             warmup_steps=int(cfg["grad_reg_warmup_steps"]),
             estimator=cfg["grad_reg_estimator"],
             eps_mode=cfg["grad_reg_eps_mode"],
+            every=int(cfg["grad_reg_every"]),
+            reuse=cfg["grad_reg_reuse"],
         )
         self._grad_reg = self.optimizer
         return self.optimizer
@@ -325,11 +356,25 @@ class GradRegTrainerMixin:
                     "micro-batch (GR replays the prepared inputs); this Trainer subclass does not."
                 )
             self._gr_window[-1].num_items_in_batch = num_items_in_batch
+            subset = self._grad_reg_subset_size()
+            if subset < self.args.gradient_accumulation_steps and len(self._gr_window) == subset:
+                gr.mark_subset(subset / self.args.gradient_accumulation_steps)
         if self.accelerator.sync_gradients:  # last micro-batch of the accumulation window
             window, self._gr_window = self._gr_window, []
             if gr.active and window:
+                if getattr(gr, "subset_fraction", None) is not None:  # replay the subset (a short window: its share)
+                    gr.subset_fraction = self._grad_reg_subset_size() / len(window)
+                    window = window[: self._grad_reg_subset_size()]
                 self._grad_reg_second_pass(model, window)
+            elif hasattr(gr, "combine"):  # warmup / between full steps: g1 diagnostics, reused correction, pre-clip
+                gr.combine()
         return loss
+
+    def _grad_reg_subset_size(self) -> int:
+        """Micro-batches of each window the second pass replays (``grad_reg_subset_fraction``)."""
+        n = self.args.gradient_accumulation_steps
+        f = float(self.grad_reg_settings_for_optimizer()["grad_reg_subset_fraction"])
+        return n if f >= 1.0 else max(1, math.ceil(f * n))
 
     # ------------------------------------------------------------------ replay
     @contextlib.contextmanager

@@ -264,8 +264,7 @@ def _round_to(x, seed, q, row, point, P_FLT: tl.constexpr, W: tl.constexpr, ROUN
 
 
 @triton.jit
-def _perturb_block(p_ptr, src_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, step, finite, seed, row, acc,
-                   SRC_INT: tl.constexpr, SRC_FLT: tl.constexpr, MASTER: tl.constexpr,
+def _perturb_block(p_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, step, finite, seed, row, acc,
                    P_INT: tl.constexpr, P_FLT: tl.constexpr, G_INT: tl.constexpr, G_FLT: tl.constexpr,
                    S_INT: tl.constexpr, S_FLT: tl.constexpr, SAVE_CAST: tl.constexpr, W: tl.constexpr,
                    ACC: tl.constexpr, POINT: tl.constexpr, ROUND: tl.constexpr, PRELOAD: tl.constexpr,
@@ -298,10 +297,7 @@ def _perturb_block(p_ptr, src_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, ste
         acc += ga * ga
         d = b.to(W)
     th = th_bits.to(P_FLT, bitcast=True)
-    if MASTER:  # perturb from the (unchanged) master weight: one rounding into the model's weight
-        x = _ld(src_ptr + idx, m, MASKED).to(SRC_FLT, bitcast=True).to(W) + step * d
-    else:
-        x = th.to(W) + step * d
+    x = th.to(W) + step * d
     new = _round_to(x, seed, i // 4 + rows, row, POINT, P_FLT, W, ROUND)
     new = tl.where(finite, new, th)  # never let a NaN/inf of g1 reach the weights
     _st(p_ptr + idx, new.to(P_INT, bitcast=True), m, MASKED)
@@ -348,9 +344,6 @@ def _perturb_kernel(
     POINT: tl.constexpr,
     ROUND: tl.constexpr,
     PRELOAD: tl.constexpr,
-    SRC_INT: tl.constexpr,
-    SRC_FLT: tl.constexpr,
-    MASTER: tl.constexpr,
     ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -360,11 +353,10 @@ def _perturb_kernel(
     Lean mode (PRELOAD 1: g ← −g1; 2: g ← −b, b = bf16(g1) as saved) instead of g ← 0; at point 1 the buffer
     then holds d₊ = g₊ − b: d₊ is saved and partial = Σ (d₊ + b)².
     The tile is [BLOCK/4, 4]: one Philox call gives the random words of a row of 4 elements.
-    MASTER: θ is the model's weight (table column 5) and the perturbation is computed from the master (column
-    0, never written): θ ← round(master + step·g1)."""
+    θ is table column 5: the parameter, or with fp32 masters the model's weight (the master, column 0, is never
+    read or written here)."""
     t, start, end, off, row = _chunk_info(tab_ptr, n_tensors, chunk_ptr, n_chunks, CHUNK, BLOCK)
     p_ptr = _addr(tab_ptr, 5, n_tensors, t, P_INT, ALIGNED)
-    src_ptr = _addr(tab_ptr, 0, n_tensors, t, SRC_INT, ALIGNED)
     g_ptr = _addr(tab_ptr, 1, n_tensors, t, G_INT, ALIGNED)
     step = tl.load(step_ptr).to(W)
     finite = tl.load(finite_ptr) != 0
@@ -373,15 +365,15 @@ def _perturb_kernel(
     for j in range(0, n_full):
         i = tl.multiple_of(start + j * BLOCK, BLOCK)
         acc = _perturb_block(
-            p_ptr, src_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, i, end, step, finite, seed, row,
-            acc, SRC_INT, SRC_FLT, MASTER, P_INT, P_FLT, G_INT, G_FLT, S_INT, S_FLT, SAVE_CAST, W, ACC, POINT,
+            p_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, i, end, step, finite, seed, row,
+            acc, P_INT, P_FLT, G_INT, G_FLT, S_INT, S_FLT, SAVE_CAST, W, ACC, POINT,
             ROUND, PRELOAD, False, BLOCK,
         )  # fmt: skip
     tail = start + n_full * BLOCK
     if tail < end:
         acc = _perturb_block(
-            p_ptr, src_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, tail, end, step, finite, seed, row,
-            acc, SRC_INT, SRC_FLT, MASTER, P_INT, P_FLT, G_INT, G_FLT, S_INT, S_FLT, SAVE_CAST, W, ACC, POINT,
+            p_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, tail, end, step, finite, seed, row,
+            acc, P_INT, P_FLT, G_INT, G_FLT, S_INT, S_FLT, SAVE_CAST, W, ACC, POINT,
             ROUND, PRELOAD, True, BLOCK,
         )  # fmt: skip
     tl.store(part_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
@@ -488,9 +480,10 @@ class TritonGRStep:
             fp32 gradient buffers kept next to bf16 parameters, as Megatron-style trainers do).
         model_attr: fp32 master weights (the hook): when the GR parameters are the optimizer's fp32 masters and
             ``getattr(master, model_attr)`` is the low-precision weight the model computes with, the kernels
-            perturb that weight from the master, ``w ← round(master + ε·v)`` (one rounding, stochastic if asked,
-            from the exact master rather than from the already-rounded w), save and restore w bitwise, and never
-            write the master. Extra memory per parameter: g1 + w bytes (6 B for fp32 grads, bf16 w).
+            perturb that weight, ``w ← round(w + ε·v)`` (from w, where the gradient was taken: starting from the
+            master would add master − w, up to half an ulp per element and far larger than ε·v), save and
+            restore w bitwise, and never write the master. Extra memory per parameter: g1 + w bytes (6 B for
+            fp32 grads, bf16 w).
     """
 
     name = "triton"
@@ -723,7 +716,6 @@ class TritonGRStep:
                 G_FLT=_TL[grp.g_dtype], S_INT=_TL[INT_OF[s]], S_FLT=_TL[s], SAVE_CAST=s != grp.g_dtype,
                 W=_TL[w], ACC=_TL[acc], POINT=point, ROUND=rnd,
                 PRELOAD=0 if not self._delta(grp) else (1 if point == 0 and plan.estimator != "central" else 2),
-                SRC_INT=_TL[INT_OF[grp.src_dtype]], SRC_FLT=_TL[grp.src_dtype], MASTER=self.model_attr is not None,
                 ALIGNED=grp.aligned,
                 CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
             )  # fmt: skip
