@@ -197,7 +197,7 @@ def run(tmp_path_factory) -> dict[str, Any]:
     # judged by what the workers wrote: a finished run is one whose ranks both reached the end
     assert all((out / f"done_rank{r}").exists() for r in range(2)), errors or proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
-               for name in [*W.CASES, "resume", "faults", "fsdp1"]}
+               for name in [*W.CASES, "resume", "faults", "fsdp1", "dropout"]}
     return {"dir": inp / "model", "batch": batch, "results": results}
 
 
@@ -262,6 +262,16 @@ def test_faults_in_the_pass_at_theta_prime(run):
         assert f["nan_step"]["grad"] == {} and math.isnan(f["nan_step"]["metrics"]["grad_norm"][0])
         assert _equal(f["nan_step"]["params"], f["initial"])
         assert _equal(f["after_nan_step"]["params"], clean["params"])
+
+
+def test_dropout_masks_are_replayed_per_micro_batch(run):
+    """With attention dropout, GR's correction (γ/ε)(g2 − g1) estimates γ·H·v only if g2 sees g1's masks: then it
+    does not change when ε shrinks 10×; with the replay switched off it grows like 1/ε (different masks)."""
+    for r in run["results"]["dropout"]:
+        rel = {name: m["grad_reg/gr_rel"][0] for name, m in r.items()}
+        assert rel["replay_eps1e-2"] > 1e-2, rel  # a correction that matters
+        assert abs(rel["replay_eps1e-3"] / rel["replay_eps1e-2"] - 1) < 0.05, rel
+        assert rel["no_replay_eps1e-3"] > 10 * rel["replay_eps1e-3"], rel
 
 
 def test_fsdp1_strategy_is_refused(run):

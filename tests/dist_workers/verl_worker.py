@@ -49,7 +49,11 @@ CASES: dict[str, dict[str, Any]] = {
 RESUME = dict(engine="gr", grad_reg=dict(GR, warmup_steps=1), loss=KL)
 
 
-def make_worker(model_dir: str, case: dict[str, Any], strategy: str = "fsdp2"):
+#: attention dropout on: the pass at θ' must see the masks of the pass at θ (RNG replayed per micro-batch)
+DROPOUT = {"replay_eps1e-2": 1e-2, "replay_eps1e-3": 1e-3, "no_replay_eps1e-3": 1e-3}
+
+
+def make_worker(model_dir: str, case: dict[str, Any], strategy: str = "fsdp2", dropout: float = 0.0):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig, TrainingWorkerConfig
     from verl.workers.engine_workers import TrainingWorker
@@ -58,7 +62,8 @@ def make_worker(model_dir: str, case: dict[str, Any], strategy: str = "fsdp2"):
 
     # verl's own engine: a vendor with no GR registration falls back to the device-wide default
     os.environ["VERL_ENGINE_VENDOR"] = "none" if case["engine"] == "verl" else "cpu"
-    model = HFModelConfig(path=model_dir, override_config={"attn_implementation": "sdpa"}, use_remove_padding=False,
+    override = {"attn_implementation": "sdpa", **({"attention_dropout": dropout} if dropout else {})}
+    model = HFModelConfig(path=model_dir, override_config=override, use_remove_padding=False,
                           external_lib="grkernels.integrations.verl")
     engine = FSDPEngineConfig(strategy=strategy, use_torch_compile=False, use_dynamic_bsz=False,
                               micro_batch_size_per_gpu=MICRO, mixed_precision={"param_dtype": "fp32"})
@@ -180,6 +185,24 @@ def faults(model_dir: str, td) -> dict[str, Any]:
             "nan_step": nan_step, "after_nan_step": run_step(worker, td)}
 
 
+def dropout_runs(model_dir: str, td) -> dict[str, dict[str, list[float]]]:
+    """GR metrics with attention dropout 0.3 at two ε, and with the RNG replay switched off."""
+    from grkernels.integrations import verl as gr_verl
+
+    out = {}
+    for name, eps in DROPOUT.items():
+        replay = gr_verl._MicroBatchRNG.at_micro_batch
+        if name.startswith("no_replay"):
+            gr_verl._MicroBatchRNG.at_micro_batch = lambda self: None
+        try:
+            worker = make_worker(model_dir, dict(CASES["gr_kl"], grad_reg=dict(GR, eps=eps)), dropout=0.3)
+            torch.manual_seed(1234)  # the same masks at θ in every run: only ε and the replay differ
+            out[name] = run_step(worker, td)["metrics"]
+        finally:
+            gr_verl._MicroBatchRNG.at_micro_batch = replay
+    return out
+
+
 def main() -> None:
     in_dir, out_dir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -201,6 +224,8 @@ def main() -> None:
             result["gr_engine"] = type(worker.engine).__name__
             torch.save(result, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
             del worker
+        if not only or "dropout" in only.split(","):
+            torch.save(dropout_runs(model_dir, td), os.path.join(out_dir, f"dropout_rank{rank}.pt"))
         if not only or "fsdp1" in only.split(","):
             try:
                 make_worker(model_dir, CASES["gr_kl"], strategy="fsdp")
