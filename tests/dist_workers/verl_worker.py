@@ -45,6 +45,9 @@ CASES: dict[str, dict[str, Any]] = {
         grad_reg=dict(strength=60.0, eps=1e-2, g1_clip=0.05, g2_clip=0.05, eps_mode="radius", exclude=["lm_head"]),
         loss=dict(loss_agg_mode="seq-mean-token-sum", use_kl_loss=True, kl_loss_coef=0.2, kl_loss_type="k2"),
     ),
+    # verl's default mixed precision: bf16 compute over fp32 shards (FSDP2 MixedPrecisionPolicy, autocast)
+    "gr_bf16": dict(engine="gr", grad_reg=dict(strength=15.0, eps=2e-2, g1_clip=0.05, g2_clip=0.05,
+                                               eps_mode="radius"), loss=KL, bf16=True),
 }
 RESUME = dict(engine="gr", grad_reg=dict(GR, warmup_steps=1), loss=KL)
 
@@ -66,7 +69,8 @@ def make_worker(model_dir: str, case: dict[str, Any], strategy: str = "fsdp2", d
     model = HFModelConfig(path=model_dir, override_config=override, use_remove_padding=False,
                           external_lib="grkernels.integrations.verl")
     engine = FSDPEngineConfig(strategy=strategy, use_torch_compile=False, use_dynamic_bsz=False,
-                              micro_batch_size_per_gpu=MICRO, mixed_precision={"param_dtype": "fp32"})
+                              micro_batch_size_per_gpu=MICRO,
+                              mixed_precision=None if case.get("bf16") else {"param_dtype": "fp32"})
     optim_kw = dict(lr=LR, clip_grad=CLIP_GRAD, total_training_steps=10)
     if case["grad_reg"] is None:
         optim = FSDPOptimizerConfig(**optim_kw)
