@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +84,8 @@ class GradRegConfig(BaseConfig):
         warmup_steps: optimizer steps without GR first.
         every, reuse: the full GR step only every k-th step; in between the plain gradient (``reuse="none"``)
             or the last correction made orthogonal to g1 (``"orthogonal"``), see ``grkernels.reuse``.
-        rounding: "stochastic" or "nearest", for low-precision weights (verl's fp32 shards round to nearest).
+        rounding: "stochastic" or "nearest": how θ' is rounded onto the grid the model computes on (bf16 under
+            verl's default mixed precision; fp32 shards computing in fp32 always round to nearest).
         backend: "auto" (Triton on CUDA when installed), "torch" or "triton".
         lean: Triton backend: keep g1 in bf16 (less memory).
         seed: seed of the stochastic rounding.
@@ -120,13 +122,16 @@ class GradRegConfig(BaseConfig):
                 object.__setattr__(self, name, None)
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", [self.exclude])
-        self.gradreg_kwargs()  # the remaining checks are GradReg's own; fail at config time, not at step 1
+        # the remaining checks are GradReg's own: fail when the config is built, not at the first step (its
+        # warnings, e.g. on mismatched clips, come once, when the engine builds the real one)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            GradReg(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **self.gradreg_kwargs())
 
     def gradreg_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`grkernels.GradReg` (all but ``exclude``), validated."""
+        """Keyword arguments of :class:`grkernels.GradReg` (all but ``exclude``)."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
         kwargs.pop("exclude")
-        GradReg(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **kwargs)  # raises on bad values
         return kwargs
 
 
