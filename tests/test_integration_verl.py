@@ -6,6 +6,9 @@ verl, the same update is recomputed from the saved weights and batch: per-token 
 model, the PPO-clip loss (dual clip), verl's KL estimators and loss aggregation over the global batch, g1, the
 perturbed point, g2, ``g1 + (γ/ε)(clip(g2) − clip(g1))`` on the GR parameters (g1 on the excluded ones), and
 verl's gradient clipping. The gradient the base optimizer steps with must match it (relative error < 1e-5).
+Also: γ = 0 and warmup are verl's own update bitwise; resume from verl's checkpoint; an exception and a NaN in the
+pass at θ'; dropout masks replayed; verl's bf16 mixed precision; FSDP1 refused; config, registry and the GPU example
+config (in-process, no torchrun).
 """
 
 from __future__ import annotations
