@@ -474,9 +474,18 @@ def test_task_world_sweep_end_to_end_and_reproducible(tmp_path, capsys):
         a = res["worlds"][wname]["methods"]["none"]["runs"][0]
         b = other["worlds"][wname]["methods"]["none"]["runs"][0]
         assert b["seed"] == 5 and b["curves"]["gold"] != a["curves"]["gold"]
+    # seed 5 merges in as more seeds of the same labels; a run that differs on a shared seed is refused
+    assert cli.main(["--from-results", f"{out / 'results.json'},{extra / 'results.json'}", "--no-plot",
+                     "--out", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "results.json").read_text())
+    assert [r["seed"] for r in merged["worlds"]["judge"]["methods"]["none"]["runs"]] == [0, 1, 5]
+    assert [r["seed"] for r in merged["worlds"]["judge"]["methods"]["gr_all@10"]["runs"]] == [0, 1]
+    edited = json.loads((extra / "results.json").read_text())
+    edited["worlds"]["format"]["methods"]["none"]["runs"][1]["curves"]["gold"][2] += 1e-6
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
     with pytest.raises(SystemExit):
-        cli.main(["--from-results", f"{out / 'results.json'},{extra / 'results.json'}", "--out", str(merged_dir)])
-    assert "differs between parts" in capsys.readouterr().err
+        cli.main(["--from-results", f"{extra / 'results.json'},{tmp_path / 'edited.json'}", "--out", str(merged_dir)])
+    assert "seed 1, differs between parts" in capsys.readouterr().err
 
 
 def test_gr_every_is_gr_with_the_extra_pass_on_every_kth_step(tiny_setup):

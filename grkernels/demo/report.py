@@ -184,9 +184,9 @@ def load_results(path: str) -> dict:
 def merge_results(parts: list[dict]) -> dict:
     """Several results of the same worlds and seeds (e.g. sweeps run separately) as one, frontiers recomputed.
 
-    A method label present in two parts must hold the same runs (``none`` of two sweeps with the same seeds
-    does); the initial gold of each (world, seed) must agree. The per-method tables' matched columns
-    (@KL*, @Δproxy*) stay as computed within each part; the frontier (K*, envelopes) is over all methods.
+    A method label present in two parts must hold the same run on every seed both have (``none`` of two sweeps
+    does), its other seeds are added; the initial gold of each (world, seed) must agree. The per-method tables'
+    columns stay as computed within each part; the frontier (K*, envelopes) is recomputed over all methods.
     """
     from grkernels.demo.experiment import _stats
     from grkernels.demo.frontier import frontier_summary
@@ -202,12 +202,20 @@ def merge_results(parts: list[dict]) -> dict:
             g0 = {s["seed"]: s["init_gold"] for s in base["setup"]}
             if any(g0.get(s["seed"], s["init_gold"]) != s["init_gold"] for s in w["setup"]):
                 raise ValueError(f"merge: world {wname} has another initial policy in one part (other set-up)")
+            base["setup"] = sorted([*base["setup"], *(s for s in w["setup"] if s["seed"] not in g0)],
+                                   key=lambda s: s["seed"])
             for label, m in w["methods"].items():
-                if label in base["methods"]:
-                    if [r["curves"] for r in base["methods"][label]["runs"]] != [r["curves"] for r in m["runs"]]:
-                        raise ValueError(f"merge: method {label!r} of world {wname} differs between parts")
+                if label not in base["methods"]:
+                    base["methods"][label] = m
                     continue
-                base["methods"][label] = m
+                have = {r["seed"]: r for r in base["methods"][label]["runs"]}
+                for r in m["runs"]:  # a shared label: the same run on shared seeds, other seeds are added
+                    if r["seed"] not in have:
+                        base["methods"][label]["runs"].append(r)
+                    elif have[r["seed"]]["curves"] != r["curves"]:
+                        raise ValueError(f"merge: method {label!r} of world {wname}, seed {r['seed']}, differs "
+                                         "between parts")
+                base["methods"][label]["runs"].sort(key=lambda r: r["seed"])
     window = out.get("smoothing_window", 10)
     for wname, w in out["worlds"].items():
         if any(p["worlds"].get(wname, {}).get("frontier") for p in parts):
