@@ -506,11 +506,10 @@ try:
         G._perturb_kernel,
         dict(tab, g1s_ptr="*i16", ths_ptr="*i16", gps_ptr="*i16", part_ptr="*fp32", step_ptr="*fp32",
              finite_ptr="*i8", seed="i64", **cx("P_INT", "P_FLT", "G_INT", "G_FLT", "S_INT", "S_FLT", "SAVE_CAST",
-                                                "W", "ACC", "POINT", "ROUND", "PRELOAD", "SRC_INT", "SRC_FLT", "MASTER",
-                                                "ALIGNED", "CHUNK", "BLOCK")),
+                                                "W", "ACC", "POINT", "ROUND", "PRELOAD", "ALIGNED", "CHUNK", "BLOCK")),
         dict(P_INT=tl.int16, P_FLT=tl.bfloat16, G_INT=tl.int32, G_FLT=tl.float32, S_INT=tl.int16, S_FLT=tl.bfloat16,
-             SAVE_CAST=True, W=tl.float32, ACC=tl.float32, POINT=1, ROUND=1, PRELOAD=2, SRC_INT=tl.int32,
-             SRC_FLT=tl.float32, MASTER=True, ALIGNED=True, CHUNK=65536, BLOCK=2048),
+             SAVE_CAST=True, W=tl.float32, ACC=tl.float32, POINT=1, ROUND=1, PRELOAD=2, ALIGNED=True, CHUNK=65536,
+             BLOCK=2048),
         num_warps=8, enable_fp_fusion=False,
     )
 except (ImportError, RuntimeError, FileNotFoundError) as err:  # e.g. no ptxas here
