@@ -13,16 +13,10 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 GPU_TORCH_SPEC ?= torch
-EXTRAS ?= dev,trl,bench,triton,lightning,accelerate,deepspeed
+EXTRAS ?= dev,trl,bench,triton,lightning,accelerate,deepspeed,verl
 STAMP := $(VENV)/.grkernels-installed
 DEMO_ARGS ?=
 DEMO_OUT ?= demo_out
-# verl pins transformers < 5.11 while the trl extra takes the newest: the verl tests get their own venv, with the
-# same torch as the main one (tests/test_integration_verl.py; `make test` runs them there).
-VERL_VENV ?= .venv-verl
-VERL_PY := $(VERL_VENV)/bin/python
-VERL_SPEC ?= verl==0.9.1
-VERL_STAMP := $(VERL_VENV)/.grkernels-verl-installed
 
 .PHONY: setup demo demo-quick quickstart test test-fast test-verl lint bench bench-gpu wheel clean
 
@@ -56,27 +50,15 @@ quickstart: $(STAMP)
 	$(PY) -m grkernels quickstart
 
 # Triton kernels run on CPU tensors under the interpreter when there is no GPU
-# (tests/conftest.py sets TRITON_INTERPRET=1 in that case).
-test: $(STAMP) $(VERL_STAMP)
+# (tests/conftest.py sets TRITON_INTERPRET=1 in that case). Two pytest workers (xdist, one test file per worker
+# at a time): the suite is mostly single-threaded Python, so the two cores halve its time.
+test: $(STAMP)
 	$(PY) -m ruff check grkernels tests bench examples
-	$(PY) -m pytest -q
-	$(VERL_PY) -m pytest -q tests/test_integration_verl.py
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # GR in verl: 2 gloo processes, one verl policy update per case (about 1.5 min on 2 cores)
-test-verl: $(VERL_STAMP)
-	$(VERL_PY) -m pytest -q tests/test_integration_verl.py
-
-$(VERL_STAMP): $(STAMP) pyproject.toml
-	test -x $(VERL_PY) || $(PYTHON) -m venv $(VERL_VENV)
-	$(VERL_PY) -m pip install -q --upgrade pip "setuptools>=77" wheel
-	@# the main venv's torch (CPU or CUDA build), pinned so that verl's requirements cannot replace it
-	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VERL_VENV)/torch-constraint.txt
-	$(VERL_PY) -m pip install -q $(TORCH_PIP_ARGS) -r $(VERL_VENV)/torch-constraint.txt
-	@# GRKERNELS_NO_EXT=1: the C++ CPU ops are optional; the verl tests do not need them built twice
-	GRKERNELS_NO_EXT=1 $(VERL_PY) -m pip install -q --no-build-isolation -c $(VERL_VENV)/torch-constraint.txt \
-	    "$(VERL_SPEC)" -e ".[verl]" pytest pytest-benchmark
-	@$(VERL_PY) -c "import torch, verl, transformers; print('verl', verl.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
-	@touch $@
+test-verl: $(STAMP)
+	$(PY) -m pytest -q tests/test_integration_verl.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("verl", reason="verl is installed in its own venv: `make test-verl` (part of `make test`)")
+pytest.importorskip("verl", reason="verl is not installed (pip install 'grkernels[verl]'; `make test` installs it)")
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_workers"))
 import verl_worker as W  # noqa: E402
