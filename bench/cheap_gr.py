@@ -18,9 +18,7 @@ every-k cycles, over a plain AdamW step of the same loop; all in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,14 +28,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from e2e_overhead import device_name, write_result  # noqa: E402
+
 from grkernels import GradReg, __version__, paper_exclude  # noqa: E402
 from grkernels.quickstart import TinyLM, markov_batch  # noqa: E402
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device).replace(" ", "-")
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
 class Task:
@@ -244,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", default="0.25,0.5")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", default="fidelity,cost", help="what to run: fidelity, cost or both")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -253,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "cheap_gr", "grkernels": __version__, "torch": torch.__version__,
               "device": device_name("cpu"), "config": vars(args),
               "command": "python bench/cheap_gr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "fidelity": {kind: fidelity(kind, args, ks, fracs) for kind in ("lm", "pg")},
-              "cost": cost(args, ks, fracs)}
+              "fidelity": {kind: fidelity(kind, args, ks, fracs) for kind in ("lm", "pg")}
+              if "fidelity" in args.parts else {},
+              "cost": cost(args, ks, fracs) if "cost" in args.parts else []}
     result["seconds"] = time.perf_counter() - t0
     print(f"fidelity over {args.steps} steps (mean cos to the full correction, min cos, mean norm ratio)")
     for kind, table in result["fidelity"].items():
@@ -264,12 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["cost"]:
         print(f"  {r['mode']:<22} {1e3 * r['median_step_s']:>8.2f} ms {r['ratio']:>6.2f}x "
               f"{r['extra_bytes_per_param']:>5.1f} B/param")
-    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"{result['device']}_cheap_gr.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+    write_result(result, args.out, "cheap_gr")
     return 0
 
 

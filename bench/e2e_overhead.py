@@ -35,6 +35,16 @@ def device_name(device: str) -> str:
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
+def write_result(result: dict, out: str | None, name: str) -> str:
+    """Write ``result`` as JSON to ``out``, default ``bench/results/<device>_<name>.json``; returns the path."""
+    path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{result['device']}_{name}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
+    return path
+
+
 def timer(device: str):
     def sync():
         if device.startswith("cuda"):
@@ -129,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['variant']:<22} {1e3 * r['median_s']:>10.2f} {r['ratio']:>8.2f} "
               f"{1e3 * r.get('gr_math_s', float('nan')):>11.2f} {r.get('extra_bytes_per_param', 0):>8.2f}")
-    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"{result['device']}_overhead.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
+    write_result(result, args.out, "overhead")
     return 0
 
 

@@ -1,8 +1,8 @@
 """GR in verl on a CPU: a few GRPO-style policy updates of verl's FSDP2 engine, 2 processes over gloo.
 
-    .venv-verl/bin/python -m torch.distributed.run --standalone --nproc_per_node 2 examples/verl_cpu.py --steps 4
+    .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 2 examples/verl_cpu.py --steps 4
 
-(``make test`` creates ``.venv-verl``: verl 0.9.1 with the CPU torch; run from the repository root.)
+(``make test`` installs verl 0.9.1 into ``.venv`` beside the CPU torch; run from the repository root.)
 
 verl's trainer needs Ray and a rollout engine (vLLM/SGLang, GPU only). This example drives the part GR changes
 directly, the way the trainer does: per step it samples responses of a tiny model (built in code), scores them
