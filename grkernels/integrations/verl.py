@@ -340,4 +340,23 @@ def register_engines(devices: tuple[tuple[str, str], ...] = DEFAULT_DEVICES) -> 
         _registered.add((device, vendor))
 
 
+def _skip_verls_trl_value_head_patch_where_trl_lacks_it() -> None:
+    """verl 0.9's ``apply_monkey_patch`` (run by every FSDP engine) imports TRL's
+    ``AutoModelForCausalLMWithValueHead`` whenever TRL is installed, to patch its ``state_dict``. TRL 1.x has no
+    such class any more (neither top-level nor in ``trl.experimental.ppo``), so beside TRL 1.x every verl engine
+    fails to build. The patch concerns only that class: where TRL lacks it, tell that function TRL is absent."""
+    import verl.models.transformers.monkey_patch as patch
+
+    if not patch.is_trl_available():
+        return
+    try:
+        from trl.experimental.ppo import AutoModelForCausalLMWithValueHead  # noqa: F401
+    except ImportError:
+        try:
+            from trl import AutoModelForCausalLMWithValueHead  # noqa: F401
+        except ImportError:
+            patch.is_trl_available = lambda: False
+
+
+_skip_verls_trl_value_head_patch_where_trl_lacks_it()
 register_engines()
