@@ -158,6 +158,13 @@ def scale_sweep(seeds, refs, backend: str, device: str) -> list[dict]:
     return rows
 
 
+def seed_mean(runs) -> dict:
+    """Mean over seeds of cos / rel error against the reference and of the perturbation ratio; ``runs`` yields
+    ((estimate, perturb_ratio), reference) per seed."""
+    vals = [(*cos_rel(est, ref), ratio) for (est, ratio), ref in runs]
+    return {k: sum(v[j] for v in vals) / len(vals) for j, k in enumerate(("cos", "rel", "perturb_ratio"))}
+
+
 def cos_rel(est: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     cos = float(est @ ref / (est.norm() * ref.norm()).clamp_min(1e-300))
     rel = float((est - ref).norm() / ref.norm())
@@ -216,15 +223,9 @@ def main() -> None:
         for eps in eps_list:
             if backend == "triton" and interpreted and not args.full_triton and eps not in INTERPRETED_EPS:
                 continue  # the interpreter is slow: a few ε are enough to check the kernels
-            cs, rs, prs = [], [], []
-            for s in seeds:
-                est, pr = gr_estimate(s, dtype, est_name, rounding, eps, backend, args.device, lean)
-                c, r = cos_rel(est, refs[s])
-                cs.append(c)
-                rs.append(r)
-                prs.append(pr)
-            row["eps"][f"{eps:g}"] = {"cos": sum(cs) / len(cs), "rel": sum(rs) / len(rs),
-                                      "perturb_ratio": sum(prs) / len(prs)}
+            row["eps"][f"{eps:g}"] = seed_mean(
+                (gr_estimate(s, dtype, est_name, rounding, eps, backend, args.device, lean), refs[s]) for s in seeds
+            )
         rows.append(row)
     ex_c, ex_r = zip(*(cos_rel(gr_estimate(s, torch.bfloat16, "exact", "nearest", 0.0, args.backend, args.device)[0],
                                refs[s]) for s in seeds))

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fidelity import EPS_SWEEP, GAMMA, batch, cos_rel, flat, loss_of, make_model  # noqa: E402
+from fidelity import EPS_SWEEP, GAMMA, batch, flat, loss_of, make_model, seed_mean  # noqa: E402
 
 VARIANTS = [  # (label, estimator, rounding, off_grid)
     ("FSDP2 bf16 MP, forward, stochastic (default)", "forward", "stochastic", False),
@@ -110,15 +110,9 @@ def main() -> None:
     for label, est_name, rounding, off in VARIANTS:
         row = {"variant": label, "eps": {}}
         for eps in EPS_SWEEP:
-            cs, rs, ratios = [], [], []
-            for s in SEEDS:
-                est, ratio = estimate(s, est_name, rounding, off, eps, mesh)
-                c, r = cos_rel(est, refs[(s, off)])
-                cs.append(c)
-                rs.append(r)
-                ratios.append(ratio)
-            row["eps"][f"{eps:g}"] = {"cos": sum(cs) / len(cs), "rel": sum(rs) / len(rs),
-                                      "perturb_ratio": sum(ratios) / len(ratios)}
+            row["eps"][f"{eps:g}"] = seed_mean(
+                (estimate(s, est_name, rounding, off, eps, mesh), refs[(s, off)]) for s in SEEDS
+            )
         rows.append(row)
         if rank == 0:
             cells = " | ".join(f"{v['cos']:.2f}/{v['rel']:.2f} ({v['perturb_ratio']:.2f})" for v in row["eps"].values())

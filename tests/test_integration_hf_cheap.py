@@ -8,22 +8,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_integration_trl import EPS, GAMMA, LMData, Snapshots, make_model, rel  # noqa: E402
+from test_integration_trl import EPS, GAMMA, LMData, Rec, Snapshots, make_model, rel  # noqa: E402
 from torch.func import functional_call  # noqa: E402
-from transformers import Trainer, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 from grkernels.integrations.hf import grad_reg_config, grad_reg_trainer  # noqa: E402
-
-
-class Rec(Trainer):
-    def __init__(self, *a, **k):
-        self.rec = []
-        super().__init__(*a, **k)
-
-    def _prepare_inputs(self, inputs):
-        out = super()._prepare_inputs(inputs)
-        self.rec.append(out)
-        return out
 
 
 def train(tmp_path, ga, steps, **gr):

@@ -389,6 +389,19 @@ class LMData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+class Rec(Trainer):
+    """A plain Trainer that records every prepared micro-batch (first passes only)."""
+
+    def __init__(self, *a, **k):
+        self.rec = []
+        super().__init__(*a, **k)
+
+    def _prepare_inputs(self, inputs):
+        out = super()._prepare_inputs(inputs)
+        self.rec.append(out)
+        return out
+
+
 def test_plain_hf_trainer_gradient(tmp_path):
     """grad_reg_trainer(Trainer) on a causal LM: the Trainer's token-count loss scaling over 2 micro-batches."""
     from transformers import TrainingArguments
@@ -400,16 +413,6 @@ def test_plain_hf_trainer_gradient(tmp_path):
         grad_reg_exclude=["none"], dataloader_drop_last=True,
     )
     data = LMData()
-
-    class Rec(Trainer):
-        def __init__(self, *a, **k):
-            self.rec = []
-            super().__init__(*a, **k)
-
-        def _prepare_inputs(self, inputs):
-            out = super()._prepare_inputs(inputs)
-            self.rec.append(out)
-            return out
 
     snaps = Snapshots()
     tr = grad_reg_trainer(Rec)(model=make_model(), args=args, train_dataset=data, callbacks=[snaps])
