@@ -12,7 +12,8 @@ t − t mod k), reused as GradReg does. Sub-batch modes: the second pass on a fr
 random, by highest loss (lm, K-SAM's rule) or by largest |advantage| (pg).
 
 Cost: real GradReg steps of each mode (two-phase, the same micro-batches), time per step averaged over whole
-every-k cycles, over a plain AdamW step of the same loop; all in one run.
+every-k cycles, over a plain AdamW step of the same loop; all in one run. "bookkeeping": the time inside GradReg's
+own calls (mark_subset, perturb, combine: the GR-step backend and the reuse / sub-batch arithmetic), same units.
 """
 
 from __future__ import annotations
@@ -177,21 +178,32 @@ def cost(args, ks, fracs) -> list[dict]:
     def chunks(rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return rows.split(size) if len(rows) else ()
 
-    def run(opt, subset_frac: float | None) -> None:
+    def run(opt, subset_frac: float | None) -> float:
+        """One step; returns the seconds spent inside GradReg's bookkeeping calls (mark_subset, perturb,
+        combine), i.e. everything but the passes and the base optimizer's step."""
+        clock = time.perf_counter
         opt.zero_grad()
         m = n if subset_frac is None or not opt.active else max(1, round(subset_frac * n))
         for mb in chunks(everything[:m]):
             task.terms(mb).sum().backward()
+        inside = 0.0
         if m < n:
+            t0 = clock()
             opt.mark_subset(m / n)
+            inside += clock() - t0
             for mb in chunks(everything[m:]):
                 task.terms(mb).sum().backward()
         for _ in range(opt.extra_passes):
+            t0 = clock()
             opt.perturb()
+            inside += clock() - t0
             for mb in chunks(everything[:m]):
                 task.terms(mb).sum().backward()
+        t0 = clock()
         opt.combine()
+        inside += clock() - t0
         opt.step()
+        return inside
 
     modes = [("plain", None, {}), ("full", None, {})]
     modes += [(f"every{k}-orthogonal", None, {"every": k, "reuse": "orthogonal"}) for k in ks if k > 1]
@@ -207,18 +219,21 @@ def cost(args, ks, fracs) -> list[dict]:
             run(opt, frac)  # warm-up cycle
         opts.append(opt)
     times: list[list[float]] = [[] for _ in modes]
+    inside: list[list[float]] = [[] for _ in modes]
     for _ in range(args.repeats):  # round robin: a load change on a shared machine hits every mode alike
         for i, ((_, frac, _), opt) in enumerate(zip(modes, opts)):
             t0 = time.perf_counter()
-            for _ in range(cycle):
-                run(opt, frac)
+            spent = sum(run(opt, frac) for _ in range(cycle))
             times[i].append((time.perf_counter() - t0) / cycle)
-    rows = [{"mode": name, "median_step_s": statistics.median(t),
+            inside[i].append(spent / cycle)
+    rows = [{"mode": name, "median_step_s": statistics.median(t), "median_bookkeeping_s": statistics.median(b),
+             "backend": "none" if opt._impl is None else type(opt._impl).__name__,
              "extra_bytes_per_param": (opt.extra_memory_bytes() + opt._reuse.extra_bytes()) / n_params}
-            for (name, _, _), opt, t in zip(modes, opts, times)]
+            for (name, _, _), opt, t, b in zip(modes, opts, times, inside)]
     plain = rows[0]["median_step_s"]
     for r in rows:
         r["ratio"] = r["median_step_s"] / plain
+        r["bookkeeping_ratio"] = r["median_bookkeeping_s"] / plain
     return rows
 
 
@@ -259,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     print("cost (time per step over a plain step, same loop)")
     for r in result["cost"]:
         print(f"  {r['mode']:<22} {1e3 * r['median_step_s']:>8.2f} ms {r['ratio']:>6.2f}x "
-              f"{r['extra_bytes_per_param']:>5.1f} B/param")
+              f"(bookkeeping {r['bookkeeping_ratio']:.3f}x, {r['backend']}) {r['extra_bytes_per_param']:>5.1f} B/param")
     write_result(result, args.out, "cheap_gr")
     return 0
 

@@ -516,7 +516,8 @@ class GradReg(torch.optim.Optimizer):
             raise RuntimeError("GradReg.mark_subset: call it before perturb(), after the subset's backward")
         have = [p for p in self._gr_candidates() if p.grad is not None]
         shards = shards_for(have)
-        self._subset = {id(p): shards.local(p.grad).detach().clone() for p in have}
+        copies = torch._foreach_mul([shards.local(p.grad).detach() for p in have], 1.0) if have else []
+        self._subset = {id(p): c for p, c in zip(have, copies)}
         self._subset_fraction = float(fraction)
 
     @property
@@ -537,19 +538,26 @@ class GradReg(torch.optim.Optimizer):
         """At θ (``.grad`` = g1): the subset buffers become R = g1 − g1_S/f."""
         if self._subset is None:
             return
-        inv = 1.0 / self._subset_fraction
-        for p in plan.params:
-            saved, g1 = self._subset.get(id(p)), plan.shards.local(p.grad)
-            self._subset[id(p)] = g1.detach().clone() if saved is None else saved.mul_(-inv).add_(g1)
+        # One foreach call per operation, not one op per tensor: the Python cost stays flat in the model's depth.
+        inv, local = 1.0 / self._subset_fraction, plan.shards.local
+        saved = [p for p in plan.params if id(p) in self._subset]
+        if saved:
+            bufs = [self._subset[id(p)] for p in saved]
+            torch._foreach_mul_(bufs, -inv)
+            torch._foreach_add_(bufs, [local(p.grad) for p in saved])
+        fresh = [p for p in plan.params if id(p) not in self._subset]  # no gradient from the subset: R = g1
+        if fresh:
+            self._subset.update(zip(map(id, fresh), torch._foreach_mul([local(p.grad) for p in fresh], 1.0)))
 
     def _subset_estimate(self, plan: StepPlan) -> None:
         """At a perturbed point (``.grad`` = g_S there): ``.grad`` ← R + g_S/f, the whole-batch estimate."""
         if self._subset is None:
             return
-        inv = 1.0 / self._subset_fraction
-        for p in plan.params:
-            if p.grad is not None:
-                plan.shards.local(p.grad).mul_(inv).add_(self._subset[id(p)])
+        have = [p for p in plan.params if p.grad is not None]
+        if have:
+            grads = [plan.shards.local(p.grad) for p in have]
+            torch._foreach_mul_(grads, 1.0 / self._subset_fraction)
+            torch._foreach_add_(grads, [self._subset[id(p)] for p in have])
 
     def _combine_exact(self) -> None:
         """Exact estimator: H·v by double backprop from the graph kept in ``.grad``; ``.grad`` ← g1 + γ·H·v."""

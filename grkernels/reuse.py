@@ -14,9 +14,9 @@ measurement instead of a hyperparameter. Diagnostic ``reuse_cos``: at each full 
 between the correction reuse would have applied at that step and the full correction actually computed.
 
 Memory: one copy of the GR parameters' gradients (grad dtype; 2 B/param for bf16 gradients, 4 B for fp32), kept
-between full steps, plus a transient second copy during a full step. Everything stays on the device (norms and
-ratios are 0-d tensors), so reuse adds no host synchronisation. Sharded parameters (FSDP2): the stored correction
-is the local shard and every inner product is all-reduced through the step's ``Shards``.
+between full steps, plus transient flat copies (g1, the prediction) during a step. Everything stays on the device
+(norms and ratios are 0-d tensors), so reuse adds no host synchronisation. Sharded parameters (FSDP2): the stored
+correction is the local shard and every inner product is all-reduced through the step's ``Shards``.
 """
 
 from __future__ import annotations
@@ -30,20 +30,32 @@ from grkernels.reference import Shards, accum_dtype
 REUSE_MODES = ("none", "orthogonal")
 
 
-def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], dtype: torch.dtype, shards: Shards) -> torch.Tensor:
-    """Σ⟨a_i, b_i⟩ over local tensors, summed across the processes holding the other shards (0-d, ``dtype``)."""
-    return shards.sum_across(torch.stack([(x.to(dtype) * y.to(dtype)).sum() for x, y in zip(a, b)]).sum())
+def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """A new 1-D tensor of ``dtype`` holding ``tensors`` one after the other (one copy, one kernel)."""
+    return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+
+
+def _storage_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    """The tensors' dtype where they share one (the stored correction keeps the gradients' dtype), else the
+    accumulation dtype."""
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else accum_dtype(tensors)
 
 
 class CorrectionReuse:
-    """Keeps the correction of the last full GR step and applies it, projected and rescaled, in between."""
+    """Keeps the correction of the last full GR step and applies it, projected and rescaled, in between.
+
+    Everything is held flat (the GR parameters' local gradients one after the other), so each inner product or
+    update is one kernel whatever the number of tensors: the Python cost does not grow with the model's depth.
+    """
 
     def __init__(self) -> None:
-        self._c: list[torch.Tensor] = []  # last full correction, per GR parameter (grad dtype)
+        self._c: torch.Tensor | None = None  # last full correction, flat (gradient dtype)
+        self._shapes: list[torch.Size] = []  # local gradient shapes, in the order of the flat buffers
         self._ids: tuple[int, ...] = ()
         self._rho: torch.Tensor | None = None
-        self._g1: list[torch.Tensor] = []  # g1 of the full step in progress (transient)
-        self._pred: list[torch.Tensor] | None = None  # what reuse would have applied at this full step
+        self._g1: torch.Tensor | None = None  # g1 of the full step in progress, flat (transient)
+        self._pred: torch.Tensor | None = None  # what reuse would have applied at this full step (transient)
 
     @property
     def ready(self) -> bool:
@@ -51,10 +63,13 @@ class CorrectionReuse:
         return self._rho is not None
 
     def state(self, position: dict[int, int]) -> dict | None:
-        """The stored correction for a state dict, parameters named by ``position`` (id -> flat index)."""
+        """The stored correction for a state dict, one tensor per parameter named by ``position`` (id -> flat
+        index)."""
         if not self.ready:
             return None
-        return {"index": [position[i] for i in self._ids], "c": [c.clone() for c in self._c], "rho": self._rho}
+        parts = self._c.split([s.numel() for s in self._shapes])
+        return {"index": [position[i] for i in self._ids],
+                "c": [c.view(s).clone() for c, s in zip(parts, self._shapes)], "rho": self._rho}
 
     def load(self, state: dict | None, params: Sequence[torch.Tensor]) -> None:
         """Inverse of :meth:`state`; ``params`` are the optimizer's parameters in flat order."""
@@ -62,52 +77,58 @@ class CorrectionReuse:
         if state:
             chosen = [params[i] for i in state["index"]]
             self._ids = tuple(id(p) for p in chosen)
-            self._c = [c.to(device=p.device, dtype=p.dtype if p.grad is None else p.grad.dtype)
-                       for c, p in zip(state["c"], chosen)]
+            self._shapes = [c.shape for c in state["c"]]
+            like = [p if p.grad is None else p.grad for p in chosen]
+            self._c = _flat(state["c"], _storage_dtype(like)).to(chosen[0].device)
             self._rho = state["rho"].to(chosen[0].device)
 
     def extra_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._c + self._g1)
+        held = (t for t in (self._c, self._g1, self._pred) if t is not None)
+        return sum(t.numel() * t.element_size() for t in held)
 
-    def _matches(self, params: Sequence[torch.Tensor]) -> bool:
-        return self.ready and self._ids == tuple(id(p) for p in params)
+    def _matches(self, params: Sequence[torch.Tensor], g1: Sequence[torch.Tensor]) -> bool:
+        return self.ready and self._ids == tuple(id(p) for p in params) and self._shapes == [g.shape for g in g1]
 
-    def _scaled_direction(self, g1: Sequence[torch.Tensor], shards: Shards) -> tuple[list[torch.Tensor], torch.dtype]:
-        """The reused correction for gradient g1: ρ·‖g1‖·d/‖d‖ with d the stored c made orthogonal to g1."""
-        dtype = accum_dtype(list(g1))
-        g1_sq = _dot(g1, g1, dtype, shards)
-        beta = _dot(self._c, g1, dtype, shards) / g1_sq.clamp_min(torch.finfo(dtype).tiny)
-        d = [c.to(dtype) - beta * g.to(dtype) for c, g in zip(self._c, g1)]
-        d_norm = _dot(d, d, dtype, shards).sqrt()
-        scale = self._rho.to(dtype) * g1_sq.sqrt() / d_norm.clamp_min(torch.finfo(dtype).tiny)
-        return [x * scale for x in d], dtype
+    def _direction(self, g1: torch.Tensor, shards: Shards) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reused correction for the flat gradient g1 (accumulation dtype): ρ·‖g1‖·d/‖d‖ with d the stored c
+        made orthogonal to g1; and ‖g1‖² (0-d)."""
+        tiny = torch.finfo(g1.dtype).tiny
+        c = self._c.to(g1.dtype)
+        g1_sq = shards.sum_across(torch.dot(g1, g1))
+        beta = shards.sum_across(torch.dot(c, g1)) / g1_sq.clamp_min(tiny)
+        d = torch.mul(g1, -beta).add_(c)
+        d_norm = shards.sum_across(torch.dot(d, d)).sqrt()
+        return d.mul_(self._rho.to(g1.dtype) * g1_sq.sqrt() / d_norm.clamp_min(tiny)), g1_sq
 
     @torch.no_grad()
     def capture(self, params: Sequence[torch.Tensor], shards: Shards) -> None:
         """Full step, right after the backward at θ (``.grad`` = g1): keep g1, and the reuse prediction for the
         ``reuse_cos`` diagnostic."""
         g1 = [shards.local(p.grad) for p in params]
-        self._pred = self._scaled_direction(g1, shards)[0] if self._matches(params) else None
-        self._g1 = [g.detach().clone() for g in g1]
+        self._g1 = _flat(g1, _storage_dtype(g1))
+        matches = self._matches(params, g1)
+        self._pred = self._direction(self._g1.to(accum_dtype(g1)), shards)[0] if matches else None
 
     @torch.no_grad()
     def store(self, params: Sequence[torch.Tensor], shards: Shards) -> dict[str, torch.Tensor]:
         """Full step, after the combine (``.grad`` = GR): c = GR − g1 and ρ; returns ``reuse_cos`` if measured."""
-        g1, self._g1 = self._g1, []
-        self._c = [shards.local(p.grad).detach() - g for p, g in zip(params, g1)]
-        self._ids = tuple(id(p) for p in params)
-        dtype = accum_dtype(self._c)
-        g1_sq = _dot(g1, g1, dtype, shards)
+        grads = [shards.local(p.grad) for p in params]
+        g1, self._g1 = self._g1, None
+        self._c = _flat(grads, g1.dtype).sub_(g1)
+        self._ids, self._shapes = tuple(id(p) for p in params), [g.shape for g in grads]
+        dtype = accum_dtype(grads)
         tiny = torch.finfo(dtype).tiny
-        c_dot = _dot(self._c, g1, dtype, shards)
-        c_sq = _dot(self._c, self._c, dtype, shards)
+        c, g1 = self._c.to(dtype), g1.to(dtype)
+        g1_sq = shards.sum_across(torch.dot(g1, g1))
+        c_dot = shards.sum_across(torch.dot(c, g1))
+        c_sq = shards.sum_across(torch.dot(c, c))
         # ‖c⊥‖² = ‖c‖² − ⟨c, g1⟩²/‖g1‖²
         perp_sq = (c_sq - c_dot.square() / g1_sq.clamp_min(tiny)).clamp_min(0)
         self._rho = perp_sq.sqrt() / g1_sq.sqrt().clamp_min(tiny)
         out: dict[str, torch.Tensor] = {}
         if self._pred is not None:
-            num = _dot(self._pred, self._c, dtype, shards)
-            den = (_dot(self._pred, self._pred, dtype, shards) * c_sq).sqrt().clamp_min(tiny)
+            num = shards.sum_across(torch.dot(self._pred, c))
+            den = (shards.sum_across(torch.dot(self._pred, self._pred)) * c_sq).sqrt().clamp_min(tiny)
             out["reuse_cos"] = num / den
         self._pred = None
         return out
@@ -117,13 +138,13 @@ class CorrectionReuse:
         """Step in between: ``.grad`` (= g1) ← g1 + scale·ρ·‖g1‖·d/‖d‖ (``scale``: γ now over γ at the full step);
         returns ``gr_rel`` of the applied correction. A no-op (returns {}) unless a correction for exactly these
         parameters is stored."""
-        if not self._matches(params):
-            return {}
         g1 = [shards.local(p.grad) for p in params]
-        corr, dtype = self._scaled_direction(g1, shards)
-        corr = [c * scale for c in corr]
-        g1_norm = _dot(g1, g1, dtype, shards).sqrt()
-        for g, c in zip(g1, corr):
-            g.add_(c.to(g.dtype))
-        rel = _dot(corr, corr, dtype, shards).sqrt() / g1_norm.clamp_min(torch.finfo(dtype).tiny)
+        if not self._matches(params, g1):
+            return {}
+        dtype = accum_dtype(g1)
+        corr, g1_sq = self._direction(_flat(g1, dtype), shards)
+        corr.mul_(scale)
+        rel = shards.sum_across(torch.dot(corr, corr)).sqrt() / g1_sq.sqrt().clamp_min(torch.finfo(dtype).tiny)
+        parts = corr.to(_storage_dtype(g1)).split([g.numel() for g in g1])
+        torch._foreach_add_(g1, [x.view(g.shape) for x, g in zip(parts, g1)])
         return {"gr_rel": rel}

@@ -295,3 +295,117 @@ def test_two_phase_combine_applies_reuse_before_the_callers_clip(backend):
         assert rel_err(combined, cap.grads[-1]) < 1e-12
         if step % 2 == 1:
             assert opt.metrics()["gr_rel"] > 0  # a reuse step really added a correction
+
+
+# ------------------------------------------------------------------------- vectorised bookkeeping, no sync
+_SYNCS = ("item", "__bool__", "tolist", "__float__", "__int__", "cpu", "numpy")
+
+
+def _no_sync(mp):
+    def fail(*a, **k):
+        raise AssertionError("host synchronisation in the reuse / sub-batch bookkeeping")
+
+    for name in _SYNCS:
+        mp.setattr(torch.Tensor, name, fail)
+    mp.setattr(torch.cuda, "synchronize", fail)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reuse_and_subset_make_no_host_sync(backend, monkeypatch):
+    model = tanh_mlp(16, dtype=torch.float32)
+    batches = [regression_batch(40 + i, n=8, dtype=torch.float32) for i in range(3)]
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=1e-2), strength=0.5, eps=1e-2, every=2,
+                  reuse="orthogonal", backend=backend)
+    for step in range(5):  # full (stores), reuse, full (capture with a prediction, reuse_cos), reuse, full+subset
+        opt.zero_grad()
+        subset = step == 4
+        with monkeypatch.context() as mp:
+            _no_sync(mp)
+            if subset:
+                _two_phase_subset(opt, model, batches, [1], 1 / 3)
+            else:
+                for b in batches:
+                    (_loss(model, *b) / 3).backward()
+                for _ in range(opt.extra_passes):
+                    opt.perturb()
+                    for b in batches:
+                        (_loss(model, *b) / 3).backward()
+                opt.combine()
+            m = opt.metrics(sync=False)
+        opt.step()  # the one documented read (the finite flag)
+        if step == 2:
+            assert "reuse_cos" in m and torch.isfinite(m["reuse_cos"])
+        if step == 3:
+            assert m["gr_rel"] > 0
+
+
+def test_reuse_with_mixed_gradient_dtypes_matches_float64():
+    """Gradients of two dtypes (fp32 and bf16) share one flat store: the reused correction is LookSAM's rule
+    computed in float64 from the gradients the base optimizer saw, to bf16 accuracy, and survives a state dict."""
+    torch.manual_seed(17)
+    w1 = nn.Parameter(torch.randn(5, 16) * 0.5)
+    w2 = nn.Parameter((torch.randn(16, 3) * 0.5).to(torch.bfloat16))
+    x, y = regression_batch(18, dtype=torch.float32)
+
+    def loss():
+        return (torch.tanh(x @ w1) @ w2.float() - y).square().mean()
+
+    base = torch.optim.SGD([w1, w2], lr=1e-2)
+    opt = GradReg(base, strength=0.5, eps=1e-2, every=2, reuse="orthogonal", g1_clip=None, g2_clip=None)
+    cap = GradCapture(base)
+    g1s = []
+
+    def closure():
+        out = loss()
+        out.backward()
+        g1s.append([w1.grad.clone(), w2.grad.clone()])
+        return out
+
+    opt.step(closure)  # full step: g1s[0] at θ0 (the closure's first call), g1s[1] at θ'
+    c = [a.double() - g.double() for a, g in zip(cap.grads[0], g1s[0])]
+    sd = copy.deepcopy(opt.state_dict())
+    assert [t.shape for t in sd["grad_reg"]["reuse"]["c"]] == [w1.shape, w2.shape]
+    opt.load_state_dict(sd)
+    opt.step(closure)  # reused step: g1s[2]
+    g1 = [g.double() for g in g1s[2]]
+    beta = _flat_dot(c, g1) / _flat_dot(g1, g1)
+    g0 = [g.double() for g in g1s[0]]
+    c0 = [ci - (_flat_dot(c, g0) / _flat_dot(g0, g0)) * gi for ci, gi in zip(c, g0)]
+    rho = (_flat_dot(c0, c0) / _flat_dot(g0, g0)) ** 0.5
+    d = [ci - beta * gi for ci, gi in zip(c, g1)]
+    scale = rho * _flat_dot(g1, g1) ** 0.5 / _flat_dot(d, d) ** 0.5
+    applied = [a.double() - g for a, g in zip(cap.grads[1], g1)]
+    assert [a.dtype for a in cap.grads[1]] == [torch.float32, torch.bfloat16]
+    assert rel_err(applied, [scale * di for di in d]) < 1e-2
+
+
+def test_subset_with_a_parameter_only_the_rest_reaches():
+    """A parameter without gradient from the subset: its residual is its whole g1, and it gets no correction
+    from the subset's HVP (which does not depend on it)."""
+    model = tanh_mlp(19)
+    extra = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    batches = [regression_batch(50 + i, n=8) for i in range(3)]
+    params = list(model.parameters()) + [extra]
+
+    def term(i):  # only batch 2 reaches `extra`
+        b = batches[i]
+        return ((model(b[0]) + (extra if i == 2 else 0.0)) - b[1]).square().mean() / 3
+
+    opt = GradReg(torch.optim.SGD(params, lr=0.0), strength=0.5, eps=1e-6, g1_clip=None, g2_clip=None)
+    term(0).backward()
+    assert extra.grad is None
+    opt.mark_subset(1 / 3)
+    term(1).backward()
+    term(2).backward()
+    opt.perturb()
+    term(0).backward()
+    opt.restore_and_combine()
+    got = [p.grad.detach().clone() for p in params]
+    g1 = torch.autograd.grad(sum(term(i) for i in range(3)), params)
+    gs = torch.autograd.grad(term(0), params, create_graph=True, allow_unused=True)
+    hv = torch.autograd.grad(sum((s * g.detach()).sum() for s, g in zip(gs, g1) if s is not None), params,
+                             allow_unused=True)  # H_S·g1
+    hv = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hv)]
+    expected = [g + 0.5 * 3 * h for g, h in zip(g1, hv)]
+    assert rel_err(got, expected) < 1e-4
+    assert rel_err([got[-1]], [g1[-1]]) < 1e-6  # `extra`: no correction
