@@ -368,12 +368,11 @@ def info(device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
     }
     for dev in devices:
         loss_impl, loss_why = auto_backend(dev)
-        gr_impl, gr_why = auto_backend(dev, cpp=False)
         for op in ("logp_and_entropy", "selective_log_softmax", "token_entropy", "policy_loss",
                    "fused_linear_policy_loss"):  # fmt: skip
             out[f"{op} [{dev.type}]"] = {"implementation": loss_impl, "reason": loss_why}
         out[f"kl_penalty [{dev.type}]"] = {"implementation": "torch", "reason": "elementwise: one torch expression"}
-        out[f"GradReg step [{dev.type}]"] = {"implementation": gr_impl, "reason": gr_why}
+        out[f"GradReg step [{dev.type}]"] = {"implementation": loss_impl, "reason": loss_why}
     return out
 
 

@@ -7,7 +7,8 @@ Per optimizer step (Karakida et al. 2023, forward finite difference; Ackermann e
 
 This file is the bookkeeping: which parameters take part, the γ schedule, RNG replay, the order of calls, errors,
 state and diagnostics. The arithmetic lives in a backend: ``grkernels.reference.TorchGRStep`` (plain PyTorch, the
-specification) or ``grkernels.kernels.gr_step.TritonGRStep`` (fused kernels), picked in ``_make_backend``.
+specification), ``grkernels.kernels.cpp_gr_step.CppGRStep`` (C++ CPU kernels) or
+``grkernels.kernels.gr_step.TritonGRStep`` (fused GPU kernels), picked in ``_make_backend``.
 
 Host synchronisation: ``perturb()`` and ``restore_and_combine()`` read nothing back from the device. ``step()``
 reads one boolean (were g1 and g2 finite?) right before the base optimizer's step, the same read
@@ -78,7 +79,8 @@ class GradReg(torch.optim.Optimizer):
             "exact" (double backprop H·v; the closure must call ``loss.backward(create_graph=True)``, or
             ``opt.backward(loss)``).
         rounding: "stochastic" (default; unbiased, keeps ε·v alive in bf16/fp16 weights) or "nearest".
-        backend: "torch", "triton" or "auto" (Triton on CUDA when installed).
+        backend: "torch" (the reference), "cpp" (C++ CPU kernels), "triton" or "auto" (Triton on CUDA when
+            installed, C++ on CPU when ``grkernels._C`` is built, else torch; ``grkernels.info()`` says which).
         skip_nonfinite: skip (and count, with a warning) a step whose g1 or g2 is not finite. Costs one host read
             of a boolean per step; with False nothing is read and non-finite gradients reach the base optimizer
             (the perturbation itself is always protected).
@@ -89,9 +91,9 @@ class GradReg(torch.optim.Optimizer):
             is up to half an ulp per element and would swamp ε·v), and restores it bitwise; the masters are never
             written. The caller copies model gradients into ``master.grad`` after
             each backward, as mixed-precision trainers do.
-        lean: Triton backend only: save g1 of fp32 gradients in bf16 (4 instead of 6 bytes per bf16 parameter
+        lean: C++ and Triton backends: save g1 of fp32 gradients in bf16 (4 instead of 6 bytes per bf16 parameter
             with fp32 gradients); between perturb() and step() the gradient buffers then hold g − g1, and the
-            GR correction keeps fp32 accuracy (see grkernels.kernels.gr_step). Ignored by the torch backend.
+            GR correction keeps fp32 accuracy (see grkernels.kernels.gr_step). Ignored (with a warning) by torch.
         every: run the full GR step (the extra pass) on every k-th step after warmup only; see ``reuse``.
         reuse: what the steps in between do: "none" (the plain gradient g1) or "orthogonal" (LookSAM-style: the
             last full correction, made orthogonal to the current g1 and rescaled to the size relative to ‖g1‖ it
@@ -382,16 +384,21 @@ class GradReg(torch.optim.Optimizer):
         )
 
     def _make_backend(self, device: torch.device) -> TorchGRStep:
-        """The one place the GR-step implementation is chosen."""
-        if resolve_backend(self.backend, device, what="GradReg") == "triton":
+        """The one place the GR-step implementation is chosen (the rule: ``grkernels.kernels.resolve_backend``)."""
+        impl = resolve_backend(self.backend, device, what="GradReg")
+        if impl == "triton":
             check_triton_device(torch.empty(0, device=device), what="GradReg")  # clear error before the import
             from grkernels.kernels.gr_step import TritonGRStep
 
             return TritonGRStep(device, lean=self.lean, model_attr=self.master_weights)
+        if impl == "cpp":
+            from grkernels.kernels.cpp_gr_step import CppGRStep
+
+            return CppGRStep(lean=self.lean)
         if self.lean:
             warnings.warn(
                 "GradReg(lean=True) has no effect on the torch backend (it saves g1 in the gradient's dtype); "
-                "lean mode is a Triton-backend memory saving",
+                "lean mode is a memory saving of the C++ and Triton backends",
                 UserWarning,
                 stacklevel=4,
             )

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from grkernels.kernels import triton_usable
+from grkernels.kernels import cpp_loaded, triton_usable
+from grkernels.reference import StepPlan
 
 BACKENDS = [
     "torch",
+    pytest.param("cpp", marks=pytest.mark.skipif(not cpp_loaded(), reason="grkernels._C is not built")),
     pytest.param(
         "triton",
         marks=pytest.mark.skipif(
@@ -91,3 +93,54 @@ def snapshot(model: nn.Module) -> list[torch.Tensor]:
 
 def bitwise_equal(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     return all(torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8)) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- GR-step backends against the torch reference
+def make_params(spec, device, seed=0, scale=1.0):
+    """Parameters (with .grad) from [(dtype, numel)], random values; grads of the same dtype."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for dt, n in spec:
+        p = (0.5 * torch.randn(n, generator=g, dtype=torch.float64)).to(dt).to(device).requires_grad_()
+        p.grad = (scale * torch.randn(n, generator=g, dtype=torch.float64)).to(dt).to(device)
+        out.append(p)
+    return out
+
+
+def clone_params(ps):
+    out = []
+    for p in ps:
+        q = p.detach().clone().requires_grad_()
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def mixed_spec(with_fp64: bool, many: int = 0, seed: int = 0, big: int = 2**16 + 3):
+    spec = [(torch.float32, 7), (torch.bfloat16, 1), (torch.bfloat16, big), (torch.float16, 7),
+            (torch.float32, 1), (torch.float16, big), (torch.float32, big), (torch.bfloat16, 0)]
+    if with_fp64:
+        spec += [(torch.float64, 7), (torch.float64, 1025)]
+    gen = torch.Generator().manual_seed(seed)
+    dts = [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if with_fp64 else [])
+    for _ in range(many):
+        spec.append((dts[int(torch.randint(len(dts), (1,), generator=gen))], int(torch.randint(1, 40, (1,),
+                                                                                          generator=gen))))
+    return spec
+
+
+def run_backend_step(impl, ps, keep, estimator, g1_clip, g2_clip, rounding="nearest", seed=7, eps=1e-2, g2s=None):
+    """perturb (1 or 2 points), add synthetic second gradients, restore_and_combine; returns θ' snapshots."""
+    plan = StepPlan(params=ps, coefs=[0.3 + 0.1 * (i % 3) for i in range(len(ps))], keep=keep, eps=eps,
+                    g1_clip=g1_clip, g2_clip=g2_clip, estimator=estimator, rounding=rounding, seed=seed)
+    points = 2 if estimator == "central" else 1
+    perturbed = []
+    for point in range(points):
+        impl.perturb(plan, point)
+        perturbed.append([p.detach().clone() for p in ps])
+        for p, g in zip(ps, g2s[point]):
+            p.grad.add_(g)
+        for p in keep:  # the second backward also accumulates into keep parameters' grads
+            p.grad.add_(1.0)
+    impl.restore_and_combine(plan)
+    return perturbed

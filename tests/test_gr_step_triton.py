@@ -18,6 +18,11 @@ from hypothesis import strategies as st
 
 pytestmark = requires_triton
 
+from gr_helpers import clone_params as _clone  # noqa: E402
+from gr_helpers import make_params as _make  # noqa: E402
+from gr_helpers import mixed_spec as _spec  # noqa: E402
+from gr_helpers import run_backend_step as _run_step  # noqa: E402
+
 from grkernels.reference import StepPlan, TorchGRStep  # noqa: E402
 
 SMALL = dict(chunk=4096, block=1024)  # several chunks per 2^16+3 tensor, interpreter-friendly
@@ -27,56 +32,6 @@ def _triton(**kw):
     from grkernels.kernels.gr_step import TritonGRStep
 
     return TritonGRStep("cuda" if torch.cuda.is_available() else "cpu", **{**SMALL, **kw})
-
-
-def _make(spec, device, seed=0, scale=1.0):
-    """Parameters (with .grad) from [(dtype, numel)], random values; grads of the same dtype."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for dt, n in spec:
-        p = (0.5 * torch.randn(n, generator=g, dtype=torch.float64)).to(dt).to(device).requires_grad_()
-        p.grad = (scale * torch.randn(n, generator=g, dtype=torch.float64)).to(dt).to(device)
-        out.append(p)
-    return out
-
-
-def _clone(ps):
-    out = []
-    for p in ps:
-        q = p.detach().clone().requires_grad_()
-        q.grad = p.grad.clone()
-        out.append(q)
-    return out
-
-
-def _spec(with_fp64: bool, many: int = 0, seed: int = 0, big: int = 2**16 + 3):
-    spec = [(torch.float32, 7), (torch.bfloat16, 1), (torch.bfloat16, big), (torch.float16, 7),
-            (torch.float32, 1), (torch.float16, big), (torch.float32, big), (torch.bfloat16, 0)]
-    if with_fp64:
-        spec += [(torch.float64, 7), (torch.float64, 1025)]
-    gen = torch.Generator().manual_seed(seed)
-    dts = [torch.float32, torch.bfloat16, torch.float16] + ([torch.float64] if with_fp64 else [])
-    for _ in range(many):
-        spec.append((dts[int(torch.randint(len(dts), (1,), generator=gen))], int(torch.randint(1, 40, (1,),
-                                                                                          generator=gen))))
-    return spec
-
-
-def _run_step(impl, ps, keep, estimator, g1_clip, g2_clip, rounding="nearest", seed=7, eps=1e-2, g2s=None):
-    """perturb (1 or 2 points), add synthetic second gradients, restore_and_combine; returns θ' snapshots."""
-    plan = StepPlan(params=ps, coefs=[0.3 + 0.1 * (i % 3) for i in range(len(ps))], keep=keep, eps=eps,
-                    g1_clip=g1_clip, g2_clip=g2_clip, estimator=estimator, rounding=rounding, seed=seed)
-    points = 2 if estimator == "central" else 1
-    perturbed = []
-    for point in range(points):
-        impl.perturb(plan, point)
-        perturbed.append([p.detach().clone() for p in ps])
-        for p, g in zip(ps, g2s[point]):
-            p.grad.add_(g)
-        for p in keep:  # the second backward also accumulates into keep parameters' grads
-            p.grad.add_(1.0)
-    impl.restore_and_combine(plan)
-    return perturbed
 
 
 @pytest.mark.parametrize("estimator", ["forward", "central"])

@@ -3,7 +3,8 @@
 Implementations of an op: ``"torch"`` (the plain-PyTorch specification in ``grkernels/ops/losses.py`` and
 ``grkernels/reference.py``), ``"cpp"`` (the C++ CPU kernels of the extension ``grkernels._C``, built from
 ``csrc/``) and ``"triton"`` (the Triton kernels in this package). :func:`select_backend` is the one rule for
-the loss ops, :func:`resolve_backend` the same rule for the GR step (which has no C++ backend yet).
+the loss ops, :func:`resolve_backend` the same rule for the GR step (``GradReg``'s backends:
+``reference.TorchGRStep``, ``kernels.cpp_gr_step.CppGRStep``, ``kernels.gr_step.TritonGRStep``).
 Triton runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 triton was imported (that is how CI checks every kernel without a GPU). A kernel file holds the kernel and
 its launcher; the ops are registered with ``torch.library`` in :mod:`grkernels.library`.
@@ -92,18 +93,18 @@ def check_triton_device(*tensors: torch.Tensor, what: str = "grkernels") -> None
             )
 
 
-def auto_backend(device: torch.device | str, *, cpp: bool = True) -> tuple[str, str]:
-    """(implementation, reason) that ``backend="auto"`` picks for tensors on ``device``."""
+def auto_backend(device: torch.device | str) -> tuple[str, str]:
+    """(implementation, reason) that ``backend="auto"`` picks for tensors on ``device`` (loss ops and GR step)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         if triton_installed():
             return "triton", "CUDA tensors and triton is installed"
         return "torch", "CUDA tensors but triton is not installed"
-    if dev.type == "cpu" and cpp:
+    if dev.type == "cpu":
         if cpp_loaded():
             return "cpp", "CPU tensors and grkernels._C is loaded"
         return "torch", f"CPU tensors; C++ kernels unavailable: {cpp_status()}"
-    return "torch", f"{dev.type} tensors" + ("" if dev.type != "cpu" else " (no C++ GR-step backend yet)")
+    return "torch", f"{dev.type} tensors"
 
 
 def select_backend(backend: str, *tensors: torch.Tensor, what: str = "grkernels") -> str:
@@ -112,9 +113,14 @@ def select_backend(backend: str, *tensors: torch.Tensor, what: str = "grkernels"
     "auto": Triton for CUDA tensors when triton is installed, the C++ kernels for CPU tensors when
     ``grkernels._C`` is loaded, else torch. An explicit "triton" / "cpp" that cannot run raises a clear error.
     """
+    return resolve_backend(backend, tensors[0].device, *tensors, what=what)
+
+
+def resolve_backend(backend: str, device: torch.device | str, *tensors: torch.Tensor, what: str = "grkernels") -> str:
+    """``backend`` ("auto", "torch", "cpp", "triton") resolved for ``device`` (and checked against ``tensors``):
+    the rule of :func:`select_backend`, also the GR step's (``GradReg._make_backend``)."""
     if backend not in BACKENDS:
         raise ValueError(f"{what}: backend must be one of {BACKENDS}, got {backend!r}")
-    device = tensors[0].device
     if backend == "auto":
         return auto_backend(device)[0]
     if backend == "triton":
@@ -122,16 +128,7 @@ def select_backend(backend: str, *tensors: torch.Tensor, what: str = "grkernels"
     elif backend == "cpp":
         if not cpp_loaded():
             raise RuntimeError(f"{what}: backend='cpp' needs the C++ kernels: {cpp_status()}")
-        for t in tensors:
+        for t in (*tensors, torch.empty(0, device=device)):
             if t.device.type != "cpu":
                 raise RuntimeError(f"{what}: backend='cpp' runs on CPU tensors, got a tensor on {t.device}")
-    return backend
-
-
-def resolve_backend(backend: str, device: torch.device | str, *, what: str = "grkernels") -> str:
-    """The GR step's dispatch rule: 'auto' picks Triton for CUDA tensors when triton is installed, else torch."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"{what}: backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        return auto_backend(device, cpp=False)[0]
     return backend
