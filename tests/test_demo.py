@@ -19,7 +19,7 @@ from grkernels.demo.experiment import (
     spearman,
     value_at_first_crossing,
 )
-from grkernels.demo.grpo import METRICS, RLConfig, run_rl
+from grkernels.demo.grpo import METRICS, RLConfig, _subset_by_advantage, run_rl
 from grkernels.demo.policy import completion_logits, make_policy, sample_with_logits
 from grkernels.demo.reward_model import group_pair_accuracy, pair_accuracy
 from grkernels.demo.worlds import Sizes, copy_fraction, make_base, make_world, repetition_penalty
@@ -498,3 +498,46 @@ def test_gr_every_is_gr_with_the_extra_pass_on_every_kth_step(tiny_setup):
     # full step, reuse (orthogonal correction applied in step()), full, reuse: GR changes every update
     assert all(r > 0 for r in cheap["curves"]["gr_rel"])
     assert cheap["final"] != full["final"] and cheap["final"] != none["final"]
+
+
+def test_gr_subset_of_every_sequence_is_gr_and_a_half_subset_regularises(tiny_setup):
+    full = _run(tiny_setup, method="gr", gamma=10.0)
+    same = _run(tiny_setup, method="gr_subset", gamma=10.0, gr_subset=1.0)
+    assert same["curves"] == full["curves"] and same["final"] == full["final"]
+    half = _run(tiny_setup, method="gr_subset", gamma=10.0, gr_subset=0.5)
+    none = _run(tiny_setup, method="none")
+    assert half["curves"]["gold"][0] == full["curves"]["gold"][0]
+    assert all(r > 0 for r in half["curves"]["gr_rel"])
+    assert half["final"] != full["final"] and half["final"] != none["final"]
+    # With a negligible γ the update is the plain one: the subset's and the rest's losses add up to the batch's
+    # (each scaled by its share of the sequences), so g1 is the whole batch's gradient.
+    tiny = _run(tiny_setup, method="gr_subset", gamma=1e-9, gr_subset=0.5)
+    assert all(r > 0 for r in tiny["curves"]["gr_rel"])
+    for m in ("gold", "proxy", "kl", "loss", "g1_norm"):
+        assert tiny["curves"][m] == pytest.approx(none["curves"][m], rel=1e-4, abs=1e-6)
+
+
+def test_gr_subset_picks_the_largest_advantages_and_their_share():
+    gen = torch.Generator().manual_seed(3)
+    for n, frac in ((16, 0.25), (10, 0.33), (7, 1.0), (5, 0.01)):
+        adv = torch.randn(n, generator=gen)
+        adv[1] = -adv[0]  # a tie in |advantage|
+        top, rest, share = _subset_by_advantage(adv, frac)
+        m = max(1, math.ceil(frac * n - 1e-9))
+        assert len(top) == m and sorted(top.tolist() + rest.tolist()) == list(range(n))
+        assert top.tolist() == sorted(top.tolist()) and rest.tolist() == sorted(rest.tolist())
+        a = adv.abs().tolist()
+        assert min(a[i] for i in top.tolist()) >= max((a[i] for i in rest.tolist()), default=0.0)
+        assert share == pytest.approx(sum(a[i] for i in top.tolist()) / sum(a))
+    top, rest, share = _subset_by_advantage(torch.zeros(8), 0.25)  # no signal: the count share
+    assert len(top) == 2 and share == 0.25
+    with pytest.raises(ValueError, match="gr_subset"):
+        RLConfig(method="gr_subset", gr_subset=0.0)
+
+
+def test_gr_runs_with_the_central_estimator(tiny_setup):
+    """The demo's loop does the estimator's number of perturbed passes (two for the central one)."""
+    fwd = _run(tiny_setup, method="gr", gamma=10.0)
+    other = _run(tiny_setup, method="gr", gamma=10.0, gr_estimator="central")
+    assert all(r > 0 for r in other["curves"]["gr_rel"])
+    assert other["curves"]["gold"][0] == fwd["curves"]["gold"][0] and other["final"] != fwd["final"]

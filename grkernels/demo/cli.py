@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="frontier mode: runs none plus each METHOD at each strength, SPEC = "
                    "'METHOD:V1,V2;...' (strength = β for kl, reset period for kl_reset, γ for gr, gr_kl, "
-                   f"gr_all, gr_every, lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. "
+                   f"gr_all, gr_every, gr_subset, lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. "
                    "Replaces --methods, --gamma")
     g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
     g.add_argument("--seed", type=int, default=0, help="first seed")
@@ -109,9 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--g2-clip", type=_clip, default=d.g2_clip, help="max norm of g2 (0: off)")
     g.add_argument("--gr-exclude", default=d.gr_exclude, choices=("paper", "none"),
                    help="paper: no GR on embeddings and output head (as the paper)")
-    g.add_argument("--gr-estimator", default=d.gr_estimator, choices=("forward", "central", "exact"))
+    g.add_argument("--gr-estimator", default=d.gr_estimator, choices=("forward", "central"),
+                   help="finite differences (the exact estimator needs double backward, which the policy's "
+                   "fused attention lacks)")
     g.add_argument("--gr-every", type=int, default=d.gr_every,
                    help="gr_every: the extra pass on every k-th step only (orthogonal reuse in between)")
+    g.add_argument("--gr-subset", type=float, default=d.gr_subset,
+                   help="gr_subset: share of the sequences (largest |advantage|) in the extra pass, in (0, 1]")
     g.add_argument("--gr-lr-scale", type=float, default=d.gr_lr_scale,
                    help="learning-rate multiplier for GR methods (the paper's runs used ~1.67)")
     g = p.add_argument_group("GRPO")
@@ -199,7 +203,8 @@ def config_from_args(args: argparse.Namespace):
                   kl_estimator=args.kl_estimator,
                   reset_interval=args.reset_interval, reset_alpha=args.reset_alpha, gamma=args.gamma[0],
                   eps=args.eps, g1_clip=args.g1_clip, g2_clip=args.g2_clip, gr_exclude=args.gr_exclude,
-                  gr_estimator=args.gr_estimator, gr_every=args.gr_every, adv_std=args.adv_std,
+                  gr_estimator=args.gr_estimator, gr_every=args.gr_every, gr_subset=args.gr_subset,
+                  adv_std=args.adv_std,
                   clip_eps=args.clip_eps,
                   loss_agg=args.loss_agg, max_grad_norm=args.max_grad_norm, eval_samples=args.eval_samples)
     if rl.group < 2:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from grkernels.demo.frontier import frontier_summary
-from grkernels.demo.grpo import DEFAULT_METHODS, RLConfig, run_rl
+from grkernels.demo.grpo import DEFAULT_METHODS, GR_METHODS, RLConfig, run_rl
 from grkernels.demo.language import Language
 from grkernels.demo.policy import TinyTransformer, pretrain_policy, sample
 from grkernels.demo.pretrain import pretrain_on_language
@@ -47,7 +47,7 @@ from grkernels.demo.worlds import WORLD_ALIASES, WORLDS, Sizes, make_base, make_
 ALL_WORLDS = (*WORLDS, *TASK_WORLDS)
 # What a sweep varies per method (``--sweep kl:0.1,0.3``): the method's strength knob in RLConfig.
 SWEEP_PARAMS = {"kl": "beta", "kl_reset": "reset_interval", "gr": "gamma", "gr_kl": "gamma", "gr_all": "gamma",
-                "gr_every": "gamma", "none_lowlr": "lowlr_scale"}
+                "gr_every": "gamma", "gr_subset": "gamma", "none_lowlr": "lowlr_scale"}
 
 SCHEMA = "grkernels.demo/v1"
 
@@ -94,7 +94,7 @@ class ExperimentConfig:
             return out
         out = []
         for m in self.methods:
-            if m in ("gr", "gr_kl", "gr_all", "gr_every"):
+            if m in GR_METHODS:
                 for g in self.gammas:
                     label = m if len(self.gammas) == 1 else f"{m}@{g:g}"
                     out.append((label, replace(self.rl, method=m, gamma=g)))

@@ -16,6 +16,8 @@ Methods:
     ``gr_all``    GR on every parameter, embeddings and head included (``gr`` leaves them out, as the paper)
     ``gr_every``  the cheaper GR: the extra pass on every ``gr_every``-th step only, the steps in between reuse
                   the last correction made orthogonal to their g1 (``GradReg(every=k, reuse="orthogonal")``)
+    ``gr_subset`` the cheaper GR: the extra pass on the ``gr_subset`` share of the sequences with the largest
+                  |advantage| only (``GradReg.mark_subset``), the difference scaled by their share of Σ|advantage|
 
 Metrics per step describe the policy that produced the step's samples (before its update):
 proxy and gold reward (means, gold units), KL(π‖π_init) per sequence (exact sum over positions of
@@ -28,6 +30,7 @@ proxy over-rewards).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -41,8 +44,10 @@ from grkernels.integrations.reference_reset import mix_into_reference
 
 DEFAULT_METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
 # none_lowlr: the control for "is GR more than a smaller step?" (no regularisation, lr × lowlr_scale); opt-in,
-# as gr_all (GR on embeddings and head too) and gr_every (GR's extra pass every k-th step only).
-METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_all", "gr_every")
+# as gr_all (GR on embeddings and head too), gr_every (GR's extra pass every k-th step only) and gr_subset (the
+# extra pass on the sequences with the largest |advantage| only).
+METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_all", "gr_every", "gr_subset")
+GR_METHODS = ("gr", "gr_kl", "gr_all", "gr_every", "gr_subset")  # the methods that wrap Adam in GradReg
 METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "hack", "loss")
 
 
@@ -68,6 +73,7 @@ class RLConfig:
     gr_exclude: str = "paper"      # "paper" (embeddings + head, as the paper) or "none"
     gr_estimator: str = "forward"
     gr_every: int = 4              # gr_every: steps per full GR step (the extra pass)
+    gr_subset: float = 0.25        # gr_subset: share of the sequences in the extra pass (largest |advantage|)
     adv_std: bool = False
     clip_eps: float = 0.2
     loss_agg: str = "token_mean"
@@ -78,6 +84,8 @@ class RLConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if not 0.0 < self.gr_subset <= 1.0:
+            raise ValueError(f"gr_subset must be in (0, 1], got {self.gr_subset!r}")
 
     @property
     def uses_kl(self) -> bool:
@@ -85,7 +93,7 @@ class RLConfig:
 
     @property
     def uses_gr(self) -> bool:
-        return self.method in ("gr", "gr_kl", "gr_all", "gr_every")
+        return self.method in GR_METHODS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +117,19 @@ def _kl_entropy(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[torch.T
     kl = (p * (lp - lq)).sum(-1).sum(-1).mean()
     ent = -(p * lp).sum(-1).mean()
     return kl, ent
+
+
+def _subset_by_advantage(adv: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """gr_subset's choice: the ⌈fraction·n⌉ sequences with the largest |advantage| and the rest (each in batch
+    order), and the subset's share of Σ|advantage|: the factor GR's estimate divides their difference by (the
+    share of the policy gradient they carry; the count share when every advantage is 0). One host read per step."""
+    n = adv.numel()
+    m = min(n, max(1, math.ceil(fraction * n - 1e-9)))
+    order = torch.argsort(adv.abs(), descending=True, stable=True)
+    top, rest = order[:m].sort().values, order[m:].sort().values  # batch order: f = 1 is the batch as is
+    total = float(adv.abs().sum())
+    share = float(adv[top].abs().sum()) / total if total > 0 else m / n
+    return top, rest, min(1.0, share)
 
 
 def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
@@ -151,12 +172,17 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
     beta = cfg.beta if cfg.uses_kl else 0.0
     rows = []
 
-    def loss_fn(seqs, comps, adv, old_logp, ref_logp):
+    def loss_fn(seqs, comps, adv, old_logp, ref_logp, rows=None):
+        """The batch's loss, or with ``rows`` the share of it those sequences carry: every completion has T
+        tokens (the mask is all ones), so under each aggregation the rows' loss is their mean × len(rows)/n."""
+        if rows is not None:
+            seqs, comps, adv, old_logp = seqs[rows], comps[rows], adv[rows], old_logp[rows]
+            ref_logp = None if ref_logp is None else ref_logp[rows]
         logits = completion_logits(policy, seqs, P)
-        loss, _ = policy_loss(logits, comps, adv, mask, old_logp=old_logp, ref_logp=ref_logp, beta=beta,
-                              clip_low=cfg.clip_eps, clip_high=cfg.clip_eps, kl_estimator=cfg.kl_estimator,
+        loss, _ = policy_loss(logits, comps, adv, mask[: len(seqs)], old_logp=old_logp, ref_logp=ref_logp,
+                              beta=beta, clip_low=cfg.clip_eps, clip_high=cfg.clip_eps, kl_estimator=cfg.kl_estimator,
                               loss_agg=cfg.loss_agg, temperature=cfg.temperature, backend=backend)
-        return loss
+        return loss if rows is None else loss * (len(rows) / n)
 
     for step in range(cfg.steps):
         prompts = world.prompts(cfg.prompts_per_step, g_prompt, device).repeat_interleave(cfg.group, 0)
@@ -183,18 +209,30 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
 
         policy.train()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(seqs, comps, adv, old_logp, ref_logp)
-        loss.backward()
+        subset = None
+        if cfg.method == "gr_subset" and opt.active:
+            subset, rest, share = _subset_by_advantage(adv, cfg.gr_subset)
+            loss = loss_fn(seqs, comps, adv, old_logp, ref_logp, subset)
+            loss.backward()
+            opt.mark_subset(share)
+            if len(rest):
+                rest_loss = loss_fn(seqs, comps, adv, old_logp, ref_logp, rest)
+                rest_loss.backward()
+                loss = loss.detach() + rest_loss.detach()
+        else:
+            loss = loss_fn(seqs, comps, adv, old_logp, ref_logp)
+            loss.backward()
         g1 = _grad_norm(params)
         gr_rel = torch.zeros((), device=device)
-        if cfg.uses_gr and opt.active:
-            opt.perturb()
-            loss_fn(seqs, comps, adv, old_logp, ref_logp).backward()
-            opt.restore_and_combine()
+        if cfg.uses_gr:
+            for _ in range(opt.extra_passes):  # 1 (forward), 2 (central), 0 between gr_every's full steps
+                opt.perturb()
+                loss_fn(seqs, comps, adv, old_logp, ref_logp, subset).backward()
+            opt.combine()  # GR's gradient (or gr_every's reused correction) in .grad before the clip
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
-        if cfg.uses_gr:  # after step(): gr_every's reuse steps apply their correction there
+        if cfg.uses_gr:
             rel = opt.metrics(sync=False).get("gr_rel")
             if rel is not None:
                 gr_rel = torch.as_tensor(rel, device=device).detach().float()
