@@ -1,24 +1,35 @@
-"""GR under DeepSpeed ZeRO-1/2: the GR step on each rank's partition, global norms, masters never written.
+"""GR under DeepSpeed ZeRO-1/2/3: the GR step on each rank's partition, global norms, masters never written.
 
-Under ZeRO-1/2 every rank holds the full low-precision (lp) weights, but after the backward at the accumulation
-boundary only its partition of the reduced gradient, next to its partition of the fp32 master weights. GR is
-element-wise except for its norms, so it runs on the partition:
+After the backward at the accumulation boundary every rank holds its partition of the reduced gradient, next to its
+partition of the fp32 master weights. GR is element-wise except for its norms, so it runs on the partition:
 
-    g1, θ      the rank's fragments of each parameter (DeepSpeed's ``_hp_mapping``: lp weight and gradient views)
+    g1, θ      the rank's partition of each parameter's gradient and low-precision (lp) weight
     ‖g‖²       Σ over the data-parallel group of the local Σ g²        (one all-reduce of a 0-d tensor per norm)
-    θ'         written into the rank's lp fragments, then published to all ranks (the all-gather DeepSpeed does
-               after its own step); restored bitwise from the saved fragments and published again
-    grad       g1 + (γ/ε)(clip(g2) − clip(g1)) written into the gradient partition the engine's step reads
+    θ'         written into the rank's lp partition and published, so that the next forward computes at θ';
+               θ restored bitwise and published again
+    grad       g1 + (γ/ε)(clip(g2) − clip(g1)), computed in fp32, written into the gradient partition the
+               engine's step reads
+
+Per stage (what "partition", "published" mean):
+
+- ZeRO-1/2: every rank holds the full lp weights; the partition is the rank's fragment of each (DeepSpeed's
+  ``_hp_mapping``). Publishing is the all-gather of the lp partitions that DeepSpeed's own step ends with.
+- ZeRO-3: the partition is each parameter's ``ds_tensor`` (the forward all-gathers it per module); the gradient
+  partition is the optimizer's per-parameter reduced-gradient buffer, accumulated by every backward until the step.
+  Publishing releases every gathered parameter and re-gathers the persistent (small, always gathered) ones, as
+  DeepSpeed's step does. The fp32 masters are a separate copy (``fp32_partitioned_groups_flat``) in fp32 and bf16
+  alike; an engine that kept only one copy is refused rather than have θ' written into its master.
 
 The fp32 masters are never written (the public recipe's ``refresh_fp32_params()`` copies bf16-rounded weights
 over them twice per step). With bf16 weights the perturbation is stochastically rounded from the lp weight the
 first pass computed with (w = rn_bf16(master)): SR(w + ε·v) is unbiased around w, whereas SR(master + ε·v) would
 add master − w, up to half a bf16 ulp per element and far larger than ε·v, to the perturbation.
 
-Extra memory per rank: the single-device bytes of the torch backend (saved lp weight + g1 per element) times the
-partition, i.e. divided by the data-parallel world size.
+Gradient accumulation: the Trainer mixin replays the whole window at θ' with the accumulation boundary set as in the
+first pass (:func:`accumulation_boundary`): the engine accumulates g2 over the window exactly as it accumulated g1.
 
-ZeRO-3 (parameters partitioned too, gathered per module) is not supported here: :func:`check_supported` says so.
+Extra memory per rank, every stage: the torch backend's saved lp weight + g1 per partition element (8 B in fp32,
+4 B in bf16 with bf16 gradient partitions), i.e. the single-device bytes divided by the data-parallel world size.
 """
 
 from __future__ import annotations
@@ -31,7 +42,9 @@ import torch
 
 from grkernels.reference import Shards, StepPlan, TorchGRStep
 
-__all__ = ["DeepSpeedGR", "check_supported", "trainer_grad_reg"]
+__all__ = ["DeepSpeedGR", "accumulation_boundary", "check_supported", "trainer_grad_reg"]
+
+_WEIGHT = "_grkernels_ds_weight"  # attribute of a slot (see _slot): the weight partition the step writes
 
 
 def trainer_grad_reg(trainer: Any, settings: dict[str, Any], exclude: list[Any]) -> DeepSpeedGR:
@@ -47,17 +60,32 @@ def trainer_grad_reg(trainer: Any, settings: dict[str, Any], exclude: list[Any])
     )
 
 
+@contextlib.contextmanager
+def accumulation_boundary(accelerator: Any, last: bool) -> Iterator[None]:
+    """Inside: Accelerate marks the coming backward as the window's boundary iff ``last`` (it passes the mark to
+    ``engine.set_gradient_accumulation_boundary``), as the Trainer did for that micro-batch's first pass. The GR
+    replay of a window needs it: with the boundary mark left on every replayed micro-batch, ZeRO-2 rebuilds its
+    gradient partition at each one and steps with a wrong g2 (tested: 0.42 relative error after 3 steps)."""
+    state = accelerator.gradient_state
+    before = state.sync_gradients
+    state._set_sync_gradients(last)
+    try:
+        yield
+    finally:
+        state._set_sync_gradients(before)
+
+
 def check_supported(engine: Any) -> None:
     """Raise a clear error for DeepSpeed set-ups the partition GR step does not cover."""
     stage = engine.zero_optimization_stage()
-    if stage not in (1, 2):
+    if stage not in (1, 2, 3):
         raise NotImplementedError(
-            f"grkernels GradReg under DeepSpeed supports ZeRO stages 1 and 2 (got stage {stage}): ZeRO-3 gathers "
-            "parameters per module, and stage 0 has no partitioned optimizer. Use ZeRO-1/2, FSDP2 or DDP."
+            f"grkernels GradReg under DeepSpeed supports ZeRO stages 1, 2 and 3 (got stage {stage}): stage 0 has no "
+            "partitioned optimizer. Use ZeRO-1/2/3, or DDP without DeepSpeed."
         )
-    opt = engine.optimizer
-    if getattr(opt, "cpu_offload", False):
-        raise NotImplementedError("grkernels GradReg under DeepSpeed: optimizer offload is not supported")
+    offload = [engine.zero_offload_optimizer(), engine.zero_offload_param()]
+    if any(c is not None and getattr(c.device, "value", c.device) != "none" for c in offload):
+        raise NotImplementedError("grkernels GradReg under DeepSpeed: optimizer / parameter offload is not supported")
     if engine.fp16_enabled():
         raise NotImplementedError("grkernels GradReg under DeepSpeed: fp16 loss scaling is not supported; use bf16")
     if float(engine.gradient_clipping() or 0.0) > 0.0:
@@ -65,10 +93,24 @@ def check_supported(engine: Any) -> None:
             "grkernels GradReg under DeepSpeed: gradient_clipping in the DeepSpeed config would clip g1 and g2 "
             "inside DeepSpeed's step; set it to 0 and use grad_reg_g1_clip / grad_reg_g2_clip (max_grad_norm=0)."
         )
+    if stage == 3:
+        if engine.zero_quantized_weights() or engine.zero_quantized_nontrainable_weights():
+            raise NotImplementedError(
+                "grkernels GradReg under ZeRO-3: quantized weights (ZeRO++ qwZ) would quantize θ' = θ + ε·v in the "
+                "all-gather and lose the perturbation; disable zero_quantized_weights."
+            )
+        if engine.zero_hpz_partition_size() > 1:
+            raise NotImplementedError(
+                "grkernels GradReg under ZeRO-3: hierarchical partitioning (ZeRO++ hpZ) gathers from secondary "
+                "copies that a perturbation of the primary partition does not reach; set zero_hpz_partition_size=1."
+            )
+        if engine.zero_quantized_gradients():
+            raise NotImplementedError("grkernels GradReg under ZeRO-3: quantized gradients (ZeRO++ qgZ) are not "
+                                      "supported (untested); disable zero_quantized_gradients.")
 
 
 class _DPShards(Shards):
-    """Fragments are local already; sums of squares are summed over the data-parallel group."""
+    """Partitions are local already; sums of squares are summed over the data-parallel group."""
 
     sharded = True
 
@@ -83,12 +125,109 @@ class _DPShards(Shards):
         return x
 
 
+def _slot(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """What the GR step works on for one partition: a storage-free stand-in whose ``.grad`` is the live gradient
+    partition and whose ``_WEIGHT`` is the weight partition (``StepPlan.model_attr``). A stand-in, not the weight
+    itself, because the gradient partition may have another dtype (fp32 accumulation of bf16 weights)."""
+    s = grad.new_zeros(1).expand(grad.shape)
+    s.grad = grad
+    setattr(s, _WEIGHT, weight)
+    return s
+
+
+class _Zero12:
+    """ZeRO-1/2: the rank's fragment of each full lp weight and of the reduced gradient."""
+
+    def __init__(self, opt: Any) -> None:
+        self.opt = opt
+        self.group = opt.dp_process_group
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.opt.bit16_groups for p in g if getattr(p, "_hp_mapping", None) is not None]
+
+    def weight(self, p: torch.nn.Parameter) -> torch.Tensor:
+        a = p._hp_mapping.lp_fragment_address
+        return p.data.view(-1).narrow(0, a.start, a.numel)
+
+    def grad(self, p: torch.nn.Parameter) -> torch.Tensor:
+        hp = p._hp_mapping
+        g = hp.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+        a = hp.lp_fragment_address
+        if g.numel() != a.numel:  # bf16: a full-size accumulation buffer; this rank owns one fragment of it
+            g = g.narrow(0, a.start, a.numel)
+        return g
+
+    def masters(self) -> list[torch.Tensor]:
+        return list(self.opt.single_partition_of_fp32_groups)
+
+    def publish(self) -> None:
+        """Every rank's lp fragments to every rank (what DeepSpeed's step does after updating the masters)."""
+        from deepspeed.runtime.utils import all_gather_dp_groups
+
+        o = self.opt
+        all_gather_dp_groups(
+            groups_flat=o.bit16_groups_flat, partitioned_param_groups=o.parallel_partitioned_bit16_groups,
+            dp_process_group=o.real_dp_process_group, start_alignment_factor=o.nccl_start_alignment_factor,
+            allgather_bucket_size=o.allgather_bucket_size,
+        )
+
+
+class _Zero3:
+    """ZeRO-3: each parameter's ``ds_tensor`` (its lp partition) and its reduced-gradient partition.
+
+    Only the first ``_real(p)`` elements of a partition belong to the parameter (the last rank's is padded)."""
+
+    def __init__(self, opt: Any) -> None:
+        import torch.distributed as dist
+
+        self.opt = opt
+        self.group = opt.dp_process_group
+        world = dist.get_world_size(group=self.group)
+        if any(opt._get_param_partition_world_size(p) != world for p in self.params()):
+            raise NotImplementedError(
+                "grkernels GradReg under ZeRO-3: parameters partitioned over a subgroup of the data-parallel group "
+                "(MiCS / hpZ) would have their norms over-counted; partition over the whole group."
+            )
+        for i, lp in enumerate(opt.fp16_partitioned_groups_flat):
+            if lp is None or lp.data_ptr() == opt.fp32_partitioned_groups_flat[i].data_ptr():
+                raise NotImplementedError(
+                    "grkernels GradReg under ZeRO-3: this engine keeps no separate fp32 master of the parameter "
+                    "partitions (or swaps them to NVMe), so θ' would have to be written into the master. Use bf16 "
+                    "(separate fp32 masters), or ZeRO-1/2."
+                )
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.opt.fp16_groups for p in g if p.requires_grad]
+
+    def _real(self, p: torch.nn.Parameter) -> int:
+        n = p.partition_numel()
+        return max(0, min(n, p.ds_numel - n * self.opt._get_param_partition_rank(p)))
+
+    def weight(self, p: torch.nn.Parameter) -> torch.Tensor:
+        return p.ds_tensor.data.view(-1).narrow(0, 0, self._real(p))
+
+    def grad(self, p: torch.nn.Parameter) -> torch.Tensor:
+        g, _ = self.opt._get_fp32_grad_state_partition(p, release_swap_buffers=False)  # the live buffer, no copy
+        return g.view(-1).narrow(0, 0, self._real(p))
+
+    def masters(self) -> list[torch.Tensor]:
+        return list(self.opt.fp32_partitioned_groups_flat)
+
+    def publish(self) -> None:
+        """The forward gathers each module's parameters from ``ds_tensor``; the persistent ones stay gathered, so
+        release everything and re-gather those (DeepSpeed's step does the same after writing the partitions)."""
+        o = self.opt
+        o._partition_all_parameters()
+        if o.persistent_parameters:
+            o.persistent_parameters[0].all_gather(o.persistent_parameters)
+
+
 class DeepSpeedGR:
-    """Drives one GR step on a ZeRO-1/2 engine between the backward at the accumulation boundary and
+    """Drives one GR step on a ZeRO-1/2/3 engine between the backward at the accumulation boundary and
     ``engine.step()``: ``perturb()``, the same backward(s) again, ``restore_and_combine()``.
 
     Args:
-        engine: the ``DeepSpeedEngine`` (its optimizer a ``DeepSpeedZeroOptimizer``).
+        engine: the ``DeepSpeedEngine`` (its optimizer a ZeRO-1/2 or ZeRO-3 optimizer).
         exclude: lp parameters left out of GR (they step with g1).
         warmup_steps: engine steps (``engine.global_steps``) without GR first.
         strength, eps, g1_clip, g2_clip, estimator, eps_mode, rounding, seed: as for :class:`grkernels.GradReg`
@@ -105,14 +244,16 @@ class DeepSpeedGR:
             raise NotImplementedError(f"grkernels GradReg under DeepSpeed: estimator {estimator!r} (use forward "
                                       "or central)")
         self.engine, self.opt = engine, engine.optimizer
+        self.stage = engine.zero_optimization_stage()
+        self._parts: _Zero12 | _Zero3 = _Zero3(self.opt) if self.stage == 3 else _Zero12(self.opt)
         self.strength, self.eps, self.g1_clip, self.g2_clip = float(strength), float(eps), g1_clip, g2_clip
         self.estimator, self.eps_mode, self.rounding, self.seed = estimator, eps_mode, rounding, int(seed)
         self.warmup_steps = int(warmup_steps)
         self._excluded = {id(p) for p in exclude}
-        self._shards = _DPShards(self.opt.dp_process_group)
+        self._shards = _DPShards(self._parts.group)
         self._impl = TorchGRStep()
         self._plan: StepPlan | None = None
-        self._frags: list[tuple[torch.Tensor, torch.nn.Parameter]] = []
+        self._slots: list[tuple[torch.Tensor, torch.nn.Parameter]] = []
         self._point = 0
         self._metrics: dict[str, torch.Tensor] = {}
 
@@ -142,58 +283,28 @@ class DeepSpeedGR:
             del engine.step
         engine.step()
 
+    def master_partitions(self) -> list[torch.Tensor]:
+        """This rank's fp32 master partitions (the tensors only the optimizer step may write)."""
+        return self._parts.masters()
+
     # ------------------------------------------------------------------ partitions
-    def _grad_fragment(self, p: torch.nn.Parameter) -> torch.Tensor:
-        hp = p._hp_mapping
-        g = hp.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
-        a = hp.lp_fragment_address
-        if g.numel() != a.numel:  # bf16: a full-size accumulation buffer; this rank owns one fragment of it
-            g = g.narrow(0, a.start, a.numel)
-        return g
-
-    def _fragments(self) -> list[tuple[torch.Tensor, torch.nn.Parameter]]:
-        """(view of this rank's lp fragment with ``.grad`` = its gradient fragment, lp parameter) per parameter."""
-        out = []
-        for group in self.opt.bit16_groups:
-            for p in group:
-                hp = getattr(p, "_hp_mapping", None)
-                if hp is None:
-                    continue
-                a = hp.lp_fragment_address
-                w = p.data.view(-1).narrow(0, a.start, a.numel)
-                w.grad = self._grad_fragment(p)
-                out.append((w, p))
-        return out
-
     def _refresh_grads(self) -> None:
-        """The engine may rebuild its gradient partition in each backward: point the fragments at the live one."""
-        for w, p in self._frags:
-            w.grad = self._grad_fragment(p)
-
-    def _publish(self) -> None:
-        """Every rank's lp fragments to every rank (what DeepSpeed's step does after updating the masters)."""
-        from deepspeed.runtime.utils import all_gather_dp_groups
-
-        o = self.opt
-        all_gather_dp_groups(
-            groups_flat=o.bit16_groups_flat, partitioned_param_groups=o.parallel_partitioned_bit16_groups,
-            dp_process_group=o.real_dp_process_group, start_alignment_factor=o.nccl_start_alignment_factor,
-            allgather_bucket_size=o.allgather_bucket_size,
-        )
+        """The engine may rebuild its gradient partition in each backward: point the slots at the live one."""
+        for s, p in self._slots:
+            s.grad = self._parts.grad(p)
 
     def _make_plan(self) -> StepPlan:
-        self._frags = self._fragments()
-        params = [w for w, p in self._frags if id(p) not in self._excluded]
-        keep = [w for w, p in self._frags if id(p) in self._excluded]
+        parts = self._parts
+        self._slots = [(_slot(parts.weight(p), parts.grad(p)), p) for p in parts.params()]
+        params = [s for s, p in self._slots if id(p) not in self._excluded and s.numel()]
+        keep = [s for s, p in self._slots if id(p) in self._excluded and s.numel()]
         if not params:  # this rank's partition holds no GR element: a zero-size stand-in keeps the collectives
-            dev = self.opt.bit16_groups_flat[0].device
-            empty = torch.zeros(0, device=dev, dtype=torch.float32)
-            empty.grad = torch.zeros(0, device=dev, dtype=torch.float32)
-            params = [empty]
+            dev = parts.masters()[0].device
+            params = [_slot(torch.zeros(0, device=dev), torch.zeros(0, device=dev))]
         return StepPlan(params=params, coefs=[self.strength] * len(params), keep=keep, eps=self.eps,
                         g1_clip=self.g1_clip, g2_clip=self.g2_clip, estimator=self.estimator, rounding=self.rounding,
                         seed=self.seed * 1_000_003 + self.engine.global_steps, eps_mode=self.eps_mode,
-                        shards=self._shards)
+                        shards=self._shards, model_attr=_WEIGHT)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -204,9 +315,9 @@ class DeepSpeedGR:
         else:
             self._refresh_grads()
         try:
-            self._impl.perturb(self._plan, self._point)
+            self._impl.perturb(self._plan, self._point)  # on an error it has put θ and g1 back itself
         finally:
-            self._publish()
+            self._parts.publish()
         self._point += 1
 
     def _put_back(self, op) -> None:
@@ -216,7 +327,7 @@ class DeepSpeedGR:
         try:
             op(self._plan)
         finally:
-            self._publish()
+            self._parts.publish()
             self._point = 0
 
     @torch.no_grad()
@@ -237,4 +348,5 @@ class DeepSpeedGR:
         return {k: float(v) for k, v in out.items()} if sync else out
 
     def extra_memory_bytes(self) -> int:
+        """Bytes GR holds on this rank: the backend's saved weight and g1 partitions."""
         return self._impl.extra_bytes()

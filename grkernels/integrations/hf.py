@@ -201,10 +201,10 @@ class GradRegTrainerMixin:
     passed in ``optimizers=``) in :class:`grkernels.GradReg`, which shares its ``param_groups`` so LR schedulers
     keep working.
 
-    DeepSpeed ZeRO-1/2 (``gradient_accumulation_steps=1``): GR runs on the engine's partitions between the backward
-    and the engine's step (:mod:`grkernels.integrations.deepspeed`); ``grad_reg`` is then a ``DeepSpeedGR``.
-    Not supported yet (a clear error is raised): ZeRO-3, FSDP through the Trainer, fp16 with a gradient scaler
-    (the scaled g1 would set the perturbation), LOMO optimizers.
+    DeepSpeed ZeRO-1/2/3 (any ``gradient_accumulation_steps``): GR runs on the engine's partitions between the
+    backward at the accumulation boundary and the engine's step (:mod:`grkernels.integrations.deepspeed`);
+    ``grad_reg`` is then a ``DeepSpeedGR``. Not supported yet (a clear error is raised): FSDP through the Trainer,
+    fp16 with a gradient scaler (the scaled g1 would set the perturbation), LOMO optimizers.
     """
 
     #: Trainer attributes holding metric/log containers that the replay may append to: they are replaced by
@@ -236,12 +236,6 @@ class GradRegTrainerMixin:
 
     def _grad_reg_check_supported(self) -> None:
         acc = getattr(self, "accelerator", None)
-        if getattr(self, "is_deepspeed_enabled", False) and self.args.gradient_accumulation_steps != 1:
-            raise NotImplementedError(
-                "grkernels GradReg under DeepSpeed supports gradient_accumulation_steps=1 only (tested): replaying a "
-                "longer window would reduce the ZeRO gradient partitions once per micro-batch. Raise the per-device "
-                "batch size instead, or use DDP / FSDP2."
-            )
         if getattr(self, "is_fsdp_enabled", False):
             raise NotImplementedError(
                 "grkernels GradReg with FSDP/FSDP2 through the Trainer is not supported yet (untested with "
@@ -392,6 +386,10 @@ class GradRegTrainerMixin:
             self.__dict__.update(saved)
 
     def _grad_reg_sync_context(self, model: torch.nn.Module, last: bool):
+        if getattr(self, "is_deepspeed_enabled", False):  # the engine reduces per its boundary mark, not no_sync
+            from grkernels.integrations.deepspeed import accumulation_boundary
+
+            return accumulation_boundary(self.accelerator, last)
         return accelerate_sync_context(self.accelerator, model, last)
 
     def _grad_reg_second_pass(self, model: torch.nn.Module, window: list[_Captured]) -> None:

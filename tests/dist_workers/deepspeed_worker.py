@@ -1,13 +1,19 @@
-"""GR through ``grad_reg_trainer(Trainer)`` under DeepSpeed ZeRO-1/2 and under DDP, 2 CPU processes with gloo:
+"""GR through ``grad_reg_trainer(Trainer)`` under DeepSpeed ZeRO-1/2/3 and under DDP, 2 CPU processes with gloo:
 ``torchrun --nproc_per_node 2 deepspeed_worker.py OUT``.
 
 One process start runs every mode of ``MODES`` in turn (the Accelerate state is reset between them) and writes the
 final fp32 parameters (DeepSpeed: the masters), the GR metrics of every step and the masters check to
-``OUT/<mode>_rank<r>.pt``, then ``OUT/done_<mode>_rank<r>``. ``tests/test_deepspeed.py`` judges the run by these
-files, not by the exit code: DeepSpeed on CPU aborts at process teardown in about 1 of 20 runs, after the work.
+``OUT/<mode>_rank<r>.pt``, then ``OUT/done_<mode>_rank<r>``. A mode is ``ddp`` or ``zero<stage>``, optionally
+with ``_bf16`` (bf16 weights; ``_bf16acc``: with fp32 gradient accumulation) and ``_ga2``
+(gradient_accumulation_steps=2, the same global batch per step); ``grpo_*`` modes run ``GradRegGRPOTrainer``.
+``tests/test_deepspeed.py`` judges the run by these files, not by the exit code: DeepSpeed on CPU aborts at process
+teardown in about 1 of 20 runs, after the work.
 
 The masters check: ``DeepSpeedGR.perturb`` / ``restore_and_combine`` are wrapped so that the fp32 master partitions
-are snapshotted before the perturbation and compared bitwise after the restore, on the Trainer's real path.
+are snapshotted before the perturbation and compared bitwise right after it (θ' is in place) and after the
+restore, on the Trainer's real path. The combine check: the whole gradients the engine steps with (DeepSpeed's
+``safe_get_full_grad``) equal g1 + (γ/ε)(s2·g2 − s1·g1) recomputed from the whole g1 and g2 it held before the
+perturbation and before the combine (relative error per step in ``combine_errors``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import torch
 from torch import nn
 
 # the DDP runs first: a Trainer with a DeepSpeed config leaves process-wide state behind (ACCELERATE_USE_DEEPSPEED)
-MODES = ("ddp", "grpo_ddp", "zero1", "zero2", "zero2_bf16", "grpo_zero2")
+MODES = ("ddp", "ddp_ga2", "grpo_ddp", "zero1", "zero2", "zero3", "zero2_bf16", "zero3_bf16", "zero2_bf16acc",
+         "zero3_bf16acc", "zero1_ga2",
+         "zero2_ga2", "zero3_ga2", "grpo_zero2", "grpo_zero3")
 STEPS = 3
 GR = dict(grad_reg_strength=0.5, grad_reg_eps=1e-2, grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3,
           grad_reg_exclude=["net.4.bias"])
@@ -57,34 +65,82 @@ class Rows(torch.utils.data.Dataset):
 
 
 MASTERS_CHECK: list[bool] = []
+COMBINE_ERRORS: list[float] = []
 
 
-def _watch_masters() -> None:
+def _same(before: list[torch.Tensor], gr) -> bool:
+    return len(before) == len(gr.master_partitions()) and all(
+        torch.equal(a, b) for a, b in zip(before, gr.master_partitions()))
+
+
+def _full_grads(gr) -> list[torch.Tensor]:
+    """Every parameter's whole gradient as the engine holds it for its step (DeepSpeed's own gather, fp32)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    return [safe_get_full_grad(p).detach().float().clone() for p in gr.engine.module.parameters()]
+
+
+def _expected_combine(gr, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> list[torch.Tensor]:
+    """g1 + (γ/ε)(s2·g2 − s1·g1) on the GR parameters, g1 on the excluded ones, from the whole gradients."""
+    on = [id(p) not in gr._excluded for p in gr.engine.module.parameters()]
+
+    def scale(gs, clip):
+        n = torch.stack([g.norm() for g, o in zip(gs, on) if o]).norm()
+        return 1.0 if clip is None else min(1.0, clip / (float(n) + 1e-6))
+
+    s1, s2 = scale(g1, gr.g1_clip), scale(g2, gr.g2_clip)
+    return [a + (gr.strength / gr.eps) * (s2 * b - s1 * a) if o else a for a, b, o in zip(g1, g2, on)]
+
+
+def _watch() -> None:
+    """Wrap DeepSpeedGR's perturb / restore_and_combine with the masters check and the combine check."""
     from grkernels.integrations.deepspeed import DeepSpeedGR
 
     perturb, combine = DeepSpeedGR.perturb, DeepSpeedGR.restore_and_combine
 
     def perturb_watched(self):
         if self._point == 0:
-            self._masters_before = [t.detach().clone() for t in self.opt.single_partition_of_fp32_groups]
+            self._masters_before = [t.detach().clone() for t in self.master_partitions()]
+            self._g1_full = _full_grads(self)
         perturb(self)
+        self._masters_kept = self._masters_kept if self._point > 1 else _same(self._masters_before, self)
 
     def combine_watched(self):
+        want = _expected_combine(self, self._g1_full, _full_grads(self))
         combine(self)
-        MASTERS_CHECK.append(all(torch.equal(a, b) for a, b in
-                                 zip(self._masters_before, self.opt.single_partition_of_fp32_groups)))
+        MASTERS_CHECK.append(self._masters_kept and _same(self._masters_before, self))
+        got = _full_grads(self)
+        err = torch.stack([(a - b).norm() for a, b in zip(got, want)]).norm() / torch.stack(
+            [b.norm() for b in want]).norm()
+        COMBINE_ERRORS.append(float(err))
 
     DeepSpeedGR.perturb, DeepSpeedGR.restore_and_combine = perturb_watched, combine_watched
 
 
-def _ds_config(stage: int) -> dict:
-    return {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+def _ds_config(stage: int, fp32_accum: bool = False) -> dict:
+    # ZeRO-3: tensors under 50 elements stay gathered ("persistent"), the others are gathered per module: both paths
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 50} if stage == 3 else {})}
+    return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-            "steps_per_print": 10**9}
+            "steps_per_print": 10**9, **({"data_types": {"grad_accum_dtype": "fp32"}} if fp32_accum else {})}
+
+
+def _torch_backend(trainer_cls: type) -> type:
+    """``trainer_cls`` whose DDP ``GradReg`` runs the torch reference backend, the one ``DeepSpeedGR`` runs: the
+    runs compare the partition step with the full-tensor step, not one backend's rounding with another's."""
+
+    class Reference(trainer_cls):
+        def create_optimizer(self, *a, **k):
+            opt = super().create_optimizer(*a, **k)
+            if type(self.grad_reg).__name__ == "GradReg":
+                self.grad_reg.backend = "torch"
+            return opt
+
+    return Reference
 
 
 def train_grpo(mode: str, out: str) -> dict:
-    """GradRegGRPOTrainer (TRL) on the tiny character Llama of test_integration_trl, under DDP or ZeRO-2."""
+    """GradRegGRPOTrainer (TRL) on the tiny character Llama of test_integration_trl, under DDP or ZeRO-2/3."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
     from datasets import Dataset
     from test_integration_trl import grpo_args, make_model, make_tokenizer, reward_fn
@@ -92,12 +148,12 @@ def train_grpo(mode: str, out: str) -> dict:
     from grkernels.integrations.trl import GradRegGRPOTrainer
 
     args = grpo_args(os.path.join(out, mode), per_device_train_batch_size=4, num_generations=4, max_steps=STEPS,
-                     ddp_backend="gloo", deepspeed=_ds_config(2) if mode.endswith("zero2") else None,
+                     ddp_backend="gloo", deepspeed=_ds_config(int(mode[-1])) if "zero" in mode else None,
                      grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3)
     ds = Dataset.from_dict({"prompt": ["ab", "cd", "ef", "gh", "ha", "bd", "ca", "ge"] * 4})
     model = make_model()
-    tr = GradRegGRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds,
-                            processing_class=make_tokenizer())
+    tr = _torch_backend(GradRegGRPOTrainer)(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds,
+                                            processing_class=make_tokenizer())
     tr.train()
     metrics = [{k: v for k, v in h.items() if k.startswith("grad_reg/")} for h in tr.state.log_history]
     if args.deepspeed:
@@ -122,18 +178,19 @@ def train(mode: str, out: str) -> dict:
         def _get_train_sampler(self, *a, **k):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    bf16 = mode.endswith("bf16")
+    bf16 = "_bf16" in mode
+    ga = 2 if mode.endswith("_ga2") else 1
     ds = None
     if mode.startswith("zero"):
-        ds = _ds_config(int(mode[4]))
-    args = grad_reg_config(TrainingArguments)(
-        output_dir=os.path.join(out, mode), per_device_train_batch_size=2, gradient_accumulation_steps=1,
+        ds = _ds_config(int(mode[4]), fp32_accum=mode.endswith("_bf16acc"))
+    args = grad_reg_config(TrainingArguments)(  # the same 8 rows per step whatever ga (2 ranks × 4 // ga × ga)
+        output_dir=os.path.join(out, mode), per_device_train_batch_size=4 // ga, gradient_accumulation_steps=ga,
         max_steps=STEPS, learning_rate=1e-2, optim="adamw_torch", lr_scheduler_type="constant", max_grad_norm=0.0,
         use_cpu=True, ddp_backend="gloo", report_to="none", save_strategy="no", dataloader_drop_last=True, seed=0,
         bf16=bf16, deepspeed=ds, logging_steps=1, **GR,
     )
     model = Reg()
-    tr = grad_reg_trainer(SeqTrainer)(model=model, args=args, train_dataset=Rows())
+    tr = _torch_backend(grad_reg_trainer(SeqTrainer))(model=model, args=args, train_dataset=Rows())
     metrics: list[dict] = []
 
     orig_log = tr.log
@@ -150,8 +207,8 @@ def train(mode: str, out: str) -> dict:
         engine = tr.accelerator.deepspeed_engine_wrapped.engine
         params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
         memory = {"extra_bytes": tr.grad_reg.extra_memory_bytes(),  # what GR holds on this rank, per element
-                  "partition_numel": sum(t.numel() for t in engine.optimizer.single_partition_of_fp32_groups),
-                  "model_numel": sum(p.numel() for p in engine.module.parameters())}
+                  "partition_numel": sum(t.numel() for t in tr.grad_reg.master_partitions()),
+                  "model_numel": sum(p.numel() for p in make_net().parameters())}
         return {"params": params, "metrics": metrics, "memory": memory, "gr_class": type(tr.grad_reg).__name__}
     else:
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -161,20 +218,23 @@ def train(mode: str, out: str) -> dict:
 def main(out: str) -> int:
     import deepspeed
     import torch.distributed as dist
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
-    _watch_masters()
+    _watch()
     try:
         for mode in MODES:
             MASTERS_CHECK.clear()
+            COMBINE_ERRORS.clear()
             result = train(mode, out)
             result["masters_untouched"] = list(MASTERS_CHECK)
+            result["combine_errors"] = list(COMBINE_ERRORS)
             torch.save(result, os.path.join(out, f"{mode}_rank{rank}.pt"))
             open(os.path.join(out, f"done_{mode}_rank{rank}"), "w").close()
             AcceleratorState._reset_state(True)
+            GradientState._reset_state()  # else a run inherits the previous one's accumulation settings
     except BaseException:
         traceback.print_exc()
         with open(os.path.join(out, f"error_rank{rank}.txt"), "w") as f:
