@@ -4,7 +4,8 @@
 
 Compared on one transformer-shaped parameter set (~4.5M parameters, 2 layers x 9 tensors + norms + embeddings):
 the torch backend of ``GradReg`` (``TorchGRStep``, the specification), a ``torch._foreach`` implementation and
-a reference-style per-parameter loop (both in ``bench/baselines_gr_step.py``), and on CUDA the Triton kernels.
+a reference-style per-parameter loop (both in ``bench/baselines_gr_step.py``), on CPU the C++ kernels
+(``CppGRStep``; the round-robin comparison with bandwidth is ``bench/cpu_gr_step.py``), on CUDA the Triton kernels.
 Dtype mixes: bf16 params with bf16 grads, fp32 params with fp32 grads, and bf16 params with fp32 gradient
 buffers (``main_grad``; the torch backend needs ``.grad`` of the parameter dtype, so it is skipped there).
 The full-size GPU measurement (1B-shaped set, bandwidth) is ``bench/gpu_gr_step.py``.
@@ -16,6 +17,7 @@ import pytest
 import torch
 from baselines_gr_step import ForeachGRStep, LoopGRStep
 
+from grkernels.kernels import cpp_loaded
 from grkernels.reference import StepPlan, TorchGRStep
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,6 +56,8 @@ def _impls():
     out = ["torch-backend", "foreach", "loop"]
     if DEVICE == "cuda":
         out.append("triton")
+    elif cpp_loaded():
+        out.append("cpp")
     return out
 
 
@@ -67,11 +71,15 @@ def _sync():
 def test_gr_step_math(benchmark, impl, mix):
     p_dtype, g_dtype = MIXES[mix]
     params, grads = make_set(p_dtype, g_dtype)
-    if impl == "torch-backend" and p_dtype != g_dtype:
-        pytest.skip("the torch backend reads .grad, which has the parameter dtype")
+    if impl in ("torch-backend", "cpp") and p_dtype != g_dtype:
+        pytest.skip("the torch and C++ backends read .grad, which has the parameter dtype")
     plan = StepPlan(params=params, coefs=[GAMMA] * len(params), eps=EPS, rounding="nearest")
-    if impl in ("torch-backend", "triton"):
-        if impl == "triton":
+    if impl in ("torch-backend", "triton", "cpp"):
+        if impl == "cpp":
+            from grkernels.kernels.cpp_gr_step import CppGRStep
+
+            backend = CppGRStep()
+        elif impl == "triton":
             from grkernels.kernels.gr_step import TritonGRStep
 
             backend = TritonGRStep(DEVICE, grad_attr="main_grad")

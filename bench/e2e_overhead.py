@@ -26,6 +26,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from grkernels import GradReg, __version__, paper_exclude  # noqa: E402
+from grkernels.kernels import cpp_loaded  # noqa: E402
 from grkernels.quickstart import TinyLM  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=512 if cuda else 64)
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=20 if cuda else 8)
-    ap.add_argument("--backends", default="torch,triton" if cuda else "torch")
+    ap.add_argument("--backends", default="torch,triton" if cuda else ("torch,cpp" if cpp_loaded() else "torch"))
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>_overhead.json)")
     args = ap.parse_args(argv)
 
@@ -98,37 +99,45 @@ def main(argv: list[str] | None = None) -> int:
         closure()
         base.step()
 
-    rows = []
-    plain_times = measure(plain, 2) and measure(plain, args.repeats)
-    t_plain = statistics.median(plain_times)
-    rows.append({"variant": "plain", "median_s": t_plain, "ratio": 1.0})
+    # Every variant is timed round-robin (one call of each per round, medians), so that a machine whose speed
+    # drifts (shared cores, turbo) slows all variants alike and the ratios stay meaningful.
+    variants: dict[str, object] = {"plain": plain}
+    opts: dict[str, GradReg] = {}
     for backend in args.backends.split(","):
         for estimator in ("forward", "central"):
             opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model), estimator=estimator,
                           backend=backend)
-            step = lambda: opt.step(closure)  # noqa: E731
-            measure(step, 2)
-            t = statistics.median(measure(step, args.repeats))
+            opts[f"gr-{estimator}-{backend}"] = opt
+            variants[f"gr-{estimator}-{backend}"] = lambda opt=opt: opt.step(closure)
+        # The GR-only work alone (perturb + restore_and_combine, no second backward) on g1 of one backward.
+        # γ = ε and no clipping keep the repeated combine bounded (grad ← g1 − g1); the same bytes move.
+        math_opt = GradReg(base, strength=1e-3, eps=1e-3, g1_clip=None, g2_clip=None,
+                           exclude=paper_exclude(model), backend=backend)
 
-            t_math = float("nan")
-            if estimator == "forward":
-                # The GR-only work alone (perturb + restore_and_combine, no second backward). γ = ε and no
-                # clipping keep the repeated combine bounded (grad ← g1 − g1); the same bytes move.
-                math_opt = GradReg(base, strength=1e-3, eps=1e-3, g1_clip=None, g2_clip=None,
-                                   exclude=paper_exclude(model), backend=backend)
+        def gr_math(math_opt=math_opt):
+            math_opt.perturb()
+            math_opt.restore_and_combine()
+            math_opt.restore()  # back to idle without stepping
+
+        variants[f"math-{backend}"] = gr_math
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(2 + args.repeats):
+        for name, fn in variants.items():
+            if name.startswith("math-"):
                 base.zero_grad()
-                closure()
-
-                def gr_math():
-                    math_opt.perturb()
-                    math_opt.restore_and_combine()
-                    math_opt.restore()  # back to idle without stepping
-
-                measure(gr_math, 2)
-                t_math = statistics.median(measure(gr_math, args.repeats))
-            rows.append({"variant": f"gr-{estimator}-{backend}", "median_s": t, "ratio": t / t_plain,
-                         "gr_math_s": t_math, "gr_math_over_plain": t_math / t_plain,
-                         "extra_bytes_per_param": opt.extra_memory_bytes() / n_params})
+                closure()  # a fresh g1 (not timed)
+            t = measure(fn, 1)[0]
+            if r >= 2:  # two warm-up rounds
+                times[name].append(t)
+    t_plain = statistics.median(times["plain"])
+    rows = [{"variant": "plain", "median_s": t_plain, "ratio": 1.0}]
+    for name, opt in opts.items():
+        t = statistics.median(times[name])
+        backend = name.split("-", 2)[2]
+        t_math = statistics.median(times[f"math-{backend}"]) if name.startswith("gr-forward") else float("nan")
+        rows.append({"variant": name, "median_s": t, "ratio": t / t_plain,
+                     "gr_math_s": t_math, "gr_math_over_plain": t_math / t_plain,
+                     "extra_bytes_per_param": opt.extra_memory_bytes() / n_params})
     result = {
         "benchmark": "e2e_overhead", "grkernels": __version__, "torch": torch.__version__,
         "device": device_name(args.device), "params": n_params, "config": vars(args), "rows": rows,

@@ -270,22 +270,22 @@ double read_scalar(const at::Tensor& t) {
 ScalarType acc_type(bool wide) { return wide ? ScalarType::Double : ScalarType::Float; }
 
 // ------------------------------------------------------------------------------------------- sum of squares
-template <typename W>
-double sumsq_item(const Slot& x, const Slot& b, int64_t mode, const Item& it) {
+template <typename W, int MODE>
+double sumsq_item(const Slot& x, const Slot& b, const Item& it) {
   W acc[kLanesGR] = {};
   W xv[kBlock], bv[kBlock];
   for (int64_t i = it.begin; i < it.end; i += kBlock) {
     const int64_t n = std::min(kBlock, it.end - i);
     load<W>(x.ptr, x.dt, i, n, xv);
-    if (mode != 0) load<W>(b.ptr, b.dt, i, n, bv);
+    if (MODE != 0) load<W>(b.ptr, b.dt, i, n, bv);
     const int64_t np = (n + kLanesGR - 1) / kLanesGR * kLanesGR;
     for (int64_t j = n; j < np; ++j) xv[j] = bv[j] = W(0);
     for (int64_t j = 0; j < np; j += kLanesGR) {
       for (int l = 0; l < kLanesGR; ++l) {
         const W v = xv[j + l];
-        if (mode == 0) {
+        if (MODE == 0) {
           acc[l] += v * v;
-        } else if (mode == 1) {
+        } else if (MODE == 1) {
           const W s = v + bv[j + l];
           acc[l] += s * s;
         } else {
@@ -297,6 +297,13 @@ double sumsq_item(const Slot& x, const Slot& b, int64_t mode, const Item& it) {
   return lanes_total(acc);
 }
 
+template <typename W>
+double sumsq_any(const Slot& x, const Slot& b, int64_t mode, const Item& it) {
+  if (mode == 0) return sumsq_item<W, 0>(x, b, it);
+  if (mode == 1) return sumsq_item<W, 1>(x, b, it);
+  return sumsq_item<W, 2>(x, b, it);
+}
+
 at::Tensor gr_sumsq(at::TensorList xs, at::TensorList base, int64_t mode, bool wide) {
   TORCH_CHECK(mode >= 0 && mode <= 2, "gr_sumsq: mode must be 0, 1 or 2");
   TORCH_CHECK(mode == 0 || base.size() == xs.size(), "gr_sumsq: modes 1 and 2 need one base tensor per tensor");
@@ -305,7 +312,7 @@ at::Tensor gr_sumsq(at::TensorList xs, at::TensorList base, int64_t mode, bool w
   auto b = slots(mode == 0 ? at::TensorList() : base, n, "base");
   check_same_numel(xs, mode == 0 ? at::TensorList() : base, "base");
   return run_items(items_of(xs), acc_type(wide), [&](const Item& it) {
-    return wide ? sumsq_item<double>(x[it.t], b[it.t], mode, it) : sumsq_item<float>(x[it.t], b[it.t], mode, it);
+    return wide ? sumsq_any<double>(x[it.t], b[it.t], mode, it) : sumsq_any<float>(x[it.t], b[it.t], mode, it);
   });
 }
 
@@ -346,11 +353,15 @@ double perturb_item(const Slot& w, const Slot& g, const Slot& ths, const Slot& g
       load<W>(ths.ptr, w.dt, i, n, th);
       load<W>(g1s.ptr, g1s.dt, i, n, d);  // the direction: g1 as saved
       for (int64_t j = n; j < np; ++j) gv[j] = d[j] = W(0);
-      for (int64_t j = 0; j < np; j += kLanesGR) {
-        for (int l = 0; l < kLanesGR; ++l) {
-          const W ga = a.preload == 0 ? gv[j + l] : gv[j + l] + d[j + l];
-          acc[l] += ga * ga;
-        }
+      if (a.preload == 0) {  // Σ g₊²
+        for (int64_t j = 0; j < np; j += kLanesGR)
+          for (int l = 0; l < kLanesGR; ++l) acc[l] += gv[j + l] * gv[j + l];
+      } else {  // lean: the buffer holds d₊ = g₊ − b: Σ (d₊ + b)²
+        for (int64_t j = 0; j < np; j += kLanesGR)
+          for (int l = 0; l < kLanesGR; ++l) {
+            const W ga = gv[j + l] + d[j + l];
+            acc[l] += ga * ga;
+          }
       }
     }
     if (grid) rn_block<W>(th, n, target);  // start from the weight the model computed with
@@ -437,7 +448,7 @@ struct CombineArgs {
   double sa, sb;
 };
 
-template <typename W>
+template <typename W, int MODE, bool DELTA>
 double combine_item(const Slot& w, const Slot& g, const Slot& ths, const Slot& g1s, const Slot& gps, double coef_d,
                     const CombineArgs& a, const Item& it) {
   W acc[kLanesGR] = {};
@@ -445,31 +456,30 @@ double combine_item(const Slot& w, const Slot& g, const Slot& ths, const Slot& g
   const W coef = static_cast<W>(coef_d), sa = static_cast<W>(a.sa), sb = static_cast<W>(a.sb);
   const size_t wsz = elem_size(w.dt), ssz = elem_size(g1s.dt);
   copy_range(w, ths, it.begin, it.end, wsz);
-  if (a.mode == 2 && g1s.dt == g.dt) {
+  if (MODE == 2 && g1s.dt == g.dt) {
     copy_range(g, g1s, it.begin, it.end, ssz);
     return 0.0;
   }
   for (int64_t i = it.begin; i < it.end; i += kBlock) {
     const int64_t n = std::min(kBlock, it.end - i);
     const int64_t np = (n + kLanesGR - 1) / kLanesGR * kLanesGR;
-    if (a.mode == 2) {  // restore, lean: g1 was saved rounded
-      load<W>(g1s.ptr, g1s.dt, i, n, g1);
+    load<W>(g1s.ptr, g1s.dt, i, n, g1);
+    if (MODE == 2) {  // restore, lean: g1 was saved rounded
       store<W>(g.ptr, g.dt, i, n, g1);
       continue;
     }
-    load<W>(g1s.ptr, g1s.dt, i, n, g1);
     load<W>(g.ptr, g.dt, i, n, gv);
-    if (a.mode == 1) load<W>(gps.ptr, gps.dt, i, n, ga);
+    if (MODE == 1) load<W>(gps.ptr, gps.dt, i, n, ga);
     for (int64_t j = n; j < np; ++j) g1[j] = gv[j] = ga[j] = W(0);
     for (int64_t j = 0; j < np; j += kLanesGR) {
       for (int l = 0; l < kLanesGR; ++l) {
         const int64_t k = j + l;
         W corr;
-        if (a.mode == 1) {
-          const W gp = a.delta ? ga[k] + g1[k] : ga[k];
-          const W gm = a.delta ? gv[k] + g1[k] : gv[k];
+        if (MODE == 1) {
+          const W gp = DELTA ? ga[k] + g1[k] : ga[k];
+          const W gm = DELTA ? gv[k] + g1[k] : gv[k];
           corr = coef * (sa * gp - sb * gm);
-        } else if (a.delta) {
+        } else if (DELTA) {
           corr = coef * (sa * gv[k] + (sa - sb) * g1[k]);
         } else {
           corr = coef * (sa * gv[k] - sb * g1[k]);
@@ -481,6 +491,17 @@ double combine_item(const Slot& w, const Slot& g, const Slot& ths, const Slot& g
     store<W>(g.ptr, g.dt, i, n, out);
   }
   return lanes_total(acc);
+}
+
+template <typename W>
+double combine_any(const Slot& w, const Slot& g, const Slot& ths, const Slot& g1s, const Slot& gps, double coef,
+                   const CombineArgs& a, const Item& it) {
+  if (a.mode == 2) return combine_item<W, 2, false>(w, g, ths, g1s, gps, coef, a, it);
+  if (a.mode == 1)
+    return a.delta ? combine_item<W, 1, true>(w, g, ths, g1s, gps, coef, a, it)
+                   : combine_item<W, 1, false>(w, g, ths, g1s, gps, coef, a, it);
+  return a.delta ? combine_item<W, 0, true>(w, g, ths, g1s, gps, coef, a, it)
+                 : combine_item<W, 0, false>(w, g, ths, g1s, gps, coef, a, it);
 }
 
 at::Tensor gr_combine(at::TensorList weights, at::TensorList grads, at::TensorList theta_save, at::TensorList g1_save,
@@ -501,8 +522,8 @@ at::Tensor gr_combine(at::TensorList weights, at::TensorList grads, at::TensorLi
   CombineArgs a{mode, delta, mode == 2 ? 0.0 : read_scalar(sa), mode == 2 ? 0.0 : read_scalar(sb)};
   return run_items(items_of(weights), acc_type(wide), [&](const Item& it) {
     const double coef = mode == 2 ? 0.0 : coefs[it.t];
-    if (wide) return combine_item<double>(w[it.t], g[it.t], ths[it.t], g1s[it.t], gps[it.t], coef, a, it);
-    return combine_item<float>(w[it.t], g[it.t], ths[it.t], g1s[it.t], gps[it.t], coef, a, it);
+    if (wide) return combine_any<double>(w[it.t], g[it.t], ths[it.t], g1s[it.t], gps[it.t], coef, a, it);
+    return combine_any<float>(w[it.t], g[it.t], ths[it.t], g1s[it.t], gps[it.t], coef, a, it);
   });
 }
 

@@ -29,6 +29,7 @@ def test_extension_is_built_in_ci():
     """`make test` on a fresh clone builds grkernels._C: CI must never silently run on the torch fallback."""
     assert cpp_loaded(), cpp_status()
     assert grkernels.info()["logp_and_entropy [cpu]"]["implementation"] == "cpp"
+    assert grkernels.info()["GradReg step [cpu]"]["implementation"] == "cpp"
 
 
 def test_without_the_extension_everything_runs_on_torch_and_info_says_why():
@@ -44,6 +45,17 @@ def test_without_the_extension_everything_runs_on_torch_and_info_says_why():
         ids = torch.randint(0, 7, (2, 3))
         loss, _ = ops.policy_loss(x, ids, torch.randn(2), torch.ones(2, 3, dtype=torch.bool))
         loss.backward()
+        assert table["GradReg step [cpu]"]["implementation"] == "torch"
+        w = torch.nn.Parameter(torch.randn(5))
+        opt = grkernels.GradReg(torch.optim.SGD([w], lr=0.1), strength=0.1, eps=1e-2)
+        opt.step(lambda: (w.grad is None or w.grad.zero_(), (w ** 3).sum().backward())[-1])
+        assert type(opt._impl).__name__ == "TorchGRStep", type(opt._impl)
+        try:
+            grkernels.GradReg(torch.optim.SGD([w], lr=0.1), strength=0.1, eps=1e-2, backend="cpp")
+        except RuntimeError as e:
+            assert "GRKERNELS_NO_CPP" in str(e)
+        else:
+            raise AssertionError("GradReg(backend='cpp') without the extension must raise")
         try:
             ops.selective_log_softmax(x, ids, backend="cpp")
         except RuntimeError as e:
