@@ -5,9 +5,9 @@ One process start runs every mode of ``MODES`` in turn (the Accelerate state is 
 final fp32 parameters (DeepSpeed: the masters), the GR metrics of every step and the masters check to
 ``OUT/<mode>_rank<r>.pt``, then ``OUT/done_<mode>_rank<r>``. A mode is ``ddp`` or ``zero<stage>``, optionally
 with ``_bf16`` (bf16 weights; ``_bf16acc``: with fp32 gradient accumulation) and ``_ga2``
-(gradient_accumulation_steps=2, the same global batch per step); ``grpo_*`` modes run ``GradRegGRPOTrainer``.
-``tests/test_deepspeed.py`` judges the run by these files, not by the exit code: DeepSpeed on CPU aborts at process
-teardown in about 1 of 20 runs, after the work.
+(gradient_accumulation_steps=2, the same global batch per step); ``grpo_*`` modes run ``GradRegGRPOTrainer``; in
+``*_raise`` modes the first replay raises. ``tests/test_deepspeed.py`` judges the run by these files, not by the
+exit code: DeepSpeed on CPU aborts at process teardown in about 1 of 20 runs, after the work.
 
 The masters check: ``DeepSpeedGR.perturb`` / ``restore_and_combine`` are wrapped so that the fp32 master partitions
 are snapshotted before the perturbation and compared bitwise right after it (θ' is in place) and after the
@@ -18,6 +18,7 @@ perturbation and before the combine (relative error per step in ``combine_errors
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -28,7 +29,7 @@ from torch import nn
 # the DDP runs first: a Trainer with a DeepSpeed config leaves process-wide state behind (ACCELERATE_USE_DEEPSPEED)
 MODES = ("ddp", "ddp_ga2", "grpo_ddp", "zero1", "zero2", "zero3", "zero2_bf16", "zero3_bf16", "zero2_bf16acc",
          "zero3_bf16acc", "zero1_ga2",
-         "zero2_ga2", "zero3_ga2", "grpo_zero2", "grpo_zero3")
+         "zero2_ga2", "zero3_ga2", "grpo_zero2", "grpo_zero3", "zero2_raise", "zero3_raise")
 STEPS = 3
 GR = dict(grad_reg_strength=0.5, grad_reg_eps=1e-2, grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3,
           grad_reg_exclude=["net.4.bias"])
@@ -166,6 +167,34 @@ def train_grpo(mode: str, out: str) -> dict:
     return {"params": params, "metrics": metrics, "gr_class": type(tr.grad_reg).__name__}
 
 
+def _after_replay_error(tr) -> dict:
+    """Train until the first GR replay raises; then the weights the next forward would use, the engine's gradients
+    and the masters must be those from before the perturbation, and the engine must still step."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    try:
+        tr.train()
+    except RuntimeError as e:
+        if "replay failure" not in str(e):
+            raise
+    else:
+        raise AssertionError("the replay did not raise")
+    gr = tr.grad_reg
+    params = list(gr.engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params) if gr.stage == 3 else contextlib.nullcontext():
+        weights = [p.data.detach().clone() for p in params]
+    masters = [safe_get_full_fp32_param(p).detach().clone() for p in params]  # = the weights before any step
+    out = {"weights_restored": all(torch.equal(w, m) for w, m in zip(weights, masters)),
+           "grads_are_g1": all(torch.equal(a, b) for a, b in zip(_full_grads(gr), gr._g1_full)),
+           "masters_untouched": _same(gr._masters_before, gr), "point": gr._point}
+    gr.engine.step()  # the held step, with g1
+    after = [safe_get_full_fp32_param(p) for p in params]
+    out["steps_after"] = all(torch.isfinite(a).all() for a in after) and not all(
+        torch.equal(a, m) for a, m in zip(after, masters))
+    return out
+
+
 def train(mode: str, out: str) -> dict:
     from transformers import Trainer, TrainingArguments
 
@@ -177,6 +206,11 @@ def train(mode: str, out: str) -> dict:
     class SeqTrainer(Trainer):  # the same global batches whatever the engine
         def _get_train_sampler(self, *a, **k):
             return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def compute_loss(self, *a, **k):
+            if mode.endswith("_raise") and getattr(self, "_gr_replay", None) is not None:
+                raise RuntimeError("replay failure")
+            return super().compute_loss(*a, **k)
 
     bf16 = "_bf16" in mode
     ga = 2 if mode.endswith("_ga2") else 1
@@ -200,6 +234,8 @@ def train(mode: str, out: str) -> dict:
         metrics.append({k2: v for k2, v in logs.items() if k2.startswith("grad_reg/")})
 
     tr.log = log
+    if mode.endswith("_raise"):
+        return {"after_error": _after_replay_error(tr), "gr_class": type(tr.grad_reg).__name__}
     tr.train()
     if ds is not None:
         from deepspeed.utils import safe_get_full_fp32_param
