@@ -141,6 +141,18 @@ def global_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype, shards: Sha
     return torch.linalg.vector_norm(torch.stack(norms), 2)
 
 
+def require_second_gradients(plan: StepPlan, restore, grad_attr: str = "grad") -> None:
+    """Every GR parameter must have a gradient after the pass at θ'; if one has none, ``restore(plan)`` (θ back,
+    g1 back) and raise: the GR gradient cannot be formed."""
+    missing = sum(getattr(p, grad_attr) is None for p in plan.params)
+    if missing:
+        restore(plan)
+        raise RuntimeError(
+            f"GradReg: {missing} parameter(s) had a gradient at θ but none after the second "
+            "backward (did the second pass skip part of the model?). Parameters were restored."
+        )
+
+
 def clip_scale(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     """min(1, c / (‖g‖ + 1e-6)) as a device tensor; 1 when ``max_norm`` is None."""
     if max_norm is None:
@@ -267,13 +279,7 @@ class TorchGRStep:
 
     def restore_and_combine(self, plan: StepPlan) -> None:
         """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
-        missing = [i for i, p in enumerate(plan.params) if p.grad is None]
-        if missing:
-            self.restore(plan)
-            raise RuntimeError(
-                f"GradReg: {len(missing)} parameter(s) had a gradient at θ but none after the second "
-                "backward (did the second pass skip part of the model?). Parameters were restored."
-            )
+        require_second_gradients(plan, self.restore)
         grads = plan.grads()
         dtype = accum_dtype(grads)
         n2 = plan.norm(grads, dtype)
@@ -321,3 +327,20 @@ class TorchGRStep:
         """s1 for the exact estimator's direction v = s1·g1 (computed from ``.grad``)."""
         grads = [p.grad for p in plan.params]
         return clip_scale(global_norm(grads, accum_dtype(grads)), plan.g1_clip)
+
+
+class ExactViaReference:
+    """For the fast backends (``self._torch`` a ``TorchGRStep``): the exact estimator's cheap combine and its s1
+    are the reference's, since that step is dominated by the double backprop, not by this arithmetic."""
+
+    _torch: TorchGRStep
+    metrics: dict[str, torch.Tensor]
+
+    def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:
+        """Exact estimator: ``.grad`` ← g1 + γ_p·H·v (the torch reference's combine)."""
+        self._torch.combine_hvp(plan, hvp)
+        self.metrics = self._torch.metrics
+
+    def clip_scale_g1(self, plan: StepPlan) -> torch.Tensor:
+        """s1 for the exact estimator's direction v = s1·g1 (computed from ``.grad``)."""
+        return self._torch.clip_scale_g1(plan)

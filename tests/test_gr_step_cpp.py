@@ -13,7 +13,14 @@ import math
 
 import pytest
 import torch
-from gr_helpers import clone_params, make_params, mixed_spec, run_backend_step
+from gr_helpers import (
+    assert_bitwise_like_torch,
+    assert_close_to_torch_with_active_clipping,
+    clone_params,
+    make_params,
+    mixed_spec,
+    run_backend_step,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,30 +51,9 @@ def _g2s(ps, n=2):
 @pytest.mark.parametrize("estimator", ["forward", "central"])
 @pytest.mark.parametrize("with_fp64", [False, True])
 def test_matches_torch_bitwise_without_clipping(threads, estimator, with_fp64):
-    a = make_params(mixed_spec(with_fp64, many=200, seed=1), "cpu", seed=2)
-    b = clone_params(a)
-    theta0 = [p.detach().clone() for p in a]
-    g1 = [p.grad.clone() for p in a]
-    keep_a, keep_b = a[1::5], b[1::5]  # excluded parameters: they must end with g1, bitwise
-    ps_a = [p for i, p in enumerate(a) if i % 5 != 1]
-    ps_b = [p for i, p in enumerate(b) if i % 5 != 1]
-    g2s = _g2s(ps_a)
-    clip = None if with_fp64 else 1e6  # off, or on but inactive: the factor is then exactly 1
-    ta, tb = TorchGRStep(), _cpp()
-    pert_a = run_backend_step(ta, ps_a, keep_a, estimator, clip, clip, g2s=g2s)
-    pert_b = run_backend_step(tb, ps_b, keep_b, estimator, clip, clip, g2s=g2s)
-    assert tb.last_path == "cpp"
-    for pa, pb in zip(pert_a, pert_b):
-        for x, y in zip(pa, pb):
-            assert torch.equal(x, y), (x.dtype, x.numel())
-    for p, q, t0 in zip(a, b, theta0):
-        assert torch.equal(q.detach(), t0)  # restore is bitwise
-        assert torch.equal(p.grad, q.grad), (p.dtype, p.numel())
-    for p, i in zip(keep_b, range(1, len(b), 5)):
-        assert torch.equal(p.grad, g1[i])
-    for k in ("g1_norm", "g2_norm", "gr_rel", "perturb_ratio"):
-        torch.testing.assert_close(tb.metrics[k], ta.metrics[k], rtol=1e-5, atol=0)
-    assert bool(tb.metrics["finite"])
+    impl = _cpp()
+    assert_bitwise_like_torch(impl, "cpu", estimator, with_fp64)
+    assert impl.last_path == "cpp"
 
 
 def test_norms_are_accurate_and_thread_independent():
@@ -93,23 +79,7 @@ def test_norms_are_accurate_and_thread_independent():
 
 @pytest.mark.parametrize("estimator", ["forward", "central"])
 def test_matches_torch_with_active_clipping(estimator):
-    a = make_params(mixed_spec(False, many=20, seed=3, big=5000), "cpu", seed=4)
-    b = clone_params(a)
-    theta0 = [p.detach().clone() for p in a]
-    g2s = _g2s(a)
-    ta, tb = TorchGRStep(), _cpp()
-    pert_a = run_backend_step(ta, a, [], estimator, 1.0, 2.0, g2s=g2s)  # ‖g1‖ ≈ 400: both clips active
-    pert_b = run_backend_step(tb, b, [], estimator, 1.0, 2.0, g2s=g2s)
-    for pa, pb in zip(pert_a, pert_b):
-        for x, y, t0 in zip(pa, pb, theta0):  # the clip factor may differ in its last bits: one rounding of θ'
-            tol = torch.finfo(x.dtype).eps * x.double().abs() + 1e-5 * (x.double() - t0.double()).abs()
-            assert ((x.double() - y.double()).abs() <= tol + torch.finfo(x.dtype).tiny).all()
-    for p, q, t0 in zip(a, b, theta0):
-        assert torch.equal(q.detach(), t0)
-        tol = 4 * torch.finfo(p.dtype).eps
-        scale = float(p.grad.double().abs().amax()) if p.numel() else 0.0
-        torch.testing.assert_close(q.grad.double(), p.grad.double(), rtol=tol, atol=tol * scale)
-    assert float(ta.metrics["g1_norm"]) > 100  # the clip really was active
+    assert_close_to_torch_with_active_clipping(_cpp(), "cpu", estimator)
 
 
 def test_abort_missing_gradient_and_nonfinite():

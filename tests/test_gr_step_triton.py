@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 pytestmark = requires_triton
 
+from gr_helpers import assert_bitwise_like_torch, assert_close_to_torch_with_active_clipping  # noqa: E402
 from gr_helpers import clone_params as _clone  # noqa: E402
 from gr_helpers import make_params as _make  # noqa: E402
 from gr_helpers import mixed_spec as _spec  # noqa: E402
@@ -37,56 +38,12 @@ def _triton(**kw):
 @pytest.mark.parametrize("estimator", ["forward", "central"])
 @pytest.mark.parametrize("with_fp64", [False, True])
 def test_matches_torch_bitwise_without_clipping(device, estimator, with_fp64):
-    spec = _spec(with_fp64, many=200, seed=1)
-    a = _make(spec, device, seed=2)
-    b = _clone(a)
-    theta0 = [p.detach().clone() for p in a]
-    g1 = [p.grad.clone() for p in a]
-    keep_a, keep_b = a[1::5], b[1::5]  # an excluded subset: they must end with g1, bitwise
-    ps_a = [p for i, p in enumerate(a) if i % 5 != 1]
-    ps_b = [p for i, p in enumerate(b) if i % 5 != 1]
-    g2s = [[torch.randn(p.shape, dtype=torch.float64).to(p.dtype).to(device) for p in ps_a] for _ in range(2)]
-    clip = None if with_fp64 else 1e6  # off, or on but inactive: the factor is then exactly 1
-    ta, tb = TorchGRStep(), _triton()
-    pert_a = _run_step(ta, ps_a, keep_a, estimator, clip, clip, g2s=g2s)
-    pert_b = _run_step(tb, ps_b, keep_b, estimator, clip, clip, g2s=g2s)
-    for pa, pb in zip(pert_a, pert_b):
-        for x, y in zip(pa, pb):
-            assert torch.equal(x, y), (x.dtype, x.numel())
-    for p, q, t0 in zip(a, b, theta0):
-        assert torch.equal(q.detach(), t0)  # restore is bitwise
-        assert torch.equal(p.grad, q.grad), (p.dtype, p.numel())
-    for p, i in zip(keep_b, range(1, len(b), 5)):
-        assert torch.equal(p.grad, g1[i])
-    for k in ("g1_norm", "g2_norm", "gr_rel", "perturb_ratio"):
-        torch.testing.assert_close(tb.metrics[k], ta.metrics[k], rtol=1e-5, atol=0)
-    assert bool(tb.metrics["finite"])
+    assert_bitwise_like_torch(_triton(), device, estimator, with_fp64)
 
 
 @pytest.mark.parametrize("estimator", ["forward", "central"])
 def test_matches_torch_with_active_clipping(device, estimator):
-    spec = _spec(False, many=20, seed=3, big=5000)
-    a = _make(spec, device, seed=4)
-    b = _clone(a)
-    theta0 = [p.detach().clone() for p in a]
-    g2s = [[torch.randn(p.shape, dtype=torch.float64).to(p.dtype).to(device) for p in a] for _ in range(2)]
-    ta, tb = TorchGRStep(), _triton()
-    pert_a = _run_step(ta, a, [], estimator, 1.0, 2.0, g2s=g2s)  # ‖g1‖ ≈ 400: both clips active
-    pert_b = _run_step(tb, b, [], estimator, 1.0, 2.0, g2s=g2s)
-    for pa, pb in zip(pert_a, pert_b):
-        for x, y, t0 in zip(pa, pb, theta0):
-            # the clip factor may differ in its last bits (~1e-7 relative): θ' then differs by one rounding
-            # (an ulp of θ') plus that relative error of the perturbation θ' − θ
-            tol = torch.finfo(x.dtype).eps * x.double().abs() + 1e-5 * (x.double() - t0.double()).abs()
-            assert ((x.double() - y.double()).abs() <= tol + torch.finfo(x.dtype).tiny).all()
-    for p, q, t0 in zip(a, b, theta0):
-        assert torch.equal(q.detach(), t0)
-        tol = 4 * torch.finfo(p.dtype).eps
-        scale = float(p.grad.double().abs().amax()) if p.numel() else 0.0
-        torch.testing.assert_close(q.grad.double(), p.grad.double(), rtol=tol, atol=tol * scale)
-    for k in ("g1_norm", "g2_norm", "gr_rel", "perturb_ratio"):
-        torch.testing.assert_close(tb.metrics[k], ta.metrics[k], rtol=1e-4, atol=0)
-    assert float(ta.metrics["g1_norm"]) > 100  # the clip really was active
+    assert_close_to_torch_with_active_clipping(_triton(), device, estimator)
 
 
 def test_abort_restores_theta_and_g1_bitwise(device):

@@ -26,7 +26,17 @@ from collections.abc import Sequence
 import torch
 
 from grkernels.kernels import cpp_loaded, cpp_status
-from grkernels.reference import StepPlan, TorchGRStep, accum_dtype, clip_scale, combine_scales, perturb_scale, v_norm
+from grkernels.reference import (
+    ExactViaReference,
+    StepPlan,
+    TorchGRStep,
+    accum_dtype,
+    clip_scale,
+    combine_scales,
+    perturb_scale,
+    require_second_gradients,
+    v_norm,
+)
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _SEED_MASK = 2**63 - 1
@@ -59,7 +69,7 @@ def _sumsq(xs: Sequence[torch.Tensor], base: Sequence[torch.Tensor], mode: int, 
     return _ops().gr_sumsq(list(xs), list(base), mode, dtype == torch.float64)
 
 
-class CppGRStep:
+class CppGRStep(ExactViaReference):
     """C++ backend of ``GradReg`` for CPU tensors: the methods of ``TorchGRStep``.
 
     Args:
@@ -220,13 +230,7 @@ class CppGRStep:
             self._torch.restore_and_combine(plan)
             self.metrics = self._torch.metrics
             return
-        missing = [i for i, p in enumerate(plan.params) if p.grad is None]
-        if missing:
-            self.restore(plan)
-            raise RuntimeError(
-                f"GradReg: {len(missing)} parameter(s) had a gradient at θ but none after the second "
-                "backward (did the second pass skip part of the model?). Parameters were restored."
-            )
+        require_second_gradients(plan, self.restore)
         grads = plan.grads()
         if self._delta() and tuple(g.data_ptr() for g in grads) != self._grad_ptrs:
             self.restore(plan)
@@ -258,12 +262,3 @@ class CppGRStep:
         diff = plan.shards.sum_across(diff_sq).sqrt()
         self.metrics["gr_rel"] = diff / self._n1.clamp_min(torch.finfo(dtype).tiny)
         self.metrics["finite"] = self._finite
-
-    def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:
-        """Exact estimator: ``.grad`` ← g1 + γ_p·H·v (the torch reference's combine)."""
-        self._torch.combine_hvp(plan, hvp)
-        self.metrics = self._torch.metrics
-
-    def clip_scale_g1(self, plan: StepPlan) -> torch.Tensor:
-        """s1 for the exact estimator's direction v = s1·g1 (computed from ``.grad``)."""
-        return self._torch.clip_scale_g1(plan)

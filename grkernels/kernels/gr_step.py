@@ -88,6 +88,7 @@ import triton.language as tl
 from grkernels.kernels import check_triton_device, interpreter_on
 from grkernels.kernels.multi_tensor import INT_OF, Group, build_groups, check_tensor, layout_key, to_device
 from grkernels.reference import (
+    ExactViaReference,
     Shards,
     StepPlan,
     TorchGRStep,
@@ -95,6 +96,7 @@ from grkernels.reference import (
     clip_scale,
     combine_scales,
     perturb_scale,
+    require_second_gradients,
     v_norm,
 )
 
@@ -466,7 +468,7 @@ def _combine_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------- backend
-class TritonGRStep:
+class TritonGRStep(ExactViaReference):
     """Fused backend of ``GradReg``: same methods and semantics as ``TorchGRStep`` (see the module docstring
     for the kernels, the bitwise guarantees and the memory per parameter).
 
@@ -746,13 +748,7 @@ class TritonGRStep:
     def restore_and_combine(self, plan: StepPlan) -> None:
         """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
         self._shards = plan.shards
-        missing = [i for i, p in enumerate(plan.params) if getattr(p, self.grad_attr) is None]
-        if missing:
-            self.restore(plan)
-            raise RuntimeError(
-                f"GradReg: {len(missing)} parameter(s) had a gradient at θ but none after the second "
-                "backward (did the second pass skip part of the model?). Parameters were restored."
-            )
+        require_second_gradients(plan, self.restore, self.grad_attr)
         grads = self._grads(plan.params)
         acc = self._part.dtype
         if tuple(g.data_ptr() for g in grads) != self._grad_ptrs and any(self._delta(g) for g in self._groups):
@@ -777,12 +773,3 @@ class TritonGRStep:
         self.metrics["g2_norm"] = n2
         self.metrics["gr_rel"] = self._total(3).sqrt() / self._n1.clamp_min(torch.finfo(acc).tiny)
         self.metrics["finite"] = self._finite
-
-    def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:
-        """Exact estimator: ``.grad`` ← g1 + γ_p·H·v (the torch reference's combine; see module docstring)."""
-        self._torch.combine_hvp(plan, hvp)
-        self.metrics = self._torch.metrics
-
-    def clip_scale_g1(self, plan: StepPlan) -> torch.Tensor:
-        """s1 for the exact estimator's direction v = s1·g1 (computed from ``.grad``)."""
-        return self._torch.clip_scale_g1(plan)
