@@ -71,22 +71,22 @@ class Task:
             return self.terms(torch.arange(self.ids.shape[0]))
 
 
-def gr_gradient(opt: GradReg, task: Task, subset: torch.Tensor | None, fraction: float | None = None):
-    """One two-phase GR gradient (the optimizer's lr is 0: nothing moves); sub-batch when ``subset`` is given,
-    with ``fraction`` the subset's share (default: its share of the sequences)."""
-    n = task.ids.shape[0]
+def gr_gradient(opt: GradReg, loss_of, n: int, subset: torch.Tensor | None, fraction: float | None = None):
+    """One two-phase GR gradient (the optimizer's lr is 0: nothing moves) of the loss ``loss_of(rows)`` (the
+    rows' share of the batch's loss, which is the sum over all n rows); sub-batch when ``subset`` is given, with
+    ``fraction`` the subset's share (default: its share of the sequences)."""
     everything = torch.arange(n)
     opt.zero_grad()
     if subset is None:
-        task.terms(everything).sum().backward()
+        loss_of(everything).backward()
     else:
         rest = everything[~torch.isin(everything, subset)]
-        task.terms(subset).sum().backward()
+        loss_of(subset).backward()
         opt.mark_subset(fraction if fraction is not None else len(subset) / n)
         if len(rest):
-            task.terms(rest).sum().backward()
+            loss_of(rest).backward()
     opt.perturb()
-    task.terms(everything if subset is None else subset).sum().backward()
+    loss_of(everything if subset is None else subset).backward()
     opt.restore_and_combine()
     out = [p.grad.detach().clone() for p in opt.optimizer.param_groups[0]["params"]]
     opt.step()  # lr 0: finishes the step, the parameters stay
@@ -127,21 +127,12 @@ def fidelity(kind: str, args, ks, fracs) -> dict:
         probe.zero_grad()
         task.terms(torch.arange(args.batch)).sum().backward()
         g1 = [params[i].grad.detach().clone() for i in gr_ids]
-        full = gr_gradient(probe, task, None)
+        loss_of = lambda rows: task.terms(rows).sum()  # noqa: E731
+        full = gr_gradient(probe, loss_of, args.batch, None)
         c = [full[i] - g for i, g in zip(gr_ids, g1)]
         if dot(g1, g1) == 0:  # pg: every sample got the same reward, so no advantage and no gradient
             continue
-        for k in ks:
-            if step % k == 0:
-                beta = dot(c, g1) / dot(g1, g1)
-                perp = [ci - beta * gi for ci, gi in zip(c, g1)]
-                stored[k] = (c, (dot(perp, perp) / dot(g1, g1)) ** 0.5)
-                orth = none = (1.0, 1.0)
-            else:
-                orth = cos_ratio(reuse_prediction(*stored[k], g1), c) if stored[k] else (0.0, 0.0)
-                none = (0.0, 0.0)
-            rows.setdefault(f"every{k}-orthogonal", []).append(orth)
-            rows.setdefault(f"every{k}-none", []).append(none)
+        record_reuse(rows, stored, ks, step, g1, c)
         score = task.score()
         order = torch.argsort(score, descending=True)
         for f in fracs:
@@ -151,17 +142,91 @@ def fidelity(kind: str, args, ks, fracs) -> dict:
             share = float(score[top].sum() / score.sum())  # the subset's share of the ranked mass
             choices = ((f"{rule}-count", top, None), (f"{rule}-share", top, share),
                        ("random", torch.randperm(args.batch, generator=gen)[:m], None))
-            for name, subset, frac in choices:
-                sub = gr_gradient(probe, task, subset, frac)
-                rows.setdefault(f"subset{f:g}-{name}", []).append(
-                    cos_ratio([sub[i] - g for i, g in zip(gr_ids, g1)], c))
+            record_subsets(rows, f, choices, probe, loss_of, args.batch, gr_ids, g1, c)
         # The trajectory follows full GR.
         for p, g in zip(params, full):
             p.grad = g
         base.step()
-    return {name: {"mean_cos": statistics.fmean(v[0] for v in vals),
-                   "min_cos": min(v[0] for v in vals),
-                   "mean_norm_ratio": statistics.fmean(v[1] for v in vals)} for name, vals in rows.items()}
+    return summary(rows)
+
+
+def record_reuse(rows: dict, stored: dict, ks, step: int, g1, c) -> None:
+    """Every-k modes at ``step``: the full correction at steps t ≡ 0 mod k (cos 1), else the one stored at the
+    last full step, reused as GradReg does (orthogonal) or nothing (none: cos 0)."""
+    for k in ks:
+        if step % k == 0:
+            beta = dot(c, g1) / dot(g1, g1)
+            perp = [ci - beta * gi for ci, gi in zip(c, g1)]
+            stored[k] = (c, (dot(perp, perp) / dot(g1, g1)) ** 0.5)
+            orth = none = (1.0, 1.0)
+        else:
+            orth = cos_ratio(reuse_prediction(*stored[k], g1), c) if stored[k] else (0.0, 0.0)
+            none = (0.0, 0.0)
+        rows.setdefault(f"every{k}-orthogonal", []).append(orth)
+        rows.setdefault(f"every{k}-none", []).append(none)
+
+
+def record_subsets(rows: dict, f: float, choices, probe: GradReg, loss_of, n: int, gr_ids, g1, c) -> None:
+    """Sub-batch modes: (name, subset rows, fraction passed to mark_subset or None for the count share)."""
+    for name, subset, frac in choices:
+        sub = gr_gradient(probe, loss_of, n, subset, frac)
+        rows.setdefault(f"subset{f:g}-{name}", []).append(cos_ratio([sub[i] - g for i, g in zip(gr_ids, g1)], c))
+
+
+def summary(rows: dict) -> dict:
+    """Per mode over the steps: mean and min cos to the full correction, mean norm ratio."""
+    return {name: {"mean_cos": statistics.fmean(v[0] for v in vals), "min_cos": min(v[0] for v in vals),
+                   "mean_norm_ratio": statistics.fmean(v[1] for v in vals), "steps": len(vals)}
+            for name, vals in rows.items()}
+
+
+def world_fidelity(args, ks, fracs) -> dict:
+    """Fidelity on the demo's worlds: the demo's GRPO loop trained with full GR (method ``gr``, its defaults but
+    γ and the number of steps), every step probed at θ before the update (``run_rl(probe=...)``) as above.
+    Sub-batch modes: the sequences with the largest |advantage| (the demo's ``gr_subset`` rule: divided by
+    their share of Σ|advantage|, "advantage-share"; or by their share of the sequences, "advantage-count"),
+    or a random subset of the same size. Steps of all seeds pooled per world."""
+    from grkernels.demo.experiment import ExperimentConfig, setup_seed
+    from grkernels.demo.grpo import RLConfig, _subset_by_advantage, run_rl
+
+    worlds = tuple(args.worlds.split(","))
+    cfg = RLConfig(method="gr", gamma=args.world_gamma, steps=args.world_steps)
+    rows: dict[str, dict] = {w: {} for w in worlds}
+    for seed in range(args.seed, args.seed + args.world_seeds):
+        setup = setup_seed(ExperimentConfig(worlds=worlds), seed)
+        for w in worlds:
+            state: dict = {"step": 0}
+            gen = torch.Generator().manual_seed(seed)
+
+            def probe(policy, loss_of, adv, w=w, state=state, gen=gen) -> None:
+                if "opt" not in state:
+                    params = list(policy.parameters())
+                    opt = GradReg(torch.optim.SGD(params, lr=0.0), strength=cfg.gamma, eps=cfg.eps,
+                                  g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip, exclude=paper_exclude(policy),
+                                  seed=seed)
+                    state.update(params=params, opt=opt, stored={k: None for k in ks},
+                                 gr_ids=[i for i, p in enumerate(params) if id(p) not in opt._excluded])
+                params, opt, gr_ids = state["params"], state["opt"], state["gr_ids"]
+                saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
+                g1 = [saved[i] for i in gr_ids]
+                n = adv.numel()
+                full = gr_gradient(opt, loss_of, n, None)
+                c = [full[i] - g for i, g in zip(gr_ids, g1)]
+                if dot(g1, g1) > 0:  # else every group got one reward: no gradient
+                    record_reuse(rows[w], state["stored"], ks, state["step"], g1, c)
+                    for f in fracs:
+                        top, _, share = _subset_by_advantage(adv, f)
+                        rand = torch.randperm(n, generator=gen)[: len(top)].sort().values
+                        choices = (("advantage-share", top, share), ("advantage-count", top, None),
+                                   ("random", rand, None))
+                        record_subsets(rows[w], f, choices, opt, loss_of, n, gr_ids, g1, c)
+                for p, g in zip(params, saved):  # the demo's step continues from g1
+                    p.grad = g
+                state["step"] += 1
+
+            ws = setup["worlds"][w]
+            run_rl(ws["world"], ws["policy"], ws["rm"], cfg, seed, probe=probe)
+    return {w: summary(r) for w, r in rows.items()}
 
 
 def cost(args, ks, fracs) -> list[dict]:
@@ -214,7 +279,7 @@ def cost(args, ks, fracs) -> list[dict]:
     for name, frac, kw in modes:
         strength = 0.0 if name == "plain" else args.strength
         opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-6), strength=strength, eps=args.eps,
-                      eps_mode="radius", exclude=paper_exclude(model), **kw)
+                      eps_mode="radius", exclude=paper_exclude(model), backend=args.backend, **kw)
         for _ in range(cycle):
             run(opt, frac)  # warm-up cycle
         opts.append(opt)
@@ -253,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", default="0.25,0.5")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="fidelity,cost", help="what to run: fidelity, cost or both")
+    ap.add_argument("--backend", default="auto", help="cost part: GradReg's backend (auto, torch, cpp, triton)")
+    ap.add_argument("--parts", default="fidelity,cost",
+                    help="what to run, a comma list: fidelity (small transformer), cost, world (the demo's worlds)")
+    ap.add_argument("--worlds", default="collapse,rare", help="world part: the demo's worlds")
+    ap.add_argument("--world-steps", type=int, default=250, help="world part: RL steps per run (the demo's)")
+    ap.add_argument("--world-seeds", type=int, default=1, help="world part: seeds per world (from --seed)")
+    ap.add_argument("--world-gamma", type=float, default=10.0, help="world part: γ (the demo's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -265,12 +336,13 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python bench/cheap_gr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "fidelity": {kind: fidelity(kind, args, ks, fracs) for kind in ("lm", "pg")}
               if "fidelity" in args.parts else {},
-              "cost": cost(args, ks, fracs) if "cost" in args.parts else []}
+              "cost": cost(args, ks, fracs) if "cost" in args.parts else [],
+              "world_fidelity": world_fidelity(args, ks, fracs) if "world" in args.parts else {}}
     result["seconds"] = time.perf_counter() - t0
-    print(f"fidelity over {args.steps} steps (mean cos to the full correction, min cos, mean norm ratio)")
-    for kind, table in result["fidelity"].items():
+    print("fidelity (mean cos to the full correction, min cos, mean norm ratio)")
+    for kind, table in (*result["fidelity"].items(), *result["world_fidelity"].items()):
         for name, r in table.items():
-            print(f"  {kind:<3} {name:<22} {r['mean_cos']:>6.3f} {r['min_cos']:>7.3f} {r['mean_norm_ratio']:>7.3f}")
+            print(f"  {kind:<8} {name:<27} {r['mean_cos']:>6.3f} {r['min_cos']:>7.3f} {r['mean_norm_ratio']:>7.3f}")
     print("cost (time per step over a plain step, same loop)")
     for r in result["cost"]:
         print(f"  {r['mode']:<22} {1e3 * r['median_step_s']:>8.2f} ms {r['ratio']:>6.2f}x "

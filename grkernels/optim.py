@@ -508,12 +508,12 @@ class GradReg(torch.optim.Optimizer):
         Two-phase use: backward of the subset's share of the loss first, then ``mark_subset(|S|/|B|)``, then the
         backward of the rest (``.grad`` = g1 of the whole batch), ``perturb()``, the backward of the same subset
         at θ' (same loss scaling: the subset's terms as they appear in the whole batch's loss), and
-        ``restore_and_combine()``. Under DDP the subset's backward must end synchronised (its last micro-batch
-        outside ``no_sync``), so that the saved g1_S is the global one. GR then combines with the full-batch
-        estimate g2 ≈ g1 + (g2_S − g1_S)/f,
-        f = ``fraction``: the difference is taken on the same data, the perturbation direction is the whole
-        batch's clip(g1), and with S = B (f = 1) it is full GR exactly. Costs one gradient copy of the GR
-        parameters. Not with ``lean=True`` (its buffers carry g − g1) nor the exact estimator.
+        ``restore_and_combine()``. Under DDP / FSDP2 the subset's backward must end synchronised (its last
+        micro-batch outside ``no_sync`` / with ``set_requires_gradient_sync(True)``), so that the saved g1_S is
+        the global one. GR then combines with the full-batch estimate g2 ≈ g1 + (g2_S − g1_S)/f, f =
+        ``fraction``: the difference is taken on the same data, the perturbation direction is the whole batch's
+        clip(g1), and with S = B (f = 1) it is full GR exactly. Costs one gradient copy of the GR parameters.
+        Not with ``lean=True`` (its buffers carry g − g1) nor the exact estimator.
         """
         if not (0.0 < fraction <= 1.0):
             raise ValueError(f"GradReg.mark_subset: fraction must be in (0, 1], got {fraction!r}")

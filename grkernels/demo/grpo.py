@@ -148,8 +148,14 @@ def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
 
 def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLConfig, seed: int,
            device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
-           backend: str = "auto") -> dict:
+           backend: str = "auto", probe: Callable[[TinyTransformer, Callable, torch.Tensor], None] | None = None
+           ) -> dict:
     """Train a copy of ``init_policy`` on ``rm``'s proxy with ``cfg.method``; returns curves and a final eval.
+
+    ``probe(policy, loss_of, adv)``: a measurement hook (``bench/cheap_gr.py``), called every step right after
+    the backward at θ (``.grad`` = g1) with ``loss_of(rows)``, the loss of those sequences as a share of the
+    batch's (``rows=None``: the batch), and the advantages; it must leave ``.grad`` and the parameters as it
+    found them.
 
     Reproducible for a given ``seed`` (and thread count): prompts come from their own generator, so
     every method sees the same prompt sequence; sampling uses a second generator.
@@ -223,6 +229,8 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
             loss = loss_fn(seqs, comps, adv, old_logp, ref_logp)
             loss.backward()
         g1 = _grad_norm(params)
+        if probe is not None:
+            probe(policy, lambda rows: loss_fn(seqs, comps, adv, old_logp, ref_logp, rows), adv)
         gr_rel = torch.zeros((), device=device)
         if cfg.uses_gr:
             for _ in range(opt.extra_passes):  # 1 (forward), 2 (central), 0 between gr_every's full steps

@@ -27,7 +27,8 @@ STEPS = 3
 GLOBAL_BATCH = 8
 LR = 1e-2
 
-#: case -> GradReg settings (+ "mesh": "hsdp", "reshard_after_forward": False, "micro": 2 for accumulation)
+#: case -> GradReg settings (+ "mesh": "hsdp", "reshard_after_forward": False, "micro": 2 for accumulation,
+#: "subset": True for the sub-batch pass on the first micro-batch)
 CASES: dict[str, dict[str, Any]] = {
     "plain": dict(strength=0.5, eps=1e-2, g1_clip=None, g2_clip=None),
     "clip": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3),
@@ -37,8 +38,11 @@ CASES: dict[str, dict[str, Any]] = {
     "no_reshard": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, reshard_after_forward=False),
     "accumulate": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, micro=2),
     "triton": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, eps_mode="radius", backend="triton"),
+    # cheaper GR (issue 13): steps full, reuse, full (the stored correction is each rank's shard of it)
+    "reuse": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, every=2, reuse="orthogonal"),
+    "subset": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, micro=2, subset=True),
 }
-_WORKER_ONLY = ("mesh", "reshard_after_forward", "micro")
+_WORKER_ONLY = ("mesh", "reshard_after_forward", "micro", "subset")
 
 
 def make_model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -61,23 +65,31 @@ def make_opt(model: nn.Module, settings: dict[str, Any]):
 
 
 def run_steps(model: nn.Module, opt, batches, micro: int, before_perturb: Callable[[], None] | None = None,
-              sync: Callable[[bool], None] | None = None) -> list[dict[str, float]]:
+              sync: Callable[[bool], None] | None = None, subset: bool = False) -> list[dict[str, float]]:
     """Two-phase GR steps; ``batches[s]`` = this process's (x, y) of step s, split into ``micro`` micro-batches.
-    Loss: mean over the process's rows (FSDP2 averages gradients over ranks: the global mean)."""
+    Loss: mean over the process's rows (FSDP2 averages gradients over ranks: the global mean). ``subset``:
+    sub-batch GR, the perturbed pass on the first micro-batch only (taken first, ``mark_subset(1 / micro)``)."""
     out = []
     for x, y in batches:
-        def window():
-            for k, (xm, ym) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+        parts = list(zip(x.chunk(micro), y.chunk(micro)))
+
+        def window(ks):
+            for k in ks:
                 if sync is not None:
                     sync(k == micro - 1)  # reduce gradients on the last micro-batch only, in both passes
-                (nn.functional.mse_loss(model(xm), ym) / micro).backward()
+                (nn.functional.mse_loss(model(parts[k][0]), parts[k][1]) / micro).backward()
 
-        window()
+        if subset:
+            window([0])
+            opt.mark_subset(1 / micro)
+            window(range(1, micro))
+        else:
+            window(range(micro))
         for _ in range(opt.extra_passes):
             if before_perturb is not None:
                 before_perturb()
             opt.perturb()
-            window()
+            window([0] if subset else range(micro))
         opt.step()
         opt.zero_grad()
         out.append(opt.metrics())
@@ -89,7 +101,11 @@ def train_single(case: str) -> tuple[dict[str, torch.Tensor], list[dict[str, flo
     settings = {**CASES[case], "backend": "torch"}
     model = make_model()
     opt = make_opt(model, settings)
-    metrics = run_steps(model, opt, [make_data(s) for s in range(STEPS)], settings.get("micro", 1))
+    micro, data = settings.get("micro", 1), [make_data(s) for s in range(STEPS)]
+    if settings.get("subset"):  # the rows of the 2 ranks' first micro-batches first: the same global subset
+        order = torch.arange(GLOBAL_BATCH).view(2, micro, -1).transpose(0, 1).reshape(-1)
+        data = [(x[order], y[order]) for x, y in data]
+    metrics = run_steps(model, opt, data, micro, subset=settings.get("subset", False))
     return {n: p.detach().clone() for n, p in model.named_parameters()}, metrics
 
 
@@ -126,8 +142,9 @@ def run_case(case: str, rank: int, world: int, out: str) -> None:
         def before():  # leaves the parameters unsharded: GR must reshard before writing the shards
             with torch.no_grad():
                 model(batches[0][0])
-    sync = model.set_requires_gradient_sync if micro > 1 else None
-    metrics = run_steps(model, opt, batches, micro, before, sync)
+    # the sub-batch pass needs the subset's gradient reduced when it is marked: every micro-batch synchronised
+    sync = model.set_requires_gradient_sync if micro > 1 and not settings.get("subset") else None
+    metrics = run_steps(model, opt, batches, micro, before, sync, settings.get("subset", False))
     torch.save({"params": _full(model), "metrics": metrics}, os.path.join(out, f"{case}_rank{rank}.pt"))
 
 
