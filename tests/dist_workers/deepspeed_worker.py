@@ -27,10 +27,15 @@ import torch
 from torch import nn
 
 # the DDP runs first: a Trainer with a DeepSpeed config leaves process-wide state behind (ACCELERATE_USE_DEEPSPEED)
-MODES = ("ddp", "ddp_ga2", "grpo_ddp", "zero1", "zero2", "zero3", "zero2_bf16", "zero3_bf16", "zero2_bf16acc",
-         "zero3_bf16acc", "zero1_ga2",
-         "zero2_ga2", "zero3_ga2", "grpo_zero2", "grpo_zero3", "zero2_raise", "zero3_raise")
+MODES = ("ddp", "ddp_ga2", "grpo_ddp", "grpo_ddp_ga2",
+         "zero1", "zero2", "zero3", "zero1_ga2", "zero2_ga2", "zero3_ga2",
+         "zero2_bf16", "zero3_bf16", "zero2_bf16acc", "zero3_bf16acc",
+         "grpo_zero2", "grpo_zero3", "grpo_zero2_ga2", "grpo_zero3_ga2", "zero2_raise", "zero3_raise")
 STEPS = 3
+# GRPO runs step with SGD and are compared by their updates. AdamW's first steps move an element by
+# lr·g/(|g| + eps): for the many near-zero gradients of the tiny Llama that turns a 1e-7 rounding difference between
+# engines (amplified by GR's γ/ε = 100) into 1e-4 of lr (measured: single elements 2e-4 apart after one step).
+GRPO_OPT = dict(optim="sgd", learning_rate=0.1)
 GR = dict(grad_reg_strength=0.5, grad_reg_eps=1e-2, grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3,
           grad_reg_exclude=["net.4.bias"])
 
@@ -148,11 +153,14 @@ def train_grpo(mode: str, out: str) -> dict:
 
     from grkernels.integrations.trl import GradRegGRPOTrainer
 
+    ga = 2 if mode.endswith("_ga2") else 1
     args = grpo_args(os.path.join(out, mode), per_device_train_batch_size=4, num_generations=4, max_steps=STEPS,
-                     ddp_backend="gloo", deepspeed=_ds_config(int(mode[-1])) if "zero" in mode else None,
-                     grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3)
+                     gradient_accumulation_steps=ga, ddp_backend="gloo",
+                     deepspeed=_ds_config(int(mode[len("grpo_zero")])) if "zero" in mode else None,
+                     grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3, **GRPO_OPT)
     ds = Dataset.from_dict({"prompt": ["ab", "cd", "ef", "gh", "ha", "bd", "ca", "ge"] * 4})
     model = make_model()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
     tr = _torch_backend(GradRegGRPOTrainer)(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds,
                                             processing_class=make_tokenizer())
     tr.train()
@@ -164,7 +172,7 @@ def train_grpo(mode: str, out: str) -> dict:
         params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
     else:
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"params": params, "metrics": metrics, "gr_class": type(tr.grad_reg).__name__}
+    return {"params": params, "init": init, "metrics": metrics, "gr_class": type(tr.grad_reg).__name__}
 
 
 def _after_replay_error(tr) -> dict:
