@@ -542,29 +542,30 @@ class GradReg(torch.optim.Optimizer):
         self._subset_fraction = float(fraction)
 
     def _subset_residual(self, plan: StepPlan) -> None:
-        """At θ (``.grad`` = g1): the subset buffers become R = g1 − g1_S/f."""
+        """At θ (``.grad`` = g1): the subset buffers become D = g1_S − f·g1 (−f times the residual g1 − g1_S/f)."""
         if self._subset is None:
             return
-        # One foreach call per operation, not one op per tensor: the Python cost stays flat in the model's depth.
-        inv, local = 1.0 / self._subset_fraction, plan.shards.local
+        # One foreach call per operation, not one op per tensor: the Python cost stays flat in the model's depth
+        # (and no foreach multiply by a Python scalar, which is slow on CPU: the fraction rides on alpha).
+        f, local = self._subset_fraction, plan.shards.local
         saved = [p for p in plan.params if id(p) in self._subset]
         if saved:
-            bufs = [self._subset[id(p)] for p in saved]
-            torch._foreach_mul_(bufs, -inv)
-            torch._foreach_add_(bufs, [local(p.grad) for p in saved])
-        fresh = [p for p in plan.params if id(p) not in self._subset]  # no gradient from the subset: R = g1
+            torch._foreach_add_([self._subset[id(p)] for p in saved], [local(p.grad) for p in saved], alpha=-f)
+        fresh = [p for p in plan.params if id(p) not in self._subset]  # no gradient from the subset: D = −f·g1
         if fresh:
-            self._subset.update(zip(map(id, fresh), torch._foreach_mul([local(p.grad) for p in fresh], 1.0)))
+            self._subset.update(zip(map(id, fresh), torch._foreach_mul([local(p.grad) for p in fresh], -f)))
 
     def _subset_estimate(self, plan: StepPlan) -> None:
-        """At a perturbed point (``.grad`` = g_S there): ``.grad`` ← R + g_S/f, the whole-batch estimate."""
+        """At a perturbed point (``.grad`` = g_S there): ``.grad`` ← (g_S − D)/f = g1 + (g_S − g1_S)/f, the
+        whole-batch estimate."""
         if self._subset is None:
             return
         have = [p for p in plan.params if p.grad is not None]
         if have:
             grads = [plan.shards.local(p.grad) for p in have]
-            torch._foreach_mul_(grads, 1.0 / self._subset_fraction)
-            torch._foreach_add_(grads, [self._subset[id(p)] for p in have])
+            torch._foreach_sub_(grads, [self._subset[id(p)] for p in have])
+            if self._subset_fraction != 1.0:
+                torch._foreach_mul_(grads, 1.0 / self._subset_fraction)
 
     def _combine_exact(self) -> None:
         """Exact estimator: H·v by double backprop from the graph kept in ``.grad``; ``.grad`` ← g1 + γ·H·v."""
