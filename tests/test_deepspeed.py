@@ -198,3 +198,13 @@ def test_unsupported_deepspeed_setups_are_refused(kw, words):
     check_supported(_engine(offload=_Offload("none")))  # the supported set-up passes
     with pytest.raises(NotImplementedError, match=words):
         check_supported(_engine(**kw))
+
+
+@pytest.mark.parametrize("setting", [dict(grad_reg_every=4), dict(grad_reg_reuse="orthogonal"),
+                                     dict(grad_reg_subset_fraction=0.5)])
+def test_cheaper_gr_settings_are_refused_not_ignored(setting):
+    from grkernels.integrations.deepspeed import trainer_grad_reg
+    from grkernels.integrations.hf import GradRegArguments, grad_reg_settings
+
+    with pytest.raises(NotImplementedError, match="grad_reg_every"):
+        trainer_grad_reg(object(), grad_reg_settings(GradRegArguments(), setting), [])

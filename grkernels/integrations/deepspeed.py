@@ -49,6 +49,13 @@ _WEIGHT = "_grkernels_ds_weight"  # attribute of a slot (see _slot): the weight 
 
 def trainer_grad_reg(trainer: Any, settings: dict[str, Any], exclude: list[Any]) -> DeepSpeedGR:
     """The :class:`DeepSpeedGR` of a Trainer's engine (``grad_reg_*`` settings; ``exclude``: tensors or names)."""
+    if (int(settings["grad_reg_every"]) != 1 or settings["grad_reg_reuse"] != "none"
+            or float(settings["grad_reg_subset_fraction"]) < 1.0):
+        raise NotImplementedError(
+            "grkernels GradReg under DeepSpeed runs the full GR step on every optimizer step: grad_reg_every > 1, "
+            "grad_reg_reuse and grad_reg_subset_fraction < 1 are not offered there (set grad_reg_every=1, "
+            "grad_reg_reuse='none', grad_reg_subset_fraction=1), or use DDP / FSDP2."
+        )
     engine = trainer.accelerator.deepspeed_engine_wrapped.engine
     named = list(engine.module.named_parameters())
     ex = [p for item in exclude for n, p in named if (p is item if isinstance(item, torch.Tensor) else item in n)]
