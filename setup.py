@@ -26,9 +26,15 @@ def _cpp_extensions() -> tuple[list, dict]:
         return [], {}
     depends = sorted(glob.glob(os.path.join("csrc", "*.h")) + glob.glob(os.path.join("csrc", "*.inc")))
     # -ffp-contract=off: no FMA contraction, so the AVX2 and baseline builds of csrc/simd.inc give the same bits;
-    # -Wno-psabi: the AVX vector arguments of its static helpers never cross a translation unit (no ABI concern)
+    # -Wno-psabi: the AVX vector arguments of its static helpers never cross a translation unit (no ABI concern);
+    # -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in ATen's headers: without it the kernels run
+    # on one thread (the libgomp torch has loaded serves the extension too)
     ext = CppExtension(
-        "grkernels._C", sources, depends=depends, extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi"]
+        "grkernels._C",
+        sources,
+        depends=depends,
+        extra_compile_args=["-O3", "-ffp-contract=off", "-Wno-psabi", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension}
 
