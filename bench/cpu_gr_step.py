@@ -8,7 +8,8 @@ One GR step's math = perturb + restore_and_combine (the forward estimator; no se
 2.63M-parameter transformer-shaped set of ``bench_gr_step.py``, clipping on (the default 10, inactive for these
 gradients). Implementations, timed round-robin in one run (one call of each per round, medians):
 
-    torch-backend  ``TorchGRStep``, the specification (``GradReg(backend="torch")``)
+    torch-backend  ``TorchGRStep``, the specification (``GradReg(backend="torch")``); all rows round to nearest,
+                   the ``-sr`` rows (bf16) stochastically, GradReg's default for low-precision weights
     cpp            ``CppGRStep``, csrc/gr_step.cpp (``GradReg(backend="cpp")``, what "auto" picks on CPU)
     loop           a reference-style per-parameter loop (bench/baselines_gr_step.py)
     foreach        the same math in torch._foreach ops (bench/baselines_gr_step.py)
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = StepPlan(params=params, coefs=[GAMMA] * len(params), eps=EPS, rounding="nearest")
         impls = {"torch-backend": TorchGRStep(), "cpp": CppGRStep()}
         calls = {name: (lambda b=b: (b.perturb(plan, 0), b.restore_and_combine(plan))) for name, b in impls.items()}
+        if dt == torch.bfloat16:  # GradReg's default rounding for bf16 weights: stochastic (Philox per 4 elements)
+            sr_plan = StepPlan(params=params, coefs=[GAMMA] * len(params), eps=EPS, rounding="stochastic")
+            for name, b in (("torch-backend-sr", TorchGRStep()), ("cpp-sr", CppGRStep())):
+                calls[name] = lambda b=b: (b.perturb(sr_plan, 0), b.restore_and_combine(sr_plan))
         for name, cls in (("loop", LoopGRStep), ("foreach", ForeachGRStep)):
             b = cls(EPS, GAMMA)
             calls[name] = lambda b=b: (b.perturb(params, grads), b.combine(params, grads))
@@ -121,23 +126,27 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = pass_bytes(n, dt, dt)
         pass_rows = {}
         for name, fn in passes.items():
-            ts = []
+            # the pass and a copy of the same bytes, alternately (paired: a machine whose speed drifts moves both)
+            half = max(1, nbytes[name] // 2)
+            src, dst = torch.ones(half, dtype=torch.uint8), torch.empty(half, dtype=torch.uint8)
+            ts, tc = [], []
             for _ in range(args.repeats + 1):
                 fresh()
                 if name == "combine":  # as after a second backward: g2 in the buffers, g1 saved
                     torch._foreach_copy_(cpp._g1, g_orig)
                     torch._foreach_mul_(grads, 1.01)
                 ts.append(_time(fn))
-            t = statistics.median(ts[1:])
-            bw = nbytes[name] / t
-            copy_bw = copy_bandwidth(nbytes[name], args.repeats)
+                tc.append(_time(lambda: dst.copy_(src)))
+            t, t_copy = statistics.median(ts[1:]), statistics.median(tc[1:])
+            bw, copy_bw = nbytes[name] / t, 2 * half / t_copy
             pass_rows[name] = {"median_s": t, "bytes": nbytes[name], "GBps": bw / 1e9, "copy_GBps": copy_bw / 1e9,
                                "of_copy": bw / copy_bw}
         total_bytes = sum(nbytes.values())
         step_bw = total_bytes / med["cpp"]
         rows.append({
             "mix": mix, "params": n, "median_s": med,
-            "cpp_speedup_over": {k: med[k] / med["cpp"] for k in med if k != "cpp"},
+            "cpp_speedup_over": {k: med[k] / med["cpp"] for k in med if not k.startswith("cpp")},
+            "cpp_sr_speedup_over_torch_sr": med.get("torch-backend-sr", float("nan")) / med.get("cpp-sr", float("nan")),
             "passes": pass_rows,
             "step_bytes": total_bytes, "step_GBps": step_bw / 1e9,
             "step_of_copy": step_bw / copy_bandwidth(total_bytes, args.repeats),
@@ -154,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         m = r["median_s"]
         timing = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in m.items())
         print(f"[{r['mix']}] {r['params'] / 1e6:.2f}M params: {timing}")
-        print("   cpp speed-up over: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["cpp_speedup_over"].items()))
+        print("   cpp speed-up over: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["cpp_speedup_over"].items())
+              + f"; stochastic rounding: {r['cpp_sr_speedup_over_torch_sr']:.2f}x")
         print(f"   whole step {r['step_GBps']:.1f} GB/s = {100 * r['step_of_copy']:.0f}% of copy")
         for k, v in r["passes"].items():
             print(f"   {k:<9} {1e3 * v['median_s']:6.2f} ms  {v['GBps']:5.1f} GB/s  copy {v['copy_GBps']:5.1f} GB/s"
