@@ -488,29 +488,25 @@ def test_task_world_sweep_end_to_end_and_reproducible(tmp_path, capsys):
     assert "seed 1, differs between parts" in capsys.readouterr().err
 
 
-def test_gr_every_is_gr_with_the_extra_pass_on_every_kth_step(tiny_setup):
+@pytest.mark.parametrize("method, whole, cheaper", [("gr_every", dict(gr_every=1), dict(gr_every=2)),
+                                                     ("gr_subset", dict(gr_subset=1.0), dict(gr_subset=0.5))])
+def test_cheaper_gr_at_full_size_is_gr_and_smaller_still_regularises(tiny_setup, method, whole, cheaper):
+    """gr_every with k = 1 and gr_subset of every sequence are gr exactly; k = 2 (full step, reuse in between)
+    and half the sequences change every update, differently from gr and from none."""
     full = _run(tiny_setup, method="gr", gamma=10.0)
-    same = _run(tiny_setup, method="gr_every", gamma=10.0, gr_every=1)
+    same = _run(tiny_setup, method=method, gamma=10.0, **whole)
     assert same["curves"] == full["curves"] and same["final"] == full["final"]
-    cheap = _run(tiny_setup, method="gr_every", gamma=10.0, gr_every=2)
+    cheap = _run(tiny_setup, method=method, gamma=10.0, **cheaper)
     none = _run(tiny_setup, method="none")
     assert cheap["curves"]["gold"][0] == full["curves"]["gold"][0]
-    # full step, reuse (orthogonal correction applied in step()), full, reuse: GR changes every update
     assert all(r > 0 for r in cheap["curves"]["gr_rel"])
     assert cheap["final"] != full["final"] and cheap["final"] != none["final"]
 
 
-def test_gr_subset_of_every_sequence_is_gr_and_a_half_subset_regularises(tiny_setup):
-    full = _run(tiny_setup, method="gr", gamma=10.0)
-    same = _run(tiny_setup, method="gr_subset", gamma=10.0, gr_subset=1.0)
-    assert same["curves"] == full["curves"] and same["final"] == full["final"]
-    half = _run(tiny_setup, method="gr_subset", gamma=10.0, gr_subset=0.5)
+def test_gr_subset_losses_add_up_to_the_batch(tiny_setup):
+    """With a negligible γ the update is the plain one: the subset's and the rest's losses add up to the batch's
+    (each scaled by its share of the sequences), so g1 is the whole batch's gradient."""
     none = _run(tiny_setup, method="none")
-    assert half["curves"]["gold"][0] == full["curves"]["gold"][0]
-    assert all(r > 0 for r in half["curves"]["gr_rel"])
-    assert half["final"] != full["final"] and half["final"] != none["final"]
-    # With a negligible γ the update is the plain one: the subset's and the rest's losses add up to the batch's
-    # (each scaled by its share of the sequences), so g1 is the whole batch's gradient.
     tiny = _run(tiny_setup, method="gr_subset", gamma=1e-9, gr_subset=0.5)
     assert all(r > 0 for r in tiny["curves"]["gr_rel"])
     for m in ("gold", "proxy", "kl", "loss", "g1_norm"):
