@@ -389,3 +389,26 @@ def test_compile_fullgraph_traces_the_gr_passes():
     (n_a, w_a, g_a), (n_b, w_b, g_b) = results
     assert torch.equal(n_a, n_b)
     assert all(torch.equal(x, y) for x, y in zip(w_a + g_a, w_b + g_b))
+
+
+def test_gradreg_auto_picks_cpp_on_cpu_and_equals_the_torch_backend():
+    """backend="auto" on CPU tensors is the C++ backend; three AdamW steps equal backend="torch" bitwise (fp32,
+    clipping off: the arithmetic is bitwise-defined), lean mode warns only on torch."""
+    from gr_helpers import make_closure, regression_batch, tanh_mlp
+
+    from grkernels import GradReg
+
+    results = []
+    for backend in ("auto", "torch"):
+        model = tanh_mlp(7, dtype=torch.float32)
+        x, y = regression_batch(8, dtype=torch.float32)
+        opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-2), strength=0.5, eps=1e-2, g1_clip=None,
+                      g2_clip=None, backend=backend)
+        for _ in range(3):
+            opt.step(make_closure(model, x, y))
+        results.append(([p.detach().clone() for p in model.parameters()], type(opt._impl).__name__))
+    assert results[0][1] == "CppGRStep" and results[1][1] == "TorchGRStep"
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+    with pytest.warns(UserWarning, match="lean"):
+        GradReg(torch.optim.SGD(tanh_mlp(1).parameters(), lr=0.1), strength=0.1, eps=1e-2, lean=True,
+                backend="torch")._make_backend(torch.device("cpu"))
