@@ -75,7 +75,7 @@ def test_norms_are_accurate_and_thread_independent():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(got[0], got[1])
-    assert float(got[0]) == pytest.approx(exact, rel=1e-6)
+    assert float(got[0]) == pytest.approx(exact, rel=1e-5)  # fp32 lanes over ≤ 65,536-element chunks, fp64 across
     assert float(_sumsq([], (), 0, torch.float64)) == 0.0
 
 
