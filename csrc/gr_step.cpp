@@ -46,6 +46,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace grk {
 namespace {
 
@@ -127,14 +129,10 @@ namespace baseline {
 }  // namespace baseline
 
 const GRPasses& passes() {
-  static const GRPasses* chosen = [] {
 #if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::kPasses;
+  if (cpu_has_avx2_fma()) return avx2::kPasses;
 #endif
-    return &baseline::kPasses;
-  }();
-  return *chosen;
+  return baseline::kPasses;
 }
 
 // ------------------------------------------------------------------------------------------- tensor lists

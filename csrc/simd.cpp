@@ -23,15 +23,23 @@ namespace baseline {
 #undef GRK_SIMD_NAME
 }  // namespace baseline
 
-const SimdKernels& simd() {
-  static const SimdKernels* chosen = [] {
+bool cpu_has_avx2_fma() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::kKernels;
-#endif
-    return &baseline::kKernels;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
-  return *chosen;
+  return has;
+#else
+  return false;
+#endif
+}
+
+const SimdKernels& simd() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2_fma()) return avx2::kKernels;
+#endif
+  return baseline::kKernels;
 }
 
 }  // namespace grk

@@ -31,4 +31,7 @@ struct SimdKernels {
 
 const SimdKernels& simd();
 
+// Whether this CPU runs the AVX2+FMA builds (the load-time choice of simd.cpp and gr_step.cpp); checked once.
+bool cpu_has_avx2_fma();
+
 }  // namespace grk
