@@ -247,7 +247,11 @@ def test_gr_under_verls_bf16_mixed_precision(run):
     assert ref["gr_rel"] > 0.1
     for rank in run["results"]["gr_bf16"]:
         assert rel_error(rank["grad"], ref["grad"]) < 3e-2
-        assert abs(rank["metrics"]["grad_reg/perturb_ratio"][0] - 1) < 0.1
+        # the perturbation survives the cast (round-to-nearest would erase most of it: ratio ≪ 1); above 1 by the
+        # stochastic-rounding noise, which on this small model depends on the draw (one seed gave 1.03 on the torch
+        # reference's stream and 1.16 on the Philox stream of the C++/Triton kernels; an FSDP2 model of this size
+        # spread 1.37-1.66 over 5 seeds on both streams)
+        assert 0.9 < rank["metrics"]["grad_reg/perturb_ratio"][0] < 1.3
         assert math.isclose(rank["metrics"]["grad_reg/gr_rel"][0], ref["gr_rel"], rel_tol=0.05)
 
 
