@@ -28,6 +28,7 @@ import torch
 from grkernels.kernels import cpp_loaded, cpp_status
 from grkernels.reference import (
     ExactViaReference,
+    Shards,
     StepPlan,
     TorchGRStep,
     accum_dtype,
@@ -99,12 +100,11 @@ class CppGRStep(ExactViaReference):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _unsupported(plan: StepPlan) -> str | None:
+    def _unsupported(plan: StepPlan, weights: Sequence[torch.Tensor], grads: Sequence) -> str | None:
         """Why the kernels cannot take this plan (None: they can)."""
-        grids = {plan.shards.compute_dtype(p) for p in plan.params}
-        if len(grids) > 1:
+        if type(plan.shards) is not Shards and len({plan.shards.compute_dtype(p) for p in plan.params}) > 1:
             return "parameters with different mixed-precision compute dtypes"
-        for w, g in zip(plan.weights(), plan.grads()):
+        for w, g in zip(weights, grads):
             if g is None:
                 return None  # the caller's error path reports it
             for t in (w, g):
@@ -140,24 +140,24 @@ class CppGRStep(ExactViaReference):
     # ------------------------------------------------------------------ the step
     def perturb(self, plan: StepPlan, point: int) -> None:
         """Move P to perturbation point ``point`` (0: θ + ε·v; 1, central only: θ − ε·v); zero P's grads."""
+        grads, weights = plan.grads(), plan.weights()
         if point == 0:
-            why = self._unsupported(plan)
+            why = self._unsupported(plan, weights, grads)
             self._delegate = why is not None
             self.last_path = "cpp" if why is None else f"torch ({why})"
         if self._delegate:
             self._torch.perturb(plan, point)
             self.metrics = self._torch.metrics
             return
-        grads = plan.grads()
         if any(g is None for g in grads):
             raise RuntimeError("GradReg: a GR parameter has no gradient at the perturbation point")
-        weights = plan.weights()
         dtype = accum_dtype(grads)
         wide = dtype == torch.float64
         self._grad_ptrs = tuple(g.data_ptr() for g in grads)
         if point == 0:
             self._armed = False  # the slots hold another step's θ until the pass below wrote them
-            self._grid = plan.shards.compute_dtype(plan.params[0]) if plan.params else None
+            identity = type(plan.shards) is Shards or not plan.params  # no compute grid to write onto
+            self._grid = None if identity else plan.shards.compute_dtype(plan.params[0])
             self._slots(weights, self._theta)
             self._slots(grads, self._g1, [self._save_dtype(g) for g in grads])
             self._lean_active = any(b.dtype != g.dtype for b, g in zip(self._g1, grads))
@@ -215,8 +215,8 @@ class CppGRStep(ExactViaReference):
         for p, g1 in zip(plan.keep, self._g1_keep):
             plan.set_grad(p, g1)
 
-    def _run_combine(self, plan: StepPlan, mode: int, coefs: Sequence[float], sa, sb) -> torch.Tensor:
-        grads = plan.grads()
+    def _run_combine(self, plan: StepPlan, mode: int, coefs: Sequence[float], sa, sb, grads=None) -> torch.Tensor:
+        grads = plan.grads() if grads is None else grads
         wide = accum_dtype(grads) == torch.float64
         one = torch.ones((), dtype=torch.float64 if wide else torch.float32)
         return _ops().gr_combine(
@@ -255,7 +255,7 @@ class CppGRStep(ExactViaReference):
         else:
             mode, sa, sb, div = 0, s2, self._s1, plan.eps
         sa, sb = combine_scales(sa, sb, self._vnorm)
-        diff_sq = self._run_combine(plan, mode, [gamma / div for gamma in plan.coefs], sa, sb)
+        diff_sq = self._run_combine(plan, mode, [gamma / div for gamma in plan.coefs], sa, sb, grads)
         self._restore_keep(plan)
         self._armed = False
         self.metrics["g2_norm"] = n2
