@@ -200,3 +200,21 @@ def assert_close_to_torch_with_active_clipping(impl, device, estimator: str) -> 
     for k in ("g1_norm", "g2_norm", "gr_rel", "perturb_ratio"):
         torch.testing.assert_close(impl.metrics[k], ta.metrics[k], rtol=1e-4, atol=0)
     assert float(ta.metrics["g1_norm"]) > 100  # the clip really was active
+
+
+FUZZ_DTYPES = ["float32", "bfloat16", "float16", "float64"]
+
+
+def assert_fuzz_case_bitwise(impl, device, sizes, dts, estimator: str, seed: int) -> None:
+    """One hypothesis case: tensors of ``sizes`` and ``dts`` (names), no clipping: ``impl`` equals the torch
+    reference bitwise (θ after the step and the combined gradient)."""
+    from grkernels.reference import TorchGRStep
+
+    spec = [(getattr(torch, d), n) for n, d in zip(sizes, dts)]
+    a = make_params(spec, device, seed=seed % 1000)
+    b = clone_params(a)
+    g2s = [[torch.randn(p.shape, dtype=torch.float64).to(p.dtype).to(device) for p in a] for _ in range(2)]
+    run_backend_step(TorchGRStep(), a, [], estimator, None, None, g2s=g2s, seed=seed)
+    run_backend_step(impl, b, [], estimator, None, None, g2s=g2s, seed=seed)
+    for p, q in zip(a, b):
+        assert torch.equal(p.detach(), q.detach()) and torch.equal(p.grad, q.grad)

@@ -14,12 +14,13 @@ import math
 import pytest
 import torch
 from gr_helpers import (
+    FUZZ_DTYPES,
     assert_bitwise_like_torch,
     assert_close_to_torch_with_active_clipping,
+    assert_fuzz_case_bitwise,
     clone_params,
     make_params,
     mixed_spec,
-    run_backend_step,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -330,19 +331,12 @@ def test_bad_op_input_is_a_clear_error():
 @settings(max_examples=12, deadline=None)
 @given(
     sizes=st.lists(st.integers(0, 70000), min_size=1, max_size=6),
-    dts=st.lists(st.sampled_from(["float32", "bfloat16", "float16", "float64"]), min_size=6, max_size=6),
+    dts=st.lists(st.sampled_from(FUZZ_DTYPES), min_size=6, max_size=6),
     estimator=st.sampled_from(["forward", "central"]),
     seed=st.integers(0, 2**40),
 )
 def test_fuzz_shapes_dtypes_bitwise(sizes, dts, estimator, seed):
-    spec = [(getattr(torch, d), n) for n, d in zip(sizes, dts)]
-    a = make_params(spec, "cpu", seed=seed % 1000)
-    b = clone_params(a)
-    g2s = _g2s(a)
-    run_backend_step(TorchGRStep(), a, [], estimator, None, None, g2s=g2s, seed=seed)
-    run_backend_step(_cpp(), b, [], estimator, None, None, g2s=g2s, seed=seed)
-    for p, q in zip(a, b):
-        assert torch.equal(p.detach(), q.detach()) and torch.equal(p.grad, q.grad)
+    assert_fuzz_case_bitwise(_cpp(), "cpu", sizes, dts, estimator, seed)
 
 
 def _op_args():

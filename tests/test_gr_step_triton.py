@@ -18,11 +18,15 @@ from hypothesis import strategies as st
 
 pytestmark = requires_triton
 
-from gr_helpers import assert_bitwise_like_torch, assert_close_to_torch_with_active_clipping  # noqa: E402
+from gr_helpers import (  # noqa: E402
+    FUZZ_DTYPES,
+    assert_bitwise_like_torch,
+    assert_close_to_torch_with_active_clipping,
+    assert_fuzz_case_bitwise,
+)
 from gr_helpers import clone_params as _clone  # noqa: E402
 from gr_helpers import make_params as _make  # noqa: E402
 from gr_helpers import mixed_spec as _spec  # noqa: E402
-from gr_helpers import run_backend_step as _run_step  # noqa: E402
 
 from grkernels.reference import StepPlan, TorchGRStep  # noqa: E402
 
@@ -290,20 +294,13 @@ def test_gradreg_lean_kwarg_reaches_backend(device):
 @settings(max_examples=6, deadline=None)
 @given(
     sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
-    dts=st.lists(st.sampled_from(["float32", "bfloat16", "float16", "float64"]), min_size=6, max_size=6),
+    dts=st.lists(st.sampled_from(FUZZ_DTYPES), min_size=6, max_size=6),
     estimator=st.sampled_from(["forward", "central"]),
     seed=st.integers(0, 2**40),
 )
 def test_fuzz_shapes_dtypes_bitwise(sizes, dts, estimator, seed):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    spec = [(getattr(torch, d), n) for n, d in zip(sizes, dts)]
-    a = _make(spec, device, seed=seed % 1000)
-    b = _clone(a)
-    g2s = [[torch.randn(p.shape, dtype=torch.float64).to(p.dtype).to(device) for p in a] for _ in range(2)]
-    _run_step(TorchGRStep(), a, [], estimator, None, None, g2s=g2s, seed=seed)
-    _run_step(_triton(chunk=1024), b, [], estimator, None, None, g2s=g2s, seed=seed)
-    for p, q in zip(a, b):
-        assert torch.equal(p.detach(), q.detach()) and torch.equal(p.grad, q.grad)
+    assert_fuzz_case_bitwise(_triton(chunk=1024), device, sizes, dts, estimator, seed)
 
 
 def test_exact_estimator_matches_torch(device):
