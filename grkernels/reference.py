@@ -124,6 +124,19 @@ class StepPlan:
         return (self.params or self.keep)[0].device
 
 
+def reusable_buffers(
+    like: Sequence[torch.Tensor], bufs: list[torch.Tensor], dtypes: Sequence[torch.dtype] | None = None
+) -> list[torch.Tensor]:
+    """``bufs`` holding one contiguous buffer shaped like each tensor of ``like`` (its device; its dtype, or the
+    matching entry of ``dtypes``), reallocated in place only when a shape, dtype or device changed."""
+    dts = [t.dtype for t in like] if dtypes is None else list(dtypes)
+    if len(bufs) != len(like) or any(
+        b.shape != t.shape or b.dtype != d or b.device != t.device for b, t, d in zip(bufs, like, dts)
+    ):
+        bufs[:] = [torch.empty(t.shape, dtype=d, device=t.device) for t, d in zip(like, dts)]
+    return bufs
+
+
 def accum_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     """float64 when any tensor is float64 (so exact-HVP tests stay meaningful), else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -203,11 +216,7 @@ class TorchGRStep:
     @staticmethod
     def _copies(src: Sequence[torch.Tensor], bufs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Copy ``src`` into reusable buffers (reallocated only when shapes/dtypes change)."""
-        if len(bufs) != len(src) or any(
-            b.shape != s.shape or b.dtype != s.dtype or b.device != s.device for b, s in zip(bufs, src)
-        ):
-            bufs[:] = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in src]
-        for b, s in zip(bufs, src):
+        for b, s in zip(reusable_buffers(src, bufs), src):
             b.copy_(s)
         return bufs
 

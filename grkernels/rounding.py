@@ -14,13 +14,14 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 ROUNDING_MODES = ("stochastic", "nearest")
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads consecutive seeds apart
+SEED_MASK = 2**63 - 1  # seeds handed to generators and kernels are non-negative 63-bit integers
 
 
 def rounding_seed(seed: int, index: int, point: int) -> int:
     """A 63-bit generator seed for one tensor at one perturbation point of one step."""
     h = (seed * _MIX + (index + 1) * 0xBF58476D1CE4E5B9 + (point + 1) * 0x94D049BB133111EB) & (2**64 - 1)
     h ^= h >> 31
-    return h & (2**63 - 1)
+    return h & SEED_MASK
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:

@@ -35,10 +35,6 @@ if cpp_loaded():
     from grkernels.kernels.cpp_gr_step import CppGRStep  # also registers the ops' fake kernels
 
 
-def _cpp(**kw):
-    return CppGRStep(**kw)
-
-
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
     before = torch.get_num_threads()
@@ -54,7 +50,7 @@ def _g2s(ps, n=2):
 @pytest.mark.parametrize("estimator", ["forward", "central"])
 @pytest.mark.parametrize("with_fp64", [False, True])
 def test_matches_torch_bitwise_without_clipping(threads, estimator, with_fp64):
-    impl = _cpp()
+    impl = CppGRStep()
     assert_bitwise_like_torch(impl, "cpu", estimator, with_fp64)
     assert impl.last_path == "cpp"
 
@@ -82,14 +78,14 @@ def test_norms_are_accurate_and_thread_independent():
 
 @pytest.mark.parametrize("estimator", ["forward", "central"])
 def test_matches_torch_with_active_clipping(estimator):
-    assert_close_to_torch_with_active_clipping(_cpp(), "cpu", estimator)
+    assert_close_to_torch_with_active_clipping(CppGRStep(), "cpu", estimator)
 
 
 def test_abort_missing_gradient_and_nonfinite():
     a = make_params(mixed_spec(True, many=10, seed=5, big=4099), "cpu", seed=6)
     theta0 = [p.detach().clone() for p in a]
     g1 = [p.grad.clone() for p in a]
-    impl = _cpp()
+    impl = CppGRStep()
     plan = StepPlan(params=a, coefs=[1.0] * len(a), eps=0.1, rounding="stochastic", g1_clip=None, seed=1)
     impl.restore(plan)  # before any perturbation: a no-op
     assert all(torch.equal(p.detach(), t) for p, t in zip(a, theta0))
@@ -144,7 +140,7 @@ def test_stochastic_rounding_unbiased_deterministic(threads, dtype):
     gen = torch.Generator().manual_seed(0)
     theta = (1.0 + 0.05 * torch.rand(n, generator=gen)).to(dtype)
     grad = (torch.rand(n, generator=gen) * 2 - 0.5).to(dtype)  # mixed signs; ε·g below half an ulp
-    r1, r2, r3 = (_sr_run(_cpp, theta, grad, s) for s in (11, 11, 12))
+    r1, r2, r3 = (_sr_run(CppGRStep, theta, grad, s) for s in (11, 11, 12))
     assert torch.equal(r1, r2) and not torch.equal(r1, r3)
     x = theta.float() + 1e-3 * grad.float()  # the exact fp32 target
     near = x.to(dtype)
@@ -154,7 +150,7 @@ def test_stochastic_rounding_unbiased_deterministic(threads, dtype):
     ulp = torch.finfo(dtype).eps
     target = (x.double() - theta.double()).mean()
     assert abs(float((r1.double() - theta.double()).mean() - target)) < 5 * ulp / math.sqrt(n)  # unbiased
-    m = _sr_run(_cpp, theta, grad, 11, point=1)  # θ − ε·v: its own stream, unbiased towards −ε·v
+    m = _sr_run(CppGRStep, theta, grad, 11, point=1)  # θ − ε·v: its own stream, unbiased towards −ε·v
     assert abs(float((m.double() - theta.double()).mean() + target)) < 5 * ulp / math.sqrt(n)
 
 
@@ -168,7 +164,7 @@ def test_stochastic_rounding_is_the_triton_stream(dtype):
     theta = (0.3 * torch.randn(5003, generator=gen)).to(dtype)
     grad = torch.randn(5003, generator=gen).to(dtype)
     for point in (0, 1):
-        a = _sr_run(_cpp, theta, grad, 2**40 + 3, point)
+        a = _sr_run(CppGRStep, theta, grad, 2**40 + 3, point)
         b = _sr_run(lambda: TritonGRStep("cpu", chunk=2048, block=1024), theta, grad, 2**40 + 3, point)
         assert torch.equal(a, b)
         assert not torch.equal(a, theta.to(torch.float64).add(1e-3 * grad.double()).to(dtype))  # not nearest
@@ -177,7 +173,7 @@ def test_stochastic_rounding_is_the_triton_stream(dtype):
 def test_no_host_sync(monkeypatch):
     a = make_params(mixed_spec(False, many=5, big=4099), "cpu")
     keep = make_params([(torch.float32, 9)], "cpu")
-    impl = _cpp()
+    impl = CppGRStep()
     for step in range(2):  # the first step allocates; the second is checked
         plan = StepPlan(params=a, coefs=[1.0] * len(a), keep=keep, eps=1e-2, estimator="central", seed=step)
         with monkeypatch.context() as mp:
@@ -208,7 +204,7 @@ def test_lean_mode_keeps_the_correction_accurate_and_saves_memory(estimator):
     for lean in (False, True):
         p = theta.clone().requires_grad_()
         p.grad = g1.clone()
-        impl = _cpp(lean=lean)
+        impl = CppGRStep(lean=lean)
         plan = StepPlan(params=[p], coefs=[gamma], eps=eps, g1_clip=50.0, g2_clip=50.0, estimator=estimator)
         impl.perturb(plan, 0)
         if lean:  # the buffer holds −g1 (forward) or −bf16(g1) (central) instead of zeros
@@ -238,7 +234,7 @@ def test_master_weights_perturb_the_model_weight(rounding):
     lands on a neighbour of w + ε·g1 and is unbiased."""
     sizes = [70001, 7, 1]
     runs = []
-    for impl in (TorchGRStep(), _cpp()):
+    for impl in (TorchGRStep(), CppGRStep()):
         gen = torch.Generator().manual_seed(21)
         masters = [torch.randn(n, generator=gen) for n in sizes]
         for m in masters:
@@ -280,7 +276,7 @@ def test_mixed_precision_grid_equals_the_reference():
     b = clone_params(a)
     theta0 = [p.detach().clone() for p in a]
     outs = []
-    for impl, ps in ((TorchGRStep(), a), (_cpp(), b)):
+    for impl, ps in ((TorchGRStep(), a), (CppGRStep(), b)):
         plan = StepPlan(params=ps, coefs=[0.2, 0.2], eps=1.0, g1_clip=None, g2_clip=None, rounding="nearest",
                         shards=_GridShards())
         impl.perturb(plan, 0)
@@ -305,7 +301,7 @@ def test_what_the_kernels_do_not_take_runs_the_reference():
     q = p.detach().clone().requires_grad_()
     q.grad = p.grad.clone()
     kw = dict(coefs=[1.0], eps=1e-2, g1_clip=None, g2_clip=None, rounding="nearest")
-    impl = _cpp()
+    impl = CppGRStep()
     impl.perturb(StepPlan(params=[p], **kw), 0)
     assert impl.last_path.startswith("torch (") and "contiguous" in impl.last_path
     TorchGRStep().perturb(StepPlan(params=[q], **kw), 0)
@@ -336,7 +332,7 @@ def test_bad_op_input_is_a_clear_error():
     seed=st.integers(0, 2**40),
 )
 def test_fuzz_shapes_dtypes_bitwise(sizes, dts, estimator, seed):
-    assert_fuzz_case_bitwise(_cpp(), "cpu", sizes, dts, estimator, seed)
+    assert_fuzz_case_bitwise(CppGRStep(), "cpu", sizes, dts, estimator, seed)
 
 
 def _op_args():

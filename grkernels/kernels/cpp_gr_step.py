@@ -36,11 +36,12 @@ from grkernels.reference import (
     combine_scales,
     perturb_scale,
     require_second_gradients,
+    reusable_buffers,
     v_norm,
 )
+from grkernels.rounding import SEED_MASK
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-_SEED_MASK = 2**63 - 1
 
 
 def _ops():
@@ -96,7 +97,7 @@ class CppGRStep(ExactViaReference):
         self._grid: torch.dtype | None = None
         self._grad_ptrs: tuple = ()
         self._armed = False
-        self._lean_active = False
+        self._lean_active = False  # g1 saved rounded (lean): the gradient buffers carry a difference
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -116,21 +117,8 @@ class CppGRStep(ExactViaReference):
                     return "a non-contiguous parameter or gradient"
         return None
 
-    @staticmethod
-    def _slots(like: Sequence[torch.Tensor], bufs: list[torch.Tensor], dtypes=None) -> list[torch.Tensor]:
-        """Reusable save slots shaped like ``like`` (dtypes: ``like``'s, or ``dtypes``), reallocated only when
-        sizes or dtypes change."""
-        want = [(t.shape, d) for t, d in zip(like, dtypes or [t.dtype for t in like])]
-        if [(b.shape, b.dtype) for b in bufs] != want:
-            bufs[:] = [torch.empty(s, dtype=d) for s, d in want]
-        return bufs
-
     def _save_dtype(self, g: torch.Tensor) -> torch.dtype:
         return torch.bfloat16 if self.lean and g.dtype == torch.float32 else g.dtype
-
-    def _delta(self) -> bool:
-        """Lean mode is active (g1 saved rounded): the gradient buffers carry a difference (see the module)."""
-        return self._lean_active
 
     def extra_bytes(self) -> int:
         """Bytes held by this backend's buffers right now."""
@@ -158,11 +146,11 @@ class CppGRStep(ExactViaReference):
             self._armed = False  # the slots hold another step's θ until the pass below wrote them
             identity = type(plan.shards) is Shards or not plan.params  # no compute grid to write onto
             self._grid = None if identity else plan.shards.compute_dtype(plan.params[0])
-            self._slots(weights, self._theta)
-            self._slots(grads, self._g1, [self._save_dtype(g) for g in grads])
+            reusable_buffers(weights, self._theta)
+            reusable_buffers(grads, self._g1, [self._save_dtype(g) for g in grads])
             self._lean_active = any(b.dtype != g.dtype for b, g in zip(self._g1, grads))
             keep = plan.grads(plan.keep)
-            self._slots(keep, self._g1_keep)
+            reusable_buffers(keep, self._g1_keep)
             if keep:
                 torch._foreach_copy_(self._g1_keep, keep)
             self._n1sq = plan.shards.sum_across(_sumsq(grads, (), 0, dtype))
@@ -176,12 +164,12 @@ class CppGRStep(ExactViaReference):
         else:
             if self._finite is None:
                 raise RuntimeError("GradReg: perturbation point 1 before point 0")
-            gplus = self._slots(self._g1, self._gplus)
+            gplus = reusable_buffers(self._g1, self._gplus)
             sign = -1.0
         central = plan.estimator == "central"
-        preload = 0 if not self._delta() else (1 if point == 0 and not central else 2)
+        preload = 0 if not self._lean_active else (1 if point == 0 and not central else 2)
         step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
-        seed = int(plan.seed) & _SEED_MASK
+        seed = int(plan.seed) & SEED_MASK
         rounding = 1 if plan.rounding == "stochastic" else 0
         total = _ops().gr_perturb(
             weights, grads, self._theta, self._g1, gplus, step, self._finite, point, rounding, seed, preload,
@@ -218,10 +206,11 @@ class CppGRStep(ExactViaReference):
     def _run_combine(self, plan: StepPlan, mode: int, coefs: Sequence[float], sa, sb, grads=None) -> torch.Tensor:
         grads = plan.grads() if grads is None else grads
         wide = accum_dtype(grads) == torch.float64
-        one = torch.ones((), dtype=torch.float64 if wide else torch.float32)
+        if sa is None:  # restore (mode 2) reads no clip factor; the schema still takes two tensors
+            sa = sb = torch.ones((), dtype=torch.float64 if wide else torch.float32)
         return _ops().gr_combine(
-            plan.weights(), grads, self._theta, self._g1, self._gplus if mode == 1 else [], list(coefs),
-            one if sa is None else sa, one if sb is None else sb, mode, self._delta(), wide,
+            plan.weights(), grads, self._theta, self._g1, self._gplus if mode == 1 else [], list(coefs), sa, sb,
+            mode, self._lean_active, wide,
         )  # fmt: skip
 
     def restore_and_combine(self, plan: StepPlan) -> None:
@@ -232,7 +221,7 @@ class CppGRStep(ExactViaReference):
             return
         require_second_gradients(plan, self.restore)
         grads = plan.grads()
-        if self._delta() and tuple(g.data_ptr() for g in grads) != self._grad_ptrs:
+        if self._lean_active and tuple(g.data_ptr() for g in grads) != self._grad_ptrs:
             self.restore(plan)
             raise RuntimeError(
                 "GradReg(lean=True): the gradient buffers were replaced between perturb() and the combine (e.g. "
@@ -241,7 +230,7 @@ class CppGRStep(ExactViaReference):
             )
         dtype = accum_dtype(grads)
         central = plan.estimator == "central"
-        if not self._delta():
+        if not self._lean_active:
             n2sq = plan.shards.sum_across(_sumsq(grads, (), 0, dtype))
         elif central:  # the buffers hold g₋ − b
             n2sq = plan.shards.sum_across(_sumsq(grads, self._g1, 1, dtype))

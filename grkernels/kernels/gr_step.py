@@ -97,8 +97,10 @@ from grkernels.reference import (
     combine_scales,
     perturb_scale,
     require_second_gradients,
+    reusable_buffers,
     v_norm,
 )
+from grkernels.rounding import SEED_MASK
 
 _TL: dict[torch.dtype, tl.dtype] = {
     torch.float64: tl.float64,
@@ -111,7 +113,6 @@ _TL: dict[torch.dtype, tl.dtype] = {
 }
 _ROUND_NEAREST, _ROUND_SR_BF16, _ROUND_SR_GENERIC = 0, 1, 2
 _MODE_FORWARD, _MODE_CENTRAL, _MODE_ABORT = 0, 1, 2
-_SEED_MASK = 2**63 - 1
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -581,10 +582,7 @@ class TritonGRStep(ExactViaReference):
 
     def _save_keep(self, plan: StepPlan) -> None:
         grads = self._grads(plan.keep)
-        if len(self._keep_bufs) != len(grads) or any(
-            b.shape != g.shape or b.dtype != g.dtype or b.device != g.device for b, g in zip(self._keep_bufs, grads)
-        ):
-            self._keep_bufs = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+        reusable_buffers(grads, self._keep_bufs)
         if grads:
             torch._foreach_copy_(self._keep_bufs, grads)
 
@@ -698,7 +696,7 @@ class TritonGRStep(ExactViaReference):
             sign, row = -1.0, 2
         step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
         finite_i8 = self._finite.view(torch.int8)
-        seed = int(plan.seed) & _SEED_MASK
+        seed = int(plan.seed) & SEED_MASK
         for gi, grp in enumerate(self._groups):
             buf = self._saved[gi]
             s = buf["g1"].dtype
