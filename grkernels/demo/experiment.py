@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from grkernels._version import __version__
 from grkernels.demo.frontier import frontier_summary
 from grkernels.demo.grpo import DEFAULT_METHODS, GR_METHODS, RLConfig, run_rl
 from grkernels.demo.language import Language
@@ -238,6 +240,7 @@ def run_experiment(cfg: ExperimentConfig, show_progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
+    source = source_revision()  # at the start: the tree may change while a long sweep runs
     variants = cfg.variants()
     n_setup = len(cfg.seeds) * len(cfg.worlds)
     n_steps = len(cfg.worlds) * len(cfg.seeds) * sum(v.steps * (2 if v.uses_gr else 1) for _, v in variants)
@@ -275,6 +278,7 @@ def run_experiment(cfg: ExperimentConfig, show_progress: bool = True) -> dict:
             _drain(futs, queue, bar, lambda f: runs.append(f.result()))
     bar.close()
     results = summarize(cfg, setups, runs)
+    results["env"]["source"] = source
     results["wall_s"] = time.perf_counter() - t_start
     return results
 
@@ -361,6 +365,21 @@ def _stats(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": n, "values": values}
 
 
+def source_revision() -> str | None:
+    """The git commit of the grkernels checkout that ran (``+dirty`` with uncommitted changes to tracked files),
+    or None outside a git checkout: which tree a committed figure came from."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
 def summarize(cfg: ExperimentConfig, setups: dict[int, dict], runs: list[dict]) -> dict:
     """Turn the raw runs into the results dict (schema ``grkernels.demo/v1``)."""
     variants = [label for label, _ in cfg.variants()]
@@ -368,7 +387,7 @@ def summarize(cfg: ExperimentConfig, setups: dict[int, dict], runs: list[dict]) 
     out = {
         "schema": SCHEMA,
         "config": cfg.to_dict(),
-        "env": {"torch": torch.__version__, "device": cfg.device, "workers": cfg.workers,
+        "env": {"torch": torch.__version__, "grkernels": __version__, "device": cfg.device, "workers": cfg.workers,
                 "cpu_count": os.cpu_count()},
         "smoothing_window": window,
         "worlds": {},
