@@ -180,7 +180,7 @@ class GradReg(torch.optim.Optimizer):
         self._subset: dict[int, torch.Tensor] | None = None  # sub-batch GR: g1 of the subset, then R (mark_subset)
         self._subset_fraction = 1.0
         self.master_weights = master_weights
-        self._excluded = resolve_exclude(exclude, named_parameters, self._parameters())
+        self._set_exclusions(resolve_exclude(exclude, named_parameters, self._parameters()))
         check_not_fsdp1(self._parameters())
         for group in optimizer.param_groups:
             self._check_group(group)
@@ -319,6 +319,33 @@ class GradReg(torch.optim.Optimizer):
         """``loss.backward()``, with ``create_graph=True`` when the exact estimator needs it."""
         loss.backward(create_graph=self.needs_graph)
 
+    # ------------------------------------------------------------------ exclusions
+    def _set_exclusions(self, ids: set[int]) -> None:
+        """Keep the exclusions as (group, index) positions in ``param_groups``, as torch.optim's state_dict keys
+        parameters: hosts that replace the parameter objects in place after the optimizer is built (Accelerate's
+        FSDP2 ``prepare`` swaps in the sharded parameters; a copy or unpickling makes new tensors) keep them."""
+        self._excluded_pos = [(gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])
+                              if id(p) in ids]
+        self._group_sizes = [len(g["params"]) for g in self.param_groups]
+        self._excluded_key: tuple[int, ...] | None = None
+        self._excluded_ids: set[int] = set()
+
+    @property
+    def _excluded(self) -> set[int]:
+        """ids of the excluded parameters as the param groups hold them now (O(number excluded) to check)."""
+        groups = self.param_groups
+        if len(groups) < len(self._group_sizes) or any(
+                len(groups[gi]["params"]) != n for gi, n in enumerate(self._group_sizes)):
+            raise RuntimeError(
+                "GradReg: the wrapped optimizer's param groups changed size since GradReg was built, so its "
+                "exclusions cannot be followed; build GradReg after the model is prepared (sharded, wrapped) or "
+                "give each param group its own gr_strength instead of exclude="
+            )
+        key = tuple(id(groups[gi]["params"][pi]) for gi, pi in self._excluded_pos)
+        if key != self._excluded_key:
+            self._excluded_key, self._excluded_ids = key, set(key)
+        return self._excluded_ids
+
     # ------------------------------------------------------------------ plan and backend
     def _make_plan(self) -> StepPlan:
         """Sort parameters with a gradient into GR parameters and keep parameters; validate them."""
@@ -329,6 +356,7 @@ class GradReg(torch.optim.Optimizer):
         absent: list[torch.Tensor] = []
         devices: set[torch.device] = set()
         seen: dict[int, int] = {}  # id -> group index: a tensor listed twice is one parameter, stepped once by GR
+        excluded = self._excluded
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             gamma = self._group_gamma(group) * factor
@@ -349,7 +377,7 @@ class GradReg(torch.optim.Optimizer):
                 if not p.is_floating_point():
                     raise TypeError(f"GradReg: parameter of dtype {p.dtype} is not floating point")
                 devices.add(p.device)
-                if gamma != 0.0 and id(p) not in self._excluded:
+                if gamma != 0.0 and id(p) not in excluded:
                     params.append(p)
                     coefs.append(gamma)
                 else:
@@ -692,9 +720,10 @@ class GradReg(torch.optim.Optimizer):
 
     def _gr_candidates(self) -> list[torch.Tensor]:
         """The parameters GR regularises when active: not excluded, in a group with γ > 0 and GR on."""
+        excluded = self._excluded
         return list({
             id(p): p for g in self.param_groups if self._group_gamma(g) != 0.0 for p in g["params"]
-            if id(p) not in self._excluded
+            if id(p) not in excluded
         }.values())
 
     def _base_step(self) -> None:
@@ -810,17 +839,11 @@ class GradReg(torch.optim.Optimizer):
             )
         state = {k: v for k, v in self.__dict__.items() if not k.endswith("_hooks")}
         state["_impl"] = None  # device buffers of the last step: rebuilt on demand
-        # Exclusions are kept as tensor ids, which a copy changes: store them as (group, index) positions.
-        state["_excluded"] = [
-            (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])
-            if id(p) in self._excluded
-        ]
+        state["_excluded_key"] = None  # tensor ids change in a copy; the positions carry the exclusions
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        groups = self.optimizer.param_groups
-        self._excluded = {id(groups[gi]["params"][pi]) for gi, pi in state["_excluded"]}
         self._init_hooks()
         self._patch_step_function()
 

@@ -332,6 +332,24 @@ def test_copies_and_pickles_train_like_the_original(how):
     assert opt2.metrics()["step"] == opt.metrics()["step"] == 5
 
 
+def test_exclusions_follow_parameters_swapped_in_place():
+    """Hosts that replace the optimizer's parameter objects after GradReg is built (Accelerate's FSDP2 prepare puts
+    the sharded parameters in place) keep the exclusions: by position, as torch.optim's state_dict keys them. The
+    run equals a GradReg built on the new parameters bitwise; a group that changes size is refused."""
+    x, y = regression_batch(25, dtype=torch.float32)
+    old = tanh_mlp(24, dtype=torch.float32)
+    new, ref_model = copy.deepcopy(old), copy.deepcopy(old)
+    opt = _opt(old, base=torch.optim.AdamW, exclude=[list(old.parameters())[0]], rounding="nearest")
+    for group in opt.param_groups:  # what accelerate's fsdp2_switch_optimizer_parameters does
+        group["params"] = [dict(new.named_parameters())[n] for n, _ in old.named_parameters()]
+    ref = _opt(ref_model, base=torch.optim.AdamW, exclude=[list(ref_model.parameters())[0]], rounding="nearest")
+    assert opt._excluded == {id(list(new.parameters())[0])}
+    assert bitwise_equal(_train(new, opt, x, y), _train(ref_model, ref, x, y))
+    opt.param_groups[0]["params"] = opt.param_groups[0]["params"][1:]
+    with pytest.raises(RuntimeError, match="changed size"):
+        opt.step(make_closure(new, x, y))
+
+
 def test_copy_during_a_perturbed_step_is_refused():
     model = tanh_mlp(26, dtype=torch.float32)
     x, y = regression_batch(27, dtype=torch.float32)

@@ -118,6 +118,29 @@ def test_refuses_a_plain_optimizer():
     gr = GradReg(torch.optim.SGD(model.parameters(), lr=LR), strength=GAMMA, eps=EPS)
     with pytest.raises(ValueError, match="max_grad_norm"):
         GradRegWindow(accelerator, model, gr, max_grad_norm=0.0)
+    with pytest.raises(TypeError, match="grad_reg= is for DeepSpeed"):
+        GradRegWindow(accelerator, model, gr, grad_reg={"strength": 1.0, "eps": 1e-3})
+
+
+def test_deepspeed_set_ups_gr_cannot_run_are_refused():
+    """Under DeepSpeed (checked before the engine is touched): a GradReg prepared as the optimizer (ZeRO would step
+    GradReg on its flat partitions), no GR settings, and max_grad_norm (Accelerate leaves clipping to DeepSpeed)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, scaler=None)
+    model = tanh_mlp()
+    base = torch.optim.SGD(model.parameters(), lr=LR)
+    gr = GradReg(base, strength=GAMMA, eps=EPS)
+    zero = SimpleNamespace(optimizer=gr)  # what ZeRO's optimizer holds: the client optimizer
+    with pytest.raises(TypeError, match="prepare the plain optimizer"):
+        GradRegWindow(accelerator, model, SimpleNamespace(optimizer=zero), grad_reg={"strength": 1.0, "eps": 1e-3})
+    with pytest.raises(TypeError, match="needs the GR settings"):
+        GradRegWindow(accelerator, model, SimpleNamespace(optimizer=SimpleNamespace(optimizer=base)))
+    with pytest.raises(NotImplementedError, match="max_grad_norm"):
+        GradRegWindow(accelerator, model, SimpleNamespace(optimizer=SimpleNamespace(optimizer=base)),
+                      grad_reg={"strength": 1.0, "eps": 1e-3}, max_grad_norm=1.0)
 
 
 def test_error_in_the_replay_restores_theta_and_the_next_window_works():

@@ -42,7 +42,7 @@ import torch
 
 from grkernels.reference import Shards, StepPlan, TorchGRStep
 
-__all__ = ["DeepSpeedGR", "accumulation_boundary", "check_supported", "trainer_grad_reg"]
+__all__ = ["DeepSpeedGR", "accumulation_boundary", "check_supported", "engine_grad_reg", "trainer_grad_reg"]
 
 _WEIGHT = "_grkernels_ds_weight"  # attribute of a slot (see _slot): the weight partition the step writes
 
@@ -56,15 +56,27 @@ def trainer_grad_reg(trainer: Any, settings: dict[str, Any], exclude: list[Any])
             "grad_reg_reuse and grad_reg_subset_fraction < 1 are not offered there (set grad_reg_every=1, "
             "grad_reg_reuse='none', grad_reg_subset_fraction=1), or use DDP / FSDP2."
         )
-    engine = trainer.accelerator.deepspeed_engine_wrapped.engine
-    named = list(engine.module.named_parameters())
-    ex = [p for item in exclude for n, p in named if (p is item if isinstance(item, torch.Tensor) else item in n)]
-    return DeepSpeedGR(
-        engine, strength=settings["grad_reg_strength"], eps=settings["grad_reg_eps"],
-        g1_clip=settings["grad_reg_g1_clip"], g2_clip=settings["grad_reg_g2_clip"], exclude=ex,
+    return engine_grad_reg(
+        trainer.accelerator.deepspeed_engine_wrapped.engine, exclude=exclude,
+        strength=settings["grad_reg_strength"], eps=settings["grad_reg_eps"],
+        g1_clip=settings["grad_reg_g1_clip"], g2_clip=settings["grad_reg_g2_clip"],
         estimator=settings["grad_reg_estimator"], eps_mode=settings["grad_reg_eps_mode"],
         warmup_steps=int(settings["grad_reg_warmup_steps"]), seed=int(getattr(trainer.args, "seed", 0)),
     )
+
+
+def engine_grad_reg(engine: Any, *, exclude: Iterable[torch.Tensor | str] = (), **settings: Any) -> DeepSpeedGR:
+    """:class:`DeepSpeedGR` on ``engine`` with ``exclude`` given as the module's tensors or name substrings (each
+    must match a parameter); ``settings`` as for :class:`DeepSpeedGR`."""
+    named = list(engine.module.named_parameters())
+    ex = []
+    for item in exclude:
+        hit = [p for n, p in named if (p is item if isinstance(item, torch.Tensor) else item in n)]
+        if not hit:
+            raise ValueError(f"grkernels GradReg under DeepSpeed: exclude entry {item!r} matches no parameter of the "
+                             "engine's module")
+        ex += hit
+    return DeepSpeedGR(engine, exclude=ex, **settings)
 
 
 @contextlib.contextmanager
@@ -348,6 +360,17 @@ class DeepSpeedGR:
         """Abort: θ back bitwise and published, gradients back to g1. No-op when nothing is perturbed."""
         if self._point:
             self._put_back(self._impl.restore)
+
+    @torch.no_grad()
+    def discard_gradients(self) -> None:
+        """Drop the window: this rank's gradient partitions zeroed in place and the module's ``.grad`` cleared, so
+        the next window accumulates from zero and the held step never runs with it (after a failed GR pass,
+        once ``restore`` put θ back)."""
+        if self._point:
+            raise RuntimeError("DeepSpeedGR.discard_gradients: θ is perturbed; restore() first")
+        for p in self._parts.params():
+            self._parts.grad(p).zero_()
+        self.opt.zero_grad(set_to_none=True)
 
     def metrics(self, sync: bool = True) -> dict[str, Any]:
         """``g1_norm``, ``g2_norm``, ``gr_rel``, ``perturb_ratio`` of the last GR step (global; floats if ``sync``)."""

@@ -28,9 +28,14 @@ from torch import nn
 
 # the DDP runs first: a Trainer with a DeepSpeed config leaves process-wide state behind (ACCELERATE_USE_DEEPSPEED)
 MODES = ("ddp", "ddp_ga2", "grpo_ddp", "grpo_ddp_ga2",
+         # a plain Accelerate loop with GradRegWindow (acc_*)
+         "acc_ddp", "acc_ddp_ga2", "acc_ddp_central", "acc_ddp_radius", "acc_ddp_raise",
          "zero1", "zero2", "zero3", "zero1_ga2", "zero2_ga2", "zero3_ga2",
          "zero2_bf16", "zero3_bf16", "zero2_bf16acc", "zero3_bf16acc",
-         "grpo_zero2", "grpo_zero3", "grpo_zero2_ga2", "grpo_zero3_ga2", "zero2_raise", "zero3_raise")
+         "grpo_zero2", "grpo_zero3", "grpo_zero2_ga2", "grpo_zero3_ga2", "zero2_raise", "zero3_raise",
+         "acc_zero1", "acc_zero2", "acc_zero3", "acc_zero1_ga2", "acc_zero2_ga2", "acc_zero3_ga2",
+         "acc_zero2_central", "acc_zero3_central", "acc_zero2_radius", "acc_zero3_radius",
+         "acc_zero2_raise", "acc_zero3_raise")
 STEPS = 3
 # GRPO runs step with SGD and are compared by their updates. AdamW's first steps move an element by
 # lr·g/(|g| + eps): for the many near-zero gradients of the tiny Llama that turns a 1e-7 rounding difference between
@@ -203,11 +208,92 @@ def _after_replay_error(tr) -> dict:
     return out
 
 
+def _acc_variant(mode: str) -> tuple[int, dict]:
+    """gradient_accumulation_steps and the GR settings an ``acc_*`` mode adds."""
+    ga = 2 if "_ga2" in mode else 1
+    extra = {"estimator": "central"} if "_central" in mode else {"eps_mode": "radius"} if "_radius" in mode else {}
+    return ga, extra
+
+
+def _memory(gr) -> dict:
+    return {"extra_bytes": gr.extra_memory_bytes(),  # what GR holds on this rank, per element
+            "partition_numel": sum(t.numel() for t in gr.master_partitions()),
+            "model_numel": sum(p.numel() for p in make_net().parameters())}
+
+
+def train_accelerate(mode: str, out: str) -> dict:
+    """A plain Accelerate loop with ``GradRegWindow``: the same 8 rows per step (4 per rank, in ``ga`` micro-batches)
+    under DDP (``GradReg`` around AdamW) or DeepSpeed (AdamW prepared by DeepSpeed, ``grad_reg=`` settings). In
+    ``*_raise`` modes the replay of the first window raises; the loop goes on, and that window must be void."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+
+    from grkernels import GradReg
+    from grkernels.integrations.accelerate import GradRegWindow
+
+    ga, extra = _acc_variant(mode)
+    settings = dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, seed=0, **extra)
+    plugin = None
+    if "zero" in mode:
+        stage = int(mode.split("zero")[1][0])
+        zero = {"stage": stage, **({"stage3_param_persistence_threshold": 50} if stage == 3 else {})}
+        plugin = DeepSpeedPlugin(hf_ds_config={
+            "zero_optimization": zero, "train_micro_batch_size_per_gpu": 4 // ga, "gradient_accumulation_steps": ga,
+            "gradient_clipping": 0.0, "steps_per_print": 10**9})
+    # cpu=True would switch DeepSpeed off (Accelerate: DeepSpeed only "and not cpu"); there is no GPU here anyway
+    acc = Accelerator(cpu=plugin is None, gradient_accumulation_steps=ga, deepspeed_plugin=plugin)
+    model = Reg()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)  # the Trainer runs' AdamW
+    if plugin is None:
+        opt = GradReg(base, exclude=["net.4.bias"], named_parameters=model.named_parameters(), backend="torch",
+                      **settings)
+        model, opt = acc.prepare(model, opt)
+        window = GradRegWindow(acc, model, opt)
+    else:
+        model, opt = acc.prepare(model, base)
+        window = GradRegWindow(acc, model, opt, grad_reg={**settings, "exclude": ["net.4.bias"]})
+    data, rank, failed = Rows(), dist.get_rank(), {"armed": mode.endswith("_raise")}
+
+    def loss_fn(m, rows):
+        if failed["armed"] and window.grad_reg.extra_passes and getattr(window.grad_reg, "_point", 1):
+            failed["armed"] = False  # the first replay (θ perturbed) raises
+            raise RuntimeError("replay failure")
+        return m(data.x[rows], data.y[rows])["loss"]
+
+    metrics, errors = [], 0
+    steps = STEPS + (1 if mode.endswith("_raise") else 0)
+    for step in range(steps):
+        first = 8 * (step % STEPS) + 4 * rank  # a *_raise run's extra window reuses the first rows
+        mine = torch.arange(first, first + 4)
+        try:
+            for rows in mine.chunk(ga):
+                window.step(rows, loss_fn)
+        except RuntimeError as e:
+            if "replay failure" not in str(e):
+                raise
+            errors += 1
+            continue
+        metrics.append({f"grad_reg/{k}": v for k, v in window.grad_reg.metrics(sync=True).items()
+                        if k in ("g1_norm", "g2_norm", "gr_rel")})
+    result = {"metrics": metrics, "errors": errors, "gr_class": type(window.grad_reg).__name__}
+    if plugin is not None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        result["params"] = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in model.module.named_parameters()}
+        result["memory"] = _memory(window.grad_reg)
+    else:
+        result["params"] = {n: p.detach().clone() for n, p in acc.unwrap_model(model).named_parameters()}
+    return result
+
+
 def train(mode: str, out: str) -> dict:
     from transformers import Trainer, TrainingArguments
 
     if mode.startswith("grpo"):
         return train_grpo(mode, out)
+    if mode.startswith("acc_"):
+        return train_accelerate(mode, out)
 
     from grkernels.integrations.hf import grad_reg_config, grad_reg_trainer
 
@@ -250,10 +336,8 @@ def train(mode: str, out: str) -> dict:
 
         engine = tr.accelerator.deepspeed_engine_wrapped.engine
         params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
-        memory = {"extra_bytes": tr.grad_reg.extra_memory_bytes(),  # what GR holds on this rank, per element
-                  "partition_numel": sum(t.numel() for t in tr.grad_reg.master_partitions()),
-                  "model_numel": sum(p.numel() for p in make_net().parameters())}
-        return {"params": params, "metrics": metrics, "memory": memory, "gr_class": type(tr.grad_reg).__name__}
+        return {"params": params, "metrics": metrics, "memory": _memory(tr.grad_reg),
+                "gr_class": type(tr.grad_reg).__name__}
     else:
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {"params": params, "metrics": metrics, "gr_class": type(tr.grad_reg).__name__}

@@ -41,8 +41,28 @@ CASES: dict[str, dict[str, Any]] = {
     # cheaper GR (issue 13): steps full, reuse, full (the stored correction is each rank's shard of it)
     "reuse": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, every=2, reuse="orthogonal"),
     "subset": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, micro=2, subset=True),
+    # GradReg built on the unsharded model, its parameters then swapped for the sharded ones the way Accelerate's
+    # FSDP2 prepare does it (the exclusion must follow the swap)
+    "late_shard": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, late_shard=True),
 }
-_WORKER_ONLY = ("mesh", "reshard_after_forward", "micro", "subset")
+_WORKER_ONLY = ("mesh", "reshard_after_forward", "micro", "subset", "late_shard")
+
+
+def accelerate_style_shard(model: nn.Module, opt, shard: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Shard ``model`` after ``opt`` was built, as ``Accelerator.prepare`` does under FSDP2 (accelerate 1.x
+    ``_prepare_fsdp2``): the optimizer's parameters become placeholders carrying the old data pointers, the model
+    is sharded, and accelerate's own ``fsdp2_switch_optimizer_parameters`` puts the sharded parameters in place."""
+    from accelerate.utils.fsdp_utils import fsdp2_switch_optimizer_parameters
+
+    old = {n: p.data_ptr() for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for i, p in enumerate(group["params"]):
+            group["params"][i] = torch.empty(1, dtype=p.dtype, device=p.device)
+            group["params"][i].data_ptr = p.data_ptr()
+    model = shard(model)
+    new = dict(model.named_parameters())
+    fsdp2_switch_optimizer_parameters(opt, {old[n]: new[n] for n in old})
+    return model
 
 
 def make_model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -133,8 +153,13 @@ def run_case(case: str, rank: int, world: int, out: str) -> None:
         mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh("cpu", (world,))
-    model = _shard(make_model(), mesh, settings.get("reshard_after_forward", True))
-    opt = make_opt(model, settings)
+    if settings.get("late_shard"):
+        model = make_model()
+        opt = make_opt(model, settings)
+        model = accelerate_style_shard(model, opt, lambda m: _shard(m, mesh))
+    else:
+        model = _shard(make_model(), mesh, settings.get("reshard_after_forward", True))
+        opt = make_opt(model, settings)
     micro = settings.get("micro", 1)
     batches = [tuple(t.chunk(world)[rank] for t in make_data(s)) for s in range(STEPS)]
     before = None
