@@ -18,7 +18,7 @@ STAMP := $(VENV)/.grkernels-installed
 DEMO_ARGS ?=
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo demo-quick quickstart test test-fast test-verl lint bench bench-gpu wheel clean
+.PHONY: setup demo demo-quick figures quickstart test test-fast test-verl lint bench bench-gpu wheel clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,18 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(PY) -m grkernels demo --quick --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# The committed frontiers (docs/frontier.png, docs/frontier_curves.png, docs/frontier_table.txt; the demo README's
+# tables): the four worlds, every method at several strengths, 3 seeds, one command on one tree. 228 runs; about
+# 2 h of CPU (1 h wall on 2 idle cores). FIGURES_OUT keeps results.json (and the pretrained policy's cache).
+FIGURES_OUT ?= sweep_all
+FIGURES_SWEEP ?= kl:0.03,0.1,0.3;kl_reset:25,50,100;gr:0.01,0.1,1,10,100;gr_all:1,10;gr_every:1,10;gr_subset:1,10;none_lowlr:0.3
+figures: $(STAMP)
+	$(PY) -m grkernels demo --worlds collapse,rare,format,judge --sweep "$(FIGURES_SWEEP)" --seeds 3 \
+	    --out $(FIGURES_OUT) --no-progress
+	cp $(FIGURES_OUT)/frontier.png docs/frontier.png
+	cp $(FIGURES_OUT)/demo.png docs/frontier_curves.png
+	cp $(FIGURES_OUT)/table.txt docs/frontier_table.txt
 
 quickstart: $(STAMP)
 	$(PY) -m grkernels quickstart
