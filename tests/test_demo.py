@@ -7,10 +7,13 @@ import dataclasses
 import itertools
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
+import grkernels
 from grkernels.demo import cli
 from grkernels.demo.experiment import (
     ExperimentConfig,
@@ -172,6 +175,12 @@ def test_cli_end_to_end_and_results_schema(tmp_path, capsys):
     assert res["schema"] == "grkernels.demo/v1"
     assert res["config"]["rl"]["steps"] == 4 and res["config"]["seeds"] == [0]
     assert set(res["worlds"]) == {"collapse", "rare"}
+    # which tree made it: the package version and the git commit (this checkout's HEAD) the run started from
+    assert res["env"]["grkernels"] == grkernels.__version__
+    head = subprocess.run(["git", "-C", str(Path(grkernels.__file__).parents[1]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:
+        assert res["env"]["source"].split("+")[0] == head.stdout.strip()
     want_methods = ["none", "kl", "kl_reset", "gr@1", "gr@10", "gr_kl@1", "gr_kl@10"]
     for w in res["worlds"].values():
         assert list(w["methods"]) == want_methods
