@@ -120,8 +120,8 @@ def test_accumulation_changes_nothing_under_ddp(run):
     _check_metrics(ga2, ga1)
 
 
-@pytest.mark.parametrize("mode, ref", [("grpo_zero2", "grpo_ddp"), ("grpo_zero3", "grpo_ddp"),
-                                       ("grpo_zero2_ga2", "grpo_ddp_ga2"), ("grpo_zero3_ga2", "grpo_ddp_ga2")])
+@pytest.mark.parametrize("mode, ref", [(f"grpo_zero{z}{ga}", f"grpo_ddp{ga}") for ga in ("", "_ga2")
+                                       for z in (1, 2, 3)])
 def test_grpo_trainer_under_zero_equals_ddp(run, mode, ref):
     """GRPO steps with SGD here (see the worker's GRPO_OPT), so the whole update of the 3 steps is compared too."""
     ddp, _ = _load(run, ref)
