@@ -144,12 +144,15 @@ def completion_logps(model, params, inp, with_entropy=False):
     return out
 
 
-def window_loss(model, params, window, old, tr, ent_masks=None) -> torch.Tensor:
-    """Σ over micro-batches of TRL's per-micro-batch loss (GA-scaled as TRL scales it), written independently."""
+def window_loss(model, params, window, old, tr, ent_masks=None, only=None) -> torch.Tensor:
+    """Σ over micro-batches of TRL's per-micro-batch loss (GA-scaled as TRL scales it), written independently.
+    ``only``: the terms of those micro-batches (scaled as in the whole window's loss)."""
     ga, loss_type = len(window), tr.loss_type
     total_tokens = sum(inp["completion_mask"].sum() for inp in window)  # spg == GA: window == generation batch
     loss = 0.0
     for k, (inp, old_lp) in enumerate(zip(window, old)):
+        if only is not None and k not in only:
+            continue
         lp = completion_logps(model, params, inp)
         mask = inp["completion_mask"].float()
         adv = inp["advantages"].unsqueeze(1)
@@ -263,6 +266,75 @@ def test_grpo_fused_loss_gradient_matches_independent_recomputation(tmp_path, ga
     for k in ("entropy", "clip_ratio/region_mean", "grad_reg/gr_rel"):
         assert all(k in h for h in logs), k
     assert tr.rec_entropy_counts == [ga, ga]  # TRL's metrics appended once per micro-batch, not per pass
+
+
+def _subset_gradient(tr, step, only, share):
+    """g1 + (γ/ε)(g2_S − g1_S)/f recomputed: g1 over the window at θ, g1_S and g2_S of the micro-batches ``only``
+    at θ and θ' = θ + ε·g1 (the whole batch's direction), f = ``share``; excluded parameters get g1."""
+    model, window = tr.model, step["window"]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    theta = {n: step["theta"][n].clone().requires_grad_(True) for n in names}
+    with torch.no_grad():
+        old = [completion_logps(model, theta, inp) for inp in window]
+
+    def grad(params, which):
+        return dict(zip(names, torch.autograd.grad(window_loss(model, params, window, old, tr, only=which),
+                                                   list(params.values()))))
+
+    g1 = grad(theta, None)
+    g1_s = grad(theta, only)
+    theta2 = {n: (theta[n] + EPS * g1[n] if n not in EXCLUDED else theta[n]).detach().requires_grad_(True)
+              for n in names}
+    g2_s = grad(theta2, only)
+    return {n: g1[n] if n in EXCLUDED else g1[n] + (GAMMA / EPS) * (g2_s[n] - g1_s[n]) / share for n in names}
+
+
+@pytest.mark.parametrize("subset_by", ["advantage", "random"])
+def test_grpo_sub_batch_pass_by_advantage_matches_independent_recomputation(tmp_path, monkeypatch, subset_by):
+    """grad_reg_subset_fraction=0.5 with 2 micro-batches: the second pass replays micro-batch 0. By |advantage|:
+    each window's 8 sequences re-split so that micro-batch 0 holds the 4 with the largest |advantage| (the same
+    rows, every column moved together), and the estimate divides by their share of Σ|advantage|; at random:
+    TRL's order, divided by 1/2. The optimizer's gradient equals the recomputation on the window it saw."""
+    import grkernels.integrations.trl as T
+
+    seen = []
+    order = T._order_windows_by_advantage
+    monkeypatch.setattr(T, "_order_windows_by_advantage", lambda b, w: seen.append((b, order(b, w))) or seen[-1][1])
+    tr, snaps = run_grpo(tmp_path, gradient_accumulation_steps=2, grad_reg_subset_fraction=0.5,
+                         grad_reg_subset_by=subset_by)
+    assert len(seen) == (2 if subset_by == "advantage" else 0)  # one generation batch per optimizer step
+
+    def rows(batches):
+        keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+        return sorted(tuple(tuple(b[k][i].reshape(-1).tolist()) for k in keys)
+                      for b in batches for i in range(len(b["advantages"])))
+
+    for before, after in seen:
+        assert rows(before) == rows(after)  # the same sequences, nothing mixed between columns
+    for step in snaps.steps:
+        a0, a1 = (inp["advantages"].abs() for inp in step["window"])
+        if subset_by == "advantage":
+            assert float(a0.min()) >= float(a1.max())
+            share = float(a0.sum() / (a0.sum() + a1.sum()))
+            assert 0.5 < share < 1.0
+        else:
+            share = 0.5
+        exp = _subset_gradient(tr, step, [0], share)
+        assert rel(step["grad"], exp) < 1e-4
+        full, _ = expected_gradients(tr, step)
+        assert rel(step["grad"], full) > 1e-3  # really a subset
+
+
+def test_grpo_subset_by_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="grad_reg_subset_by"):
+        grpo_args(tmp_path, grad_reg_subset_by="loss")
+    from grkernels.integrations.trl import _order_windows_by_advantage
+
+    b = {"advantages": torch.tensor([1.0, -3.0]), "x": torch.tensor([[1], [2]]), "n": torch.tensor(5), "s": ["p", "q"]}
+    with pytest.raises(ValueError, match="multiple of gradient_accumulation_steps"):
+        _order_windows_by_advantage([b, b, b], 2)
+    (one,) = _order_windows_by_advantage([b], 1)
+    assert one["x"].tolist() == [[2], [1]] and one["s"] == ["q", "p"] and int(one["n"]) == 5
 
 
 def test_grpo_fused_loss_refuses_unsupported(tmp_path):

@@ -115,7 +115,8 @@ class GradRegArguments:
     grad_reg_subset_fraction: float = field(
         default=1.0,
         metadata={"help": "Sub-batch GR: the second pass replays only the first ceil(f*n) of the n micro-batches "
-                  "of each accumulation window (a random subset: batches are shuffled). 1: all. Single process."},
+                  "of each accumulation window (a random subset: batches are shuffled, unless the host integration "
+                  "orders them). 1: all. Single process."},
     )
 
 
@@ -357,12 +358,18 @@ class GradRegTrainerMixin:
             window, self._gr_window = self._gr_window, []
             if gr.active and window:
                 if getattr(gr, "subset_fraction", None) is not None:  # replay the subset (a short window: its share)
-                    gr.subset_fraction = self._grad_reg_subset_size() / len(window)
+                    gr.subset_fraction = self._grad_reg_subset_share(window, self._grad_reg_subset_size())
                     window = window[: self._grad_reg_subset_size()]
                 self._grad_reg_second_pass(model, window)
             elif hasattr(gr, "combine"):  # warmup / between full steps: g1 diagnostics, reused correction, pre-clip
                 gr.combine()
         return loss
+
+    def _grad_reg_subset_share(self, window: list[_Captured], subset: int) -> float:
+        """The share f of the window that the first ``subset`` micro-batches stand for, in the sub-batch estimate
+        g2 ≈ g1 + (g2_S − g1_S)/f: their count share (the window's micro-batches are a random split). Host
+        integrations that order the window override it (e.g. by the share of a per-sequence score)."""
+        return subset / len(window)
 
     def _grad_reg_subset_size(self) -> int:
         """Micro-batches of each window the second pass replays (``grad_reg_subset_fraction``)."""

@@ -71,9 +71,20 @@ class GradRegGRPOConfig(GRPOConfig, GradRegArguments):
                   "dapo, luspo, token/sequence importance sampling, beta (k3 KL) and delta; refuses the rest."},
     )
 
+    grad_reg_subset_by: str = field(
+        default="advantage",
+        metadata={"help": "With grad_reg_subset_fraction < 1: which sequences the second pass replays. 'advantage': "
+                  "each accumulation window's sequences are ordered by |advantage| (largest first) before TRL "
+                  "splits them into micro-batches, so the replayed micro-batches hold the largest ones, and the "
+                  "estimate divides by their share of the window's Σ|advantage|; 'random': TRL's shuffled order, "
+                  "divided by their count share."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         grad_reg_settings(self)  # raises on bad values
+        if self.grad_reg_subset_by not in ("advantage", "random"):
+            raise ValueError(f"grad_reg_subset_by must be 'advantage' or 'random', got {self.grad_reg_subset_by!r}")
 
 
 _FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -92,6 +103,30 @@ class GradRegGRPOMixin:
         self._gr_fused = bool(getattr(self.args, "grad_reg_fused_loss", False))
         if self._gr_fused:
             self._grad_reg_check_fused()
+
+    # ------------------------------------------------------------------ sub-batch GR by |advantage|
+    def _gr_orders_by_advantage(self) -> bool:
+        cfg = self.grad_reg_settings_for_optimizer()
+        return (float(cfg["grad_reg_subset_fraction"]) < 1.0 and float(cfg["grad_reg_strength"]) > 0.0
+                and getattr(self.args, "grad_reg_subset_by", "advantage") == "advantage")
+
+    @property
+    def _buffered_inputs(self) -> list[dict] | None:
+        return self.__dict__.get("_gr_buffered_inputs")
+
+    @_buffered_inputs.setter
+    def _buffered_inputs(self, batches: list[dict] | None) -> None:
+        """TRL stores each generation batch here, shuffled and split into micro-batches; with sub-batch GR by
+        |advantage| the sequences of each accumulation window are re-split in descending |advantage| first."""
+        if batches is not None and self._gr_orders_by_advantage():
+            batches = _order_windows_by_advantage(batches, self.args.gradient_accumulation_steps)
+        self.__dict__["_gr_buffered_inputs"] = batches
+
+    def _grad_reg_subset_share(self, window: list, subset: int) -> float:
+        if not self._gr_orders_by_advantage():
+            return super()._grad_reg_subset_share(window, subset)
+        mass = [float(entry.prepared["advantages"].abs().sum()) for entry in window]  # host reads, once a window
+        return sum(mass[:subset]) / sum(mass) if sum(mass) > 0 else subset / len(window)
 
     def _grad_reg_check_fused(self) -> None:
         a = self.args
@@ -215,6 +250,38 @@ class GradRegGRPOMixin:
         if self._gr_entropy_mask_sink is not None:
             self._gr_entropy_mask_sink.append(out.detach())
         return out
+
+
+def _order_windows_by_advantage(batches: list[dict], window: int) -> list[dict]:
+    """Within each run of ``window`` consecutive micro-batches (one accumulation window), the same sequences
+    re-split into micro-batches of the same sizes in descending |advantage| (stable). Per-sequence entries
+    (tensors with a batch dimension, lists) move together; 0-d tensors and None stay."""
+    if len(batches) % window:
+        raise ValueError(f"grad_reg_subset_by='advantage': TRL's steps_per_generation ({len(batches)}) must be a "
+                         f"multiple of gradient_accumulation_steps ({window}), so that windows do not straddle "
+                         "generation batches; or use grad_reg_subset_by='random'")
+    out = []
+    for w in range(0, len(batches), window):
+        group = batches[w:w + window]
+        if any(k.startswith(("pixel_", "image_")) for b in group for k in b):
+            raise NotImplementedError("grad_reg_subset_by='advantage' does not reorder image inputs (pixel_values "
+                                      "are packed across sequences); use grad_reg_subset_by='random'")
+        sizes = [len(b["advantages"]) for b in group]
+        order = torch.cat([b["advantages"] for b in group]).abs().argsort(descending=True, stable=True)
+
+        def take(key: str, parts: list):
+            if parts[0] is None or (isinstance(parts[0], torch.Tensor) and parts[0].ndim == 0):
+                return [parts[0]] * len(parts)
+            if isinstance(parts[0], torch.Tensor):
+                return list(torch.cat(parts)[order].split(sizes))
+            flat = [x for part in parts for x in part]
+            picked = [flat[i] for i in order.tolist()]
+            bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+            return [picked[a:b] for a, b in zip(bounds, bounds[1:])]
+
+        columns = {key: take(key, [b[key] for b in group]) for key in group[0]}
+        out += [{key: columns[key][k] for key in group[0]} for k in range(len(group))]
+    return out
 
 
 register_trainer_mixin(GRPOTrainer, GradRegGRPOMixin)  # grad_reg_trainer(any GRPOTrainer subclass) pins too
