@@ -18,7 +18,7 @@ STAMP := $(VENV)/.grkernels-installed
 DEMO_ARGS ?=
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo demo-quick figures quickstart test test-fast test-verl lint bench bench-gpu wheel clean
+.PHONY: setup demo demo-quick figures figures-redraw quickstart test test-fast test-verl lint bench bench-gpu wheel clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ figures: $(STAMP)
 	cp $(FIGURES_OUT)/frontier.png docs/frontier.png
 	cp $(FIGURES_OUT)/demo.png docs/frontier_curves.png
 	cp $(FIGURES_OUT)/table.txt docs/frontier_table.txt
+# Redraw the committed figures from a finished sweep's results.json (seconds), e.g. after a change to the plots
+figures-redraw: $(STAMP)
+	$(PY) -m grkernels demo --from-results $(FIGURES_OUT)/results.json --out $(FIGURES_OUT)/redraw
+	cp $(FIGURES_OUT)/redraw/frontier.png docs/frontier.png
+	cp $(FIGURES_OUT)/redraw/demo.png docs/frontier_curves.png
 
 quickstart: $(STAMP)
 	$(PY) -m grkernels quickstart

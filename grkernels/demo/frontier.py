@@ -204,7 +204,7 @@ def plot_frontiers(results: dict, path: str) -> str:
         axes[row][0].set_xscale("symlog", linthresh=1.0)
         axes[row][1].set_title(f"{wname}: Δgold vs proxy gain")
         axes[row][1].set_xlabel("proxy − initial proxy")
-        axes[row][2].set_title(f"{wname}: frontier E(k) = best Δgold at KL ≤ k (band: seeds min..max)")
+        axes[row][2].set_title(f"{wname}: E(k) = best Δgold at KL ≤ k (band: seed min..max)")
         axes[row][2].set_xlabel("k [nats]")
         for ax in axes[row]:
             ax.grid(alpha=0.3)
@@ -212,7 +212,7 @@ def plot_frontiers(results: dict, path: str) -> str:
         axes[row][0].legend(fontsize=8)
     fig.suptitle("grkernels demo --sweep: thin lines = runs (smoothed, from the first full window), "
                  "markers = final point per strength (mean ± std over seeds)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -143,7 +143,7 @@ def plot(results: dict, path: str) -> str:
             ax.grid(alpha=0.3)
         axes[row][0].legend(fontsize=8)
     fig.suptitle(f"grkernels demo: mean over seeds, band = min..max, moving average of {window} steps")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
