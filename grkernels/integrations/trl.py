@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import trl
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import split_tensor_dict
 
 from grkernels.integrations.hf import (
     GradRegArguments,
@@ -125,7 +126,7 @@ class GradRegGRPOMixin:
     def _grad_reg_subset_share(self, window: list, subset: int) -> float:
         if not self._gr_orders_by_advantage():
             return super()._grad_reg_subset_share(window, subset)
-        mass = [float(entry.prepared["advantages"].abs().sum()) for entry in window]  # host reads, once a window
+        mass = torch.stack([entry.prepared["advantages"].abs().sum() for entry in window]).tolist()  # one host read
         return sum(mass[:subset]) / sum(mass) if sum(mass) > 0 else subset / len(window)
 
     def _grad_reg_check_fused(self) -> None:
@@ -266,22 +267,21 @@ def _order_windows_by_advantage(batches: list[dict], window: int) -> list[dict]:
         if any(k.startswith(("pixel_", "image_")) for b in group for k in b):
             raise NotImplementedError("grad_reg_subset_by='advantage' does not reorder image inputs (pixel_values "
                                       "are packed across sequences); use grad_reg_subset_by='random'")
-        sizes = [len(b["advantages"]) for b in group]
         order = torch.cat([b["advantages"] for b in group]).abs().argsort(descending=True, stable=True)
-
-        def take(key: str, parts: list):
-            if parts[0] is None or (isinstance(parts[0], torch.Tensor) and parts[0].ndim == 0):
-                return [parts[0]] * len(parts)
-            if isinstance(parts[0], torch.Tensor):
-                return list(torch.cat(parts)[order].split(sizes))
-            flat = [x for part in parts for x in part]
-            picked = [flat[i] for i in order.tolist()]
-            bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
-            return [picked[a:b] for a, b in zip(bounds, bounds[1:])]
-
-        columns = {key: take(key, [b[key] for b in group]) for key in group[0]}
-        out += [{key: columns[key][k] for key in group[0]} for k in range(len(group))]
+        out += split_tensor_dict({key: _in_order([b[key] for b in group], order) for key in group[0]}, len(group))
     return out
+
+
+def _in_order(parts: list, order: torch.Tensor) -> Any:
+    """One key's values over a window's micro-batches as one batch in ``order``: per-sequence tensors and lists
+    concatenated and permuted; 0-d tensors and None as they are (TRL's split copies them to every micro-batch)."""
+    first = parts[0]
+    if first is None or (isinstance(first, torch.Tensor) and first.ndim == 0):
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)[order]
+    flat = [x for part in parts for x in part]
+    return [flat[i] for i in order.tolist()]
 
 
 register_trainer_mixin(GRPOTrainer, GradRegGRPOMixin)  # grad_reg_trainer(any GRPOTrainer subclass) pins too
