@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist_workers"))
 import verl_worker as W  # noqa: E402
 
 VOCAB, PROMPT, RESPONSE, BATCH = 48, 5, 7, 12
+GR_OFF = dict(strength=0.0)
 
 
 def make_model_dir(path: Path) -> torch.nn.Module:
@@ -93,25 +94,28 @@ def response_logprobs(model: torch.nn.Module, params: dict[str, torch.Tensor], b
     return torch.stack(rows)
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """verl's loss_agg_mode over the whole global batch (what the sum over ranks and micro-batches must give)."""
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """verl's loss_agg_mode over the whole global batch (what the sum over ranks and micro-batches must give);
+    ``rows`` (0/1 per sequence): only those sequences' terms, normalised as in the whole batch's loss."""
+    keep = torch.ones(x.shape[0], dtype=x.dtype) if rows is None else rows.to(x.dtype)
     if mode == "token-mean":
-        return (x * mask).sum() / mask.sum()
+        return (x * mask * keep[:, None]).sum() / mask.sum()
     per_seq = (x * mask).sum(-1)
     if mode == "seq-mean-token-mean":
         per_seq = per_seq / mask.sum(-1)
     assert mode in ("seq-mean-token-mean", "seq-mean-token-sum"), mode
-    return per_seq.mean()
+    return (per_seq * keep).sum() / x.shape[0]
 
 
-def ppo_loss(logp: torch.Tensor, batch: dict, loss: dict[str, Any]) -> torch.Tensor:
+def ppo_loss(logp: torch.Tensor, batch: dict, loss: dict[str, Any], rows: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """PPO-clip with dual clip (c = 3), plus the KL loss to the reference policy (k3 = low_var_kl, or k2)."""
     mask = batch["response_mask"].double()
     adv, old = batch["advantages"].double(), batch["old_log_probs"].double()
     ratio = torch.exp((logp - old).clamp(-20, 20))
     clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
     pg = torch.where(adv < 0, torch.minimum(clipped, -adv * 3.0), clipped)
-    total = aggregate(pg, mask, loss["loss_agg_mode"])
+    total = aggregate(pg, mask, loss["loss_agg_mode"], rows)
     if loss["use_kl_loss"]:
         d = batch["ref_log_prob"].double() - logp
         if loss["kl_loss_type"] == "low_var_kl":
@@ -119,14 +123,16 @@ def ppo_loss(logp: torch.Tensor, batch: dict, loss: dict[str, Any]) -> torch.Ten
         else:
             assert loss["kl_loss_type"] == "k2"
             kl = 0.5 * d.square()
-        total = total + loss["kl_loss_coef"] * aggregate(kl, mask, loss["loss_agg_mode"])
+        total = total + loss["kl_loss_coef"] * aggregate(kl, mask, loss["loss_agg_mode"], rows)
     return total
 
 
 def reference_step(model_dir: Path, batch: dict, case: dict[str, Any],
-                   theta: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                   theta: dict[str, torch.Tensor] | None = None, subset: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     """The gradient the base optimizer must step with, recomputed in float64: GR on the GR parameters, then verl's
-    clip to ``clip_grad``. Also g1 (for the size of the correction) and GR's g1 norm."""
+    clip to ``clip_grad``. Also g1 (for the size of the correction), GR's g1 norm and the GR gradient before the
+    clip. ``subset`` ({"rows": 0/1 per sequence, "fraction": f}): the sub-batch pass, g2 ≈ g1 + (g2_S − g1_S)/f."""
     from transformers import Qwen2ForCausalLM
 
     model = Qwen2ForCausalLM.from_pretrained(model_dir, attn_implementation="eager").double()
@@ -135,9 +141,9 @@ def reference_step(model_dir: Path, batch: dict, case: dict[str, Any],
         params = {n: theta[n].double() for n in params}
     names = list(params)
 
-    def grad_at(point: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def grad_at(point: dict[str, torch.Tensor], rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         leaves = {n: t.clone().requires_grad_(True) for n, t in point.items()}
-        loss = ppo_loss(response_logprobs(model, leaves, batch), batch, case["loss"])
+        loss = ppo_loss(response_logprobs(model, leaves, batch), batch, case["loss"], rows)
         return dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
 
     def norm(g: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
@@ -161,6 +167,9 @@ def reference_step(model_dir: Path, batch: dict, case: dict[str, Any],
 
     gamma = gr["strength"]
     g2 = grad_at(at(+1.0))
+    if subset is not None:
+        g1_s, g2_s = grad_at(params, subset["rows"]), grad_at(at(+1.0), subset["rows"])
+        g2 = {n: g1[n] + (g2_s[n] - g1_s[n]) / subset["fraction"] for n in names}
     s2 = clip(norm(g2, P), gr["g2_clip"])
     if gr["estimator"] == "central":
         gm = grad_at(at(-1.0))
@@ -171,7 +180,26 @@ def reference_step(model_dir: Path, batch: dict, case: dict[str, Any],
     full = {n: g1[n] + corr[n] if n in P else g1[n] for n in names}
     coef = clip(norm(full, names), W.CLIP_GRAD)  # verl's optimizer_step: clip_grad_norm_ of the combined grad
     return {"grad": {n: full[n] * coef for n in names}, "g1": g1, "g1_norm": float(n1),
-            "gr_rel": float(norm(corr, P) / n1)}
+            "gr_rel": float(norm(corr, P) / n1), "full": full, "gr_params": P}
+
+
+def reference_reuse_step(model_dir: Path, batch: dict, case: dict[str, Any], first: dict[str, Any],
+                         theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A step between full GR steps with reuse="orthogonal", in float64: the last full step's correction
+    c = GR − g1 (``first``, a reference_step), ρ = ‖c⊥‖/‖g1‖ (⊥: to that step's g1); at ``theta`` with gradient
+    g: grad = g + ρ·‖g‖·d/‖d‖, d = c − (⟨c, g⟩/‖g‖²)·g, on the GR parameters; then verl's clip."""
+    plain = reference_step(model_dir, batch, dict(case, grad_reg=dict(case["grad_reg"], strength=0.0)), theta)
+    P, g = first["gr_params"], plain["g1"]
+    dot = lambda a, b: sum((a[k] * b[k]).sum() for k in P)  # noqa: E731
+    c = {k: first["full"][k] - first["g1"][k] for k in P}
+    g0 = first["g1"]
+    rho = torch.sqrt(dot(c, c) - dot(c, g0) ** 2 / dot(g0, g0)) / torch.sqrt(dot(g0, g0))
+    d = {k: c[k] - dot(c, g) / dot(g, g) * g[k] for k in P}
+    scale = rho * torch.sqrt(dot(g, g)) / torch.sqrt(dot(d, d))
+    full = {k: g[k] + scale * d[k] if k in P else g[k] for k in g}
+    norm = torch.sqrt(sum(v.square().sum() for v in full.values()))
+    coef = (W.CLIP_GRAD / (norm + 1e-6)).clamp(max=1.0)
+    return {k: v * coef for k, v in full.items()}
 
 
 def rel_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -237,6 +265,67 @@ def test_gr_update_equals_independent_recomputation(run, case):
     if W.CASES[case]["loss"] == W.CASES["verl"]["loss"]:  # verl's loss metrics are those of the pass at θ
         for key in ("loss", "actor/pg_loss", "kl_loss", "actor/pg_clipfrac"):
             assert run["results"][case][0]["metrics"][key] == run["results"]["verl"][0]["metrics"][key]
+
+
+def _global_rows(splits: list[list[dict]], per_rank: int) -> torch.Tensor:
+    """0/1 per sequence of the global batch: the sub-batch pass's subset, from each rank's recorded split."""
+    rows = torch.zeros(BATCH, dtype=torch.float64)
+    for rank, (split,) in enumerate(splits):
+        rows[[rank * per_rank + i for i in split["rows"]]] = 1.0
+    return rows
+
+
+def test_sub_batch_pass_by_advantage_equals_independent_recomputation(run):
+    """``subset_fraction=0.3``: on each rank the 2 of 6 sequences with the largest Σ|A|·mask (whole micro-batches),
+    f = their share of the global Σ|A|; the stepped gradient = g1 + (γ/ε)(clip(g1 + (g2_S − g1_S)/f) − clip(g1)),
+    verl-clipped, with the subset's loss terms normalised as in the whole batch (verl's global token count)."""
+    ranks = run["results"]["subset_adv"]
+    batch, per_rank = run["batch"], BATCH // 2
+    score = (batch["advantages"].double().abs() * batch["response_mask"]).sum(-1)
+    for rank, res in enumerate(ranks):
+        local = score[rank * per_rank:(rank + 1) * per_rank]
+        assert sorted(res["splits"][0]["rows"]) == sorted(torch.topk(local, 2).indices.tolist())
+    rows = _global_rows([r["splits"] for r in ranks], per_rank)
+    fraction = float((score * rows).sum() / score.sum())
+    assert 0.3 < fraction < 0.9 and all(math.isclose(r["splits"][0]["fraction"], fraction, rel_tol=1e-7)
+                                        for r in ranks)
+    case = W.CASES["subset_adv"]
+    ref = reference_step(run["dir"], batch, case, subset={"rows": rows, "fraction": fraction})
+    full = reference_step(run["dir"], batch, case)
+    assert rel_error(ref["grad"], full["grad"]) > 1e-3  # the sub-batch estimate is not full GR: a real test
+    for rank in ranks:
+        assert rel_error(rank["grad"], ref["grad"]) < 1e-5
+        assert math.isclose(rank["metrics"]["grad_reg/gr_rel"][0], ref["gr_rel"], rel_tol=1e-3)
+
+
+def test_sub_batch_pass_at_random_equals_independent_recomputation(run):
+    """``subset_by="random"`` with seq-mean-token-mean: 4 of 6 sequences per rank, f = 8/12 (the count share)."""
+    ranks = run["results"]["subset_random"]
+    assert all(len(r["splits"][0]["rows"]) == 4 and r["splits"][0]["fraction"] == 8 / 12 for r in ranks)
+    rows = _global_rows([r["splits"] for r in ranks], BATCH // 2)
+    case = W.CASES["subset_random"]
+    ref = reference_step(run["dir"], run["batch"], case, subset={"rows": rows, "fraction": 8 / 12})
+    assert rel_error(ref["grad"], reference_step(run["dir"], run["batch"], case)["grad"]) > 1e-4
+    for rank in ranks:
+        assert rel_error(rank["grad"], ref["grad"]) < 1e-5
+
+
+def test_every_two_with_orthogonal_reuse(run):
+    """``every=2, reuse="orthogonal"``: step 1 is the full GR step (bitwise the gr_kl case); step 2 has no extra
+    pass and steps with g1 + ρ·‖g1‖·d/‖d‖ (the stored correction made orthogonal to the new g1), recomputed in
+    float64 at the parameters after step 1."""
+    case = W.CASES["every_orth"]
+    first_ref = reference_step(run["dir"], run["batch"], case)
+    for res, full in zip(run["results"]["every_orth"], run["results"]["gr_kl"]):
+        first, second = res["steps"]
+        assert _equal(first["grad"], full["grad"]) and _equal(first["params"], full["params"])
+        assert second["metrics"]["grad_reg/step"] == [2.0, 2.0]
+        assert math.isnan(second["metrics"]["grad_reg/g2_norm"][0])  # no pass at θ'
+        assert second["metrics"]["grad_reg/gr_rel"][0] > 1e-2  # a correction was applied
+        ref = reference_reuse_step(run["dir"], run["batch"], case, first_ref, theta=first["params"])
+        plain = reference_step(run["dir"], run["batch"], dict(case, grad_reg=dict(GR_OFF)), theta=first["params"])
+        assert rel_error(ref, plain["grad"]) > 1e-2
+        assert rel_error(second["grad"], ref) < 1e-5
 
 
 def test_gr_under_verls_bf16_mixed_precision(run):
@@ -334,6 +423,10 @@ def test_config_in_verls_style(cpu_verl):
     (dict(eps_mode="relative"), ValueError, "eps_mode"),
     (dict(warmup_steps=-2), ValueError, "warmup_steps"),
     (dict(gamma=0.1), TypeError, "gamma"),
+    (dict(subset_fraction=0.0), ValueError, "subset_fraction"),
+    (dict(subset_fraction=1.5), ValueError, "subset_fraction"),
+    (dict(subset_by="loss"), ValueError, "subset_by"),
+    (dict(subset_fraction=0.5, lean=True), ValueError, "lean"),
 ])
 def test_bad_settings_fail_at_config_time(cpu_verl, settings, error, match):
     from grkernels.integrations.verl import GradRegFSDPOptimizerConfig
@@ -376,3 +469,52 @@ def test_gpu_example_config_composes(cpu_verl):
     assert (actor.optim.grad_reg.strength, actor.optim.grad_reg.eps, actor.optim.lr) == (0.01, 0.001, 1e-6)
     assert cfg.actor_rollout_ref.model.external_lib == "grkernels.integrations.verl"
     assert cfg.algorithm.adv_estimator == "grpo" and actor.strategy == "fsdp2"
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _mini_batch(advantages: torch.Tensor, lengths: list[int], **non_tensor: Any):
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    n, width = advantages.shape
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).float()
+    td = TensorDict({"advantages": advantages, "loss_mask": mask, "row": torch.arange(n)}, batch_size=[n])
+    tu.assign_non_tensor(td, **{"use_dynamic_bsz": False, "micro_batch_size_per_gpu": 2, **non_tensor})
+    return td
+
+
+def test_split_mini_batch_choice_and_share(cpu_verl, one_process_group):
+    """The subset: the largest Σ|A|·mask, rounded up to whole micro-batches (any size with dynamic batches), in
+    the batch's order; f = its |advantage| share (the count share when every advantage is 0); whole batch: None.
+    Refused: grouped micro-batches, model outputs kept, the advantage rule without advantages."""
+    from grkernels.integrations.verl import split_mini_batch
+
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-5.0, 0.0, 0.0], [0.5, 9.0, 9.0], [2.0, -2.0, 0.0], [0.1, 0.0, 0.0],
+                        [3.0, 3.0, 3.0], [0.0, 0.0, 0.0]])[:6]
+    lengths = [3, 1, 1, 2, 1, 3]  # scores: 3, 5, 0.5, 4, 0.1, 9
+    split = split_mini_batch(_mini_batch(adv, lengths), 0.3, "advantage")  # ⌈1.8⌉ = 2: one micro-batch of 2
+    assert split.rows == [1, 5] and split.subset["row"].tolist() == [1, 5]
+    assert split.rest["row"].tolist() == [0, 2, 3, 4] and split.num_tokens == sum(lengths)
+    assert math.isclose(split.fraction, 14 / 21.6, rel_tol=1e-7)
+    dynamic = split_mini_batch(_mini_batch(adv, lengths, use_dynamic_bsz=True), 0.4, "advantage")  # ⌈2.4⌉
+    assert dynamic.rows == [1, 3, 5] and math.isclose(dynamic.fraction, 18 / 21.6, rel_tol=1e-7)
+    zero = split_mini_batch(_mini_batch(torch.zeros(6, 3), lengths), 0.5, "advantage")
+    assert len(zero.rows) == 4 and zero.fraction == 4 / 6
+    rand = [split_mini_batch(_mini_batch(adv, lengths), 0.5, "random", seed=(0, step)).rows for step in range(4)]
+    assert all(len(r) == 4 for r in rand) and len({tuple(r) for r in rand}) > 1  # a new draw each step
+    assert split_mini_batch(_mini_batch(adv, lengths), 0.9, "advantage") is None  # ⌈5.4⌉ → 6 of 6
+    for key, value in (("force_group_size", 2), ("return_model_output", True)):
+        with pytest.raises(NotImplementedError, match=key):
+            split_mini_batch(_mini_batch(adv, lengths, **{key: value}), 0.5, "advantage")
+    no_adv = _mini_batch(adv, lengths)
+    del no_adv["advantages"]
+    with pytest.raises(ValueError, match="subset_by='random'"):
+        split_mini_batch(no_adv, 0.5, "advantage")

@@ -17,6 +17,10 @@ mini-batch, with verl's loss (any ``loss_agg_mode``, the KL loss, entropy bonus)
 normalisation. Old log-probs are computed before the update (``compute_log_prob``), so the pass at θ'
 differentiates the same loss. Excluded parameters (default: embeddings and output head) get g1.
 
+Cheaper GR: ``every``/``reuse`` as in GradReg; ``subset_fraction < 1``: the first pass runs as two
+``forward_backward_batch`` calls (the subset S chosen by ``split_mini_batch``, then the rest; both normalised as the
+whole mini-batch), and the pass at θ' on S only, combined as g2 ≈ g1 + (g2_S − g1_S)/f (``GradReg.mark_subset``).
+
 Configuration, in verl's config style (a dataclass with ``_target_``; Hydra overrides)::
 
     actor_rollout_ref.actor.optim._target_=grkernels.integrations.verl.GradRegFSDPOptimizerConfig
@@ -46,6 +50,8 @@ from typing import Any
 
 import torch
 from verl.base_config import BaseConfig
+from verl.utils import tensordict_utils as tu
+from verl.utils.py_functional import append_to_dict
 from verl.utils.tensordict_utils import maybe_fix_3d_position_ids
 from verl.workers.config import FSDPOptimizerConfig
 from verl.workers.engine import EngineRegistry
@@ -63,6 +69,9 @@ __all__ = [
     "GradRegFSDPOptimizerConfig",
     "register_engines",
 ]
+
+
+SUBSET_RULES = ("advantage", "random")
 
 
 @dataclass
@@ -84,6 +93,11 @@ class GradRegConfig(BaseConfig):
         warmup_steps: optimizer steps without GR first.
         every, reuse: the full GR step only every k-th step; in between the plain gradient (``reuse="none"``)
             or the last correction made orthogonal to g1 (``"orthogonal"``), see ``grkernels.reuse``.
+        subset_fraction: the sub-batch second pass (``GradReg.mark_subset``): the pass at θ' runs on this share
+            of each rank's mini-batch only (rounded up to whole micro-batches), and GR uses the whole-batch estimate
+            g2 ≈ g1 + (g2_S − g1_S)/f. 1: every sequence (full GR).
+        subset_by: which sequences: "advantage" (the largest Σ_t |A_t| over the response tokens; f = their share
+            of the global Σ|A|) or "random" (f = their share of the sequences).
         rounding: "stochastic" or "nearest": how θ' is rounded onto the grid the model computes on (bf16 under
             verl's default mixed precision; fp32 shards computing in fp32 always round to nearest).
         backend: "auto" (Triton on CUDA when installed), "torch" or "triton".
@@ -105,6 +119,8 @@ class GradRegConfig(BaseConfig):
     backend: str = "auto"
     lean: bool = False
     seed: int = 0
+    subset_fraction: float = 1.0
+    subset_by: str = "advantage"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.strength) and self.strength >= 0):
@@ -122,6 +138,12 @@ class GradRegConfig(BaseConfig):
                 object.__setattr__(self, name, None)
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", [self.exclude])
+        if not 0.0 < self.subset_fraction <= 1.0:
+            raise ValueError(f"grad_reg.subset_fraction must be in (0, 1], got {self.subset_fraction}")
+        if self.subset_by not in SUBSET_RULES:
+            raise ValueError(f"grad_reg.subset_by must be one of {SUBSET_RULES}, got {self.subset_by!r}")
+        if self.subset_fraction < 1.0 and self.lean:
+            raise ValueError("grad_reg.subset_fraction < 1 needs lean=False (lean buffers carry g − g1)")
         # the remaining checks are GradReg's own: fail when the config is built, not at the first step (its
         # warnings, e.g. on mismatched clips, come once, when the engine builds the real one)
         with warnings.catch_warnings():
@@ -131,7 +153,8 @@ class GradRegConfig(BaseConfig):
     def gradreg_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`grkernels.GradReg` (all but ``exclude``)."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
-        kwargs.pop("exclude")
+        for name in ("exclude", "subset_fraction", "subset_by"):  # the engine's, not GradReg's
+            kwargs.pop(name)
         return kwargs
 
 
@@ -174,6 +197,7 @@ class _MicroBatchRNG:
         self.states: list[RNGState] = []
         self.replaying = False
         self.index = 0
+        self.expected = 0
 
     def at_micro_batch(self) -> None:
         if not self.replaying:
@@ -187,13 +211,15 @@ class _MicroBatchRNG:
         self.states[self.index].replay()
         self.index += 1
 
-    def rewind(self) -> None:
+    def rewind(self, count: int | None = None) -> None:
+        """Replay from the first micro-batch; the pass at θ' runs the first ``count`` (default: all) again."""
         self.replaying, self.index = True, 0
+        self.expected = len(self.states) if count is None else count
 
     def check_complete(self) -> None:
-        if self.index != len(self.states):
+        if self.index != self.expected:
             raise RuntimeError(
-                f"GR in verl: the pass at θ' ran {self.index} micro-batches, the pass at θ {len(self.states)}"
+                f"GR in verl: the pass at θ' ran {self.index} micro-batches, the pass at θ {self.expected}"
             )
 
 
@@ -208,6 +234,7 @@ class GradRegEngineMixin:
 
     _grad_reg: GradReg | None = None
     _gr_rng: _MicroBatchRNG | None = None
+    _gr_split: _Split | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -244,6 +271,9 @@ class GradRegEngineMixin:
     def forward_step(self, micro_batch: Any, loss_function: Any, forward_only: bool) -> Any:
         if self._gr_rng is not None and not forward_only:
             self._gr_rng.at_micro_batch()
+        if self._gr_split is not None and not forward_only:
+            # a part of the mini-batch: its loss terms normalised as in the whole mini-batch's loss
+            tu.assign_non_tensor(micro_batch, batch_num_tokens=self._gr_split.num_tokens)
         return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
 
     def train_batch(self, data: Any, loss_function: Any) -> Any:
@@ -257,13 +287,22 @@ class GradRegEngineMixin:
         rng = self._gr_rng = _MicroBatchRNG() if passes else None
         rng_after = None
         try:
-            outputs = self.forward_backward_batch(data, loss_function, forward_only=False)
+            split = self._gr_split = self._split_for_subset(data) if passes else None
+            if split is None:
+                outputs = self.forward_backward_batch(data, loss_function, forward_only=False)
+            else:  # the subset first, its gradient synchronised at its end; then the rest
+                outputs = self.forward_backward_batch(split.subset, loss_function, forward_only=False)
+                subset_micro_batches = len(rng.states)
+                gr.mark_subset(split.fraction)
+                outputs = _merge_outputs(outputs, self.forward_backward_batch(split.rest, loss_function,
+                                                                              forward_only=False))
             if passes:
                 rng_after = RNGState()
             for _ in range(passes):
                 gr.perturb()
-                rng.rewind()
-                self.forward_backward_batch(data, loss_function, forward_only=False)  # outputs: those at θ
+                rng.rewind(None if split is None else subset_micro_batches)
+                # outputs: those at θ
+                self.forward_backward_batch(data if split is None else split.subset, loss_function, forward_only=False)
                 rng.check_complete()
             # before verl's clip: θ back and .grad = the GR gradient (a full step), g1 + the reused correction
             # (every/reuse), or g1 with its diagnostics recorded (warmup)
@@ -273,7 +312,7 @@ class GradRegEngineMixin:
             _drop_pending_fsdp2_grads(self.module)
             raise
         finally:
-            self._gr_rng = None
+            self._gr_rng = self._gr_split = None
             if rng_after is not None:
                 rng_after.replay()  # the RNG continues from where the pass at θ left it
         grad_norm = self.optimizer_step()
@@ -285,6 +324,14 @@ class GradRegEngineMixin:
             outputs["metrics"].update({f"grad_reg/{k}": [v] for k, v in gr.metrics(sync=True).items()})
         return outputs
 
+    def _split_for_subset(self, data: Any) -> _Split | None:
+        """The sub-batch pass's subset of this rank's mini-batch (``grad_reg.subset_fraction`` < 1), or None."""
+        cfg = grad_reg_config(self.optimizer_config)
+        if cfg.subset_fraction >= 1.0:
+            return None
+        return split_mini_batch(data, cfg.subset_fraction, cfg.subset_by, group=self.get_data_parallel_group(),
+                                seed=(cfg.seed, self._grad_reg.metrics(sync=False)["step"]))
+
     def optimizer_step(self) -> float:
         try:
             return super().optimizer_step()
@@ -293,6 +340,84 @@ class GradRegEngineMixin:
                 # verl skips a non-finite step without calling step(): end GR's step (θ is already θ) so that
                 # the next one starts clean. No-op after a step taken.
                 self._grad_reg.restore()
+
+
+@dataclass
+class _Split:
+    """A mini-batch split for the sub-batch pass: the subset S, the rest, the share f of S in the estimate
+    g2 ≈ g1 + (g2_S − g1_S)/f, and the whole mini-batch's loss tokens over the data-parallel ranks (verl's
+    ``batch_num_tokens``, which each part's loss must keep so that its terms are those of the whole loss)."""
+
+    subset: Any
+    rest: Any
+    fraction: float
+    num_tokens: int
+    rows: list[int]  # the subset's rows in ``data``
+
+
+def split_mini_batch(data: Any, fraction: float, by: str, group: Any = None, seed: tuple[int, int] = (0, 0)
+                     ) -> _Split | None:
+    """This rank's mini-batch ``data`` (a verl TensorDict) split for the sub-batch pass: the ⌈f·n⌉ sequences
+    (rounded up to whole micro-batches) with the largest Σ_t |A_t|·mask_t (``by="advantage"``) or at random,
+    in their order in ``data``, and the rest. None when the subset would be the whole mini-batch on every rank.
+
+    One host read (verl's own ``forward_backward_batch`` makes one per call as well): the subset's indices and
+    one all-reduce over ``group`` of the loss tokens and the scores, so that f is the global share: Σ_S|A|/Σ|A|
+    (the count share when every advantage is 0, and for ``by="random"``).
+    """
+    for key, refused in (("force_group_size", 1), ("return_model_output", False)):
+        if tu.get_non_tensor_data(data, key, refused) not in (None, refused):
+            raise NotImplementedError(
+                f"grad_reg.subset_fraction < 1 with {key}={tu.get_non_tensor_data(data, key, None)!r}: the "
+                "subset is chosen per sequence and its outputs are not put back in order. Use subset_fraction=1."
+            )
+    n = data.batch_size[0]
+    dynamic = tu.get_non_tensor_data(data, "use_dynamic_bsz", True)
+    unit = 1 if dynamic else int(tu.get_non_tensor_data(data, "micro_batch_size_per_gpu", 1))
+    k = min(n, math.ceil(fraction * n / unit) * unit)  # verl splits a fixed-size mini-batch into whole chunks
+    mask = data["loss_mask"]
+    if by == "advantage":
+        if "advantages" not in data.keys():
+            raise ValueError("grad_reg.subset_by='advantage' needs the batch's 'advantages' (the actor's update); "
+                             "use subset_by='random' for the critic")
+        weighted = data["advantages"].abs() * mask
+        score = (torch.stack([row.double().sum() for row in weighted.unbind()]) if weighted.is_nested
+                 else weighted.double().sum(-1))
+    else:
+        generator = torch.Generator().manual_seed(hash((seed, torch.distributed.get_rank(group))) % 2**63)
+        score = torch.rand(n, generator=generator, dtype=torch.float64).to(mask.device)
+    order = torch.topk(score, k).indices
+    stats = torch.stack([
+        (mask.values() if mask.is_nested else mask).sum().double(), score[order].sum(), score.sum(),
+        torch.tensor(float(k), dtype=torch.float64, device=score.device),
+        torch.tensor(float(n), dtype=torch.float64, device=score.device),
+        torch.tensor(float(k == n), dtype=torch.float64, device=score.device),
+    ])
+    torch.distributed.all_reduce(stats, group=group)
+    values = torch.cat([stats, order.double()]).tolist()
+    tokens, mass_s, mass, count_s, count, whole = values[:6]
+    ranks = torch.distributed.get_world_size(group)
+    if whole == ranks:
+        return None
+    if whole:
+        raise RuntimeError(
+            f"grad_reg.subset_fraction={fraction}: the subset is the whole mini-batch on {int(whole)} of {ranks} "
+            "ranks only (mini-batches of different sizes); every rank must run both parts"
+        )
+    chosen = sorted(int(i) for i in values[6:])
+    rest = sorted(set(range(n)) - set(chosen))
+    share = mass_s / mass if by == "advantage" and mass > 0 else count_s / count
+    return _Split(subset=tu.index_select_tensor_dict(data, chosen), rest=tu.index_select_tensor_dict(data, rest),
+                  fraction=share, num_tokens=int(tokens), rows=chosen)
+
+
+def _merge_outputs(first: Any, second: Any) -> Any:
+    """The outputs of ``forward_backward_batch`` on the subset and on the rest, as one call over the whole
+    mini-batch gives them (per-micro-batch losses and metrics in a list each; no model outputs)."""
+    metrics: dict[str, Any] = {}
+    append_to_dict(metrics, first["metrics"])  # verl's own merge (lists, and its Metric accumulators)
+    append_to_dict(metrics, second["metrics"])
+    return {"model_output": {}, "loss": first["loss"] + second["loss"], "metrics": metrics}
 
 
 def _drop_pending_fsdp2_grads(module: torch.nn.Module) -> None:

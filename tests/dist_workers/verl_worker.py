@@ -50,6 +50,15 @@ CASES: dict[str, dict[str, Any]] = {
                                                eps_mode="radius"), loss=KL, bf16=True),
 }
 RESUME = dict(engine="gr", grad_reg=dict(GR, warmup_steps=1), loss=KL)
+#: the cheaper GR (not "gr_"-named: their references differ): the sub-batch pass (per rank 2 of 6 sequences by
+#: |advantage|, or 4 of 6 at random) and every-2 reuse over 2 steps
+CHEAP: dict[str, dict[str, Any]] = {
+    "subset_adv": dict(engine="gr", grad_reg=dict(GR, subset_fraction=0.3), loss=KL),
+    "subset_random": dict(engine="gr", grad_reg=dict(GR, subset_fraction=0.5, subset_by="random"),
+                          loss=dict(loss_agg_mode="seq-mean-token-mean", use_kl_loss=False)),
+    "every_orth": dict(engine="gr", grad_reg=dict(GR, every=2, reuse="orthogonal"), loss=KL, steps=2),
+}
+CASES.update(CHEAP)
 
 
 #: attention dropout on: the pass at θ' must see the masks of the pass at θ (RNG replayed per micro-batch)
@@ -140,14 +149,25 @@ def run_step(worker, td) -> dict[str, Any]:
                 if p.grad is not None:
                     captured[names[id(p)]] = full(p.grad)
 
+    from grkernels.integrations import verl as gr_verl
+
+    split, splits = gr_verl.split_mini_batch, []
+
+    def recorded_split(*args, **kwargs):
+        out = split(*args, **kwargs)
+        splits.append(None if out is None else {"rows": out.rows, "fraction": out.fraction})
+        return out
+
     handle = base_optimizer(engine).register_step_pre_hook(hook)
+    gr_verl.split_mini_batch = recorded_split
     try:
         out = worker.train_mini_batch(td.clone())
     finally:
         handle.remove()
+        gr_verl.split_mini_batch = split
     metrics = {} if out is None else {k: [float(x) for x in v] for k, v in out["metrics"].items()}
     return {"grad": captured, "params": {n: full(p) for n, p in engine.module.named_parameters()},
-            "metrics": metrics}
+            "metrics": metrics, "splits": splits}
 
 
 class FaultyLoss:
@@ -224,7 +244,8 @@ def main() -> None:
             if only and name not in only.split(","):
                 continue
             worker = make_worker(model_dir, case)
-            result = run_step(worker, td)
+            steps = [run_step(worker, td) for _ in range(case.get("steps", 1))]
+            result = steps[0] if len(steps) == 1 else {"steps": steps}
             result["gr_engine"] = type(worker.engine).__name__
             torch.save(result, os.path.join(out_dir, f"{name}_rank{rank}.pt"))
             del worker
