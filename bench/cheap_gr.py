@@ -1,4 +1,4 @@
-"""Cheaper GR: fidelity and cost of periodic reuse (``every=k``), the sub-batch second pass and head-only GR.
+"""Cheaper GR: fidelity and cost of periodic reuse (``every=k``) and of the sub-batch second pass.
 
     python bench/cheap_gr.py                    # CPU-sized; writes bench/results/<device>_cheap_gr.json
     python bench/cheap_gr.py --steps 60 --dim 128
@@ -14,7 +14,8 @@ random, by highest loss (lm, K-SAM's rule) or by largest |advantage| (pg).
 Cost: real GradReg steps of each mode (two-phase, the same micro-batches), time per step averaged over whole
 every-k cycles, over a plain AdamW step of the same loop (the median over rounds of each round's ratio); all in
 one run, the modes taking turns. "bookkeeping": the time inside GradReg's own calls (mark_subset, perturb,
-combine: the GR-step backend and the reuse / sub-batch arithmetic), in the same units.
+combine: the GR-step backend and the reuse / sub-batch arithmetic), in the same units. "gradreg-off": GradReg at
+γ = 0, i.e. what wrapping costs a step that does no GR (the non-finite check, g1's norm).
 """
 
 from __future__ import annotations
@@ -249,6 +250,11 @@ def cost(args, ks, fracs) -> list[dict]:
         combine), i.e. everything but the passes and the base optimizer's step."""
         clock = time.perf_counter
         opt.zero_grad()
+        if not isinstance(opt, GradReg):  # the plain step: the base optimizer alone
+            for mb in chunks(everything):
+                task.terms(mb).sum().backward()
+            opt.step()
+            return 0.0
         m = n if subset_frac is None or not opt.active else max(1, round(subset_frac * n))
         for mb in chunks(everything[:m]):
             task.terms(mb).sum().backward()
@@ -271,16 +277,18 @@ def cost(args, ks, fracs) -> list[dict]:
         opt.step()
         return inside
 
-    modes = [("plain", None, {}), ("full", None, {})]
+    modes = [("plain", None, {}), ("gradreg-off", None, {}), ("full", None, {})]
     modes += [(f"every{k}-orthogonal", None, {"every": k, "reuse": "orthogonal"}) for k in ks if k > 1]
     modes += [(f"subset{f:g}", f, {}) for f in fracs]
     cycle = max(ks)
     n_params = sum(p.numel() for p in model.parameters())
     opts = []
     for name, frac, kw in modes:
-        strength = 0.0 if name == "plain" else args.strength
+        strength = 0.0 if name == "gradreg-off" else args.strength  # GradReg at γ = 0: its plain-step overhead
         opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-6), strength=strength, eps=args.eps,
                       eps_mode="radius", exclude=paper_exclude(model), backend=args.backend, **kw)
+        if name == "plain":
+            opt = opt.optimizer
         for _ in range(cycle):
             run(opt, frac)  # warm-up cycle
         opts.append(opt)
@@ -293,8 +301,9 @@ def cost(args, ks, fracs) -> list[dict]:
             times[i].append((time.perf_counter() - t0) / cycle)
             inside[i].append(spent / cycle)
     rows = [{"mode": name, "median_step_s": statistics.median(t), "median_bookkeeping_s": statistics.median(b),
-             "backend": "none" if opt._impl is None else type(opt._impl).__name__,
-             "extra_bytes_per_param": (opt.extra_memory_bytes() + opt._reuse.extra_bytes()) / n_params}
+             "backend": "none" if getattr(opt, "_impl", None) is None else type(opt._impl).__name__,
+             "extra_bytes_per_param": (opt.extra_memory_bytes() + opt._reuse.extra_bytes()) / n_params
+             if isinstance(opt, GradReg) else 0.0}
             for (name, _, _), opt, t, b in zip(modes, opts, times, inside)]
     # Ratios per repeat (each mode against the plain step of the same round), then the median: a load change
     # between rounds cancels.

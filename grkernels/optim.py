@@ -877,14 +877,13 @@ def _drop_new_grads(plan: StepPlan) -> None:
 
 
 def _all_finite(params: list[torch.Tensor], shards: Shards) -> torch.Tensor:
-    """0-d bool device tensor: every element of every gradient is finite (max-abs per tensor, in its own dtype),
-    on every process that holds a part of them."""
+    """0-d bool device tensor: every element of every gradient is finite (exact in each dtype), on every process
+    that holds a part of them."""
+    from grkernels.kernels.cpp_gr_step import all_finite  # C++ on CPU where it can, else the reference
+
     if not params:
         return torch.ones((), dtype=torch.bool)
-    grads = [shards.local(p.grad) for p in params]
-    dev = grads[0].device
-    peaks = torch._foreach_norm(grads, math.inf)
-    finite = torch.stack([torch.isfinite(n).to(dev) for n in peaks]).all()
+    finite = all_finite([shards.local(p.grad) for p in params])
     if shards.sharded:  # every rank must take the same decision
         finite = shards.sum_across((~finite).to(torch.float32)) == 0
     return finite

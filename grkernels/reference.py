@@ -24,6 +24,7 @@ reads a value back to the host. Arithmetic is in float32 (float64 for float64 te
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -191,6 +192,14 @@ def combine_scales(
     """Clip factors of the two gradients in γ_p/(k·ε_eff)·(sa·ga − sb·gb), with the coefficient kept as the
     host float γ_p/(k·ε): in radius mode 1/ε_eff = ‖v‖/ε, so ‖v‖ multiplies the (device) clip factors."""
     return (sa, sb) if vnorm is None else (sa * vnorm, sb * vnorm)
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor: every element of every tensor is finite. Max-abs per tensor in its own dtype (exact: no
+    false alarm from a norm overflowing), one foreach kernel on CUDA; ``tensors`` on one device."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(torch._foreach_norm(list(tensors), math.inf)).isfinite().all()
 
 
 class TorchGRStep:

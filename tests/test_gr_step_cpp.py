@@ -402,3 +402,36 @@ def test_gradreg_auto_picks_cpp_on_cpu_and_equals_the_torch_backend():
     with pytest.warns(UserWarning, match="lean"):
         GradReg(torch.optim.SGD(tanh_mlp(1).parameters(), lr=0.1), strength=0.1, eps=1e-2, lean=True,
                 backend="torch")._make_backend(torch.device("cpu"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 2100), min_size=1, max_size=6),
+    dts=st.lists(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]), min_size=6,
+                 max_size=6),
+    bad=st.lists(st.sampled_from([None, "inf", "-inf", "nan", "max"]), min_size=6, max_size=6),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_all_finite_is_exact(sizes, dts, bad, strided, seed):
+    """``all_finite`` (Σx² in float64 in one C++ pass where it can, the foreach max-abs reference elsewhere) is
+    True exactly when every element is finite: an inf, −inf or NaN anywhere is caught, and the dtype's largest
+    finite value in every element (whose square overflows fp32) is no false alarm."""
+    from grkernels.kernels.cpp_gr_step import all_finite
+    from grkernels.reference import all_finite as reference_all_finite
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for n, dt, b in zip(sizes, dts, bad):
+        t = torch.randn(2 * n if strided else n, generator=g, dtype=torch.float64).to(dt)
+        t = t[::2] if strided else t
+        if b == "max":
+            t.fill_(torch.finfo(dt).max)
+        elif b is not None:
+            t[int(torch.randint(0, n, (), generator=g))] = float(b)
+        tensors.append(t)
+    expected = all(bool(torch.isfinite(t.double()).all()) for t in tensors)
+    assert bool(all_finite(tensors)) is expected
+    assert bool(reference_all_finite(tensors)) is expected
+    narrow = [t.contiguous() for t in tensors if t.dtype != torch.float64]  # the C++ path proper
+    assert bool(all_finite(narrow)) is all(bool(torch.isfinite(t.double()).all()) for t in narrow)

@@ -39,6 +39,7 @@ from grkernels.reference import (
     reusable_buffers,
     v_norm,
 )
+from grkernels.reference import all_finite as reference_all_finite
 from grkernels.rounding import SEED_MASK
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -69,6 +70,20 @@ def _sumsq(xs: Sequence[torch.Tensor], base: Sequence[torch.Tensor], mode: int, 
     if not xs:
         return torch.zeros((), dtype=dtype)
     return _ops().gr_sumsq(list(xs), list(base), mode, dtype == torch.float64)
+
+
+_NARROW = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``reference.all_finite`` in one C++ pass for contiguous CPU tensors of at most 32 bits: Σ x² accumulated in
+    float64 cannot overflow for them (≤ (3.4·10³⁸)²·2⁶³ ≈ 10⁹⁶), so it is finite exactly when every element is.
+    The foreach max-abs path costs ~30 small kernels per 40 tensors on CPU (1.5 ms on a 0.16M-parameter model,
+    against 0.1 ms here). Other tensors (float64, CUDA, non-contiguous): the reference."""
+    if tensors and cpp_loaded() and all(
+            t.device.type == "cpu" and t.dtype in _NARROW and t.is_contiguous() for t in tensors):
+        return torch.isfinite(_sumsq(tensors, (), 0, torch.float64))
+    return reference_all_finite(tensors)
 
 
 class CppGRStep(ExactViaReference):
