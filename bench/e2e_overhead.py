@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=20 if cuda else 8)
     ap.add_argument("--backends", default="torch,triton" if cuda else ("torch,cpp" if cpp_loaded() else "torch"))
+    ap.add_argument("--every", default="", help="also time every-k GR with orthogonal reuse, e.g. 4,8 (per step, "
+                    "averaged over whole k-step cycles)")
+    ap.add_argument("--fractions", default="", help="also time the sub-batch second pass on these shares of the "
+                    "sequences, e.g. 0.125,0.25 (two-phase: subset backward, mark_subset, rest, perturbed subset)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>_overhead.json)")
     args = ap.parse_args(argv)
 
@@ -88,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
     base = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
-    def closure():
-        logits = model(ids[:, :-1]).float()
-        loss = nn.functional.cross_entropy(logits.reshape(-1, args.vocab), ids[:, 1:].reshape(-1))
+    def closure(rows: slice = slice(None)):
+        """The batch's loss, or the share of it that ``rows`` contribute (their terms over the whole batch)."""
+        chunk = ids[rows]
+        logits = model(chunk[:, :-1]).float()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, args.vocab), chunk[:, 1:].reshape(-1), reduction="sum")
+        loss = loss / (ids.shape[0] * args.seq)
         loss.backward()
         return loss
 
@@ -120,6 +128,28 @@ def main(argv: list[str] | None = None) -> int:
             math_opt.restore()  # back to idle without stepping
 
         variants[f"math-{backend}"] = gr_math
+    # The cheaper modes (issue 13), on the auto backend: whole every-k cycles per call (divided by k below), and
+    # the sub-batch pass in two phases on the first ⌈f·B⌉ sequences.
+    cycles: dict[str, int] = {}
+    for k in [int(x) for x in args.every.split(",") if x]:
+        opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model), every=k, reuse="orthogonal")
+        opts[f"every{k}-orthogonal"], cycles[f"every{k}-orthogonal"] = opt, k
+        variants[f"every{k}-orthogonal"] = lambda opt=opt, k=k: [opt.step(closure) for _ in range(k)]
+    for f in [float(x) for x in args.fractions.split(",") if x]:
+        m = max(1, math.ceil(f * args.batch))
+        opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model))
+
+        def sub_batch(opt=opt, m=m):
+            opt.zero_grad()
+            closure(slice(0, m))
+            opt.mark_subset(m / args.batch)
+            if m < args.batch:
+                closure(slice(m, None))
+            opt.perturb()
+            closure(slice(0, m))
+            opt.step()
+
+        opts[f"subset{f:g}"], variants[f"subset{f:g}"] = opt, sub_batch
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(2 + args.repeats):
         for name, fn in variants.items():
@@ -132,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     t_plain = statistics.median(times["plain"])
     rows = [{"variant": "plain", "median_s": t_plain, "ratio": 1.0}]
     for name, opt in opts.items():
-        t = statistics.median(times[name])
-        backend = name.split("-", 2)[2]
+        t = statistics.median(times[name]) / cycles.get(name, 1)
+        backend = name.split("-", 2)[2] if name.startswith("gr-") else "auto"
         t_math = statistics.median(times[f"math-{backend}"]) if name.startswith("gr-forward") else float("nan")
         rows.append({"variant": name, "median_s": t, "ratio": t / t_plain,
                      "gr_math_s": t_math, "gr_math_over_plain": t_math / t_plain,
