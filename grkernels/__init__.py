@@ -6,6 +6,7 @@
 """
 
 from grkernels._version import __version__
+from grkernels.head import head_gr_step, head_param_groups, head_perturbed_pass
 from grkernels.library import info
 from grkernels.ops import (
     fused_linear_policy_loss,
@@ -25,6 +26,9 @@ __all__ = [
     "__version__",
     "depth_param_groups",
     "fused_linear_policy_loss",
+    "head_gr_step",
+    "head_param_groups",
+    "head_perturbed_pass",
     "info",
     "kl_penalty",
     "paper_exclude",

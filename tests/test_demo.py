@@ -546,3 +546,49 @@ def test_gr_runs_with_the_central_estimator(tiny_setup):
     other = _run(tiny_setup, method="gr", gamma=10.0, gr_estimator="central")
     assert all(r > 0 for r in other["curves"]["gr_rel"])
     assert other["curves"]["gold"][0] == fwd["curves"]["gold"][0] and other["final"] != fwd["final"]
+
+
+def test_gr_head_is_gr_on_the_head_from_cached_hidden_states(tiny_setup, monkeypatch):
+    """gr_head: γ = 0 is none; its GR pass runs the head only (one trunk forward with grad per step, against gr's
+    two); and it equals the same head-only GR whose perturbed pass reruns the whole policy, bit for bit."""
+    assert _run(tiny_setup, method="gr_head", gamma=0.0) == _run(tiny_setup, method="none")
+    counts = {"trunk": 0, "head": 0}
+
+    def counting(policy, loss_of, adv):
+        if not hasattr(policy, "_counted"):
+            policy._counted = True
+            for name, mod in (("trunk", policy.blocks[0]), ("head", policy.lm_head)):
+                mod.register_forward_hook(lambda *_, name=name: counts.__setitem__(
+                    name, counts[name] + torch.is_grad_enabled()))
+
+    def trunk_and_head(**kw):
+        counts.update(trunk=0, head=0)
+        w = tiny_setup["worlds"]["collapse"]
+        cfg = RLConfig(steps=4, prompts_per_step=2, group=4, eval_samples=16, gamma=10.0, **kw)
+        res = run_rl(w["world"], w["policy"], w["rm"], cfg, seed=0, probe=counting)
+        return res, dict(counts)
+
+    head, n_head = trunk_and_head(method="gr_head")
+    _, n_gr = trunk_and_head(method="gr")
+    # hooks on from the first probe (after step 0's pass at θ): 3 passes at θ, 4 perturbed passes
+    assert n_head == {"trunk": 3, "head": 7} and n_gr == {"trunk": 7, "head": 7}
+    assert all(r > 0 for r in head["curves"]["gr_rel"])
+    none = _run(tiny_setup, method="none")
+    assert head["curves"]["gold"][0] == none["curves"]["gold"][0] and head["curves"] != none["curves"]
+    # the independent recomputation: the perturbed pass reruns the policy (the probe hands over the full loss)
+    full_loss = {}
+
+    def rerun(opt, hidden, loss_from_hidden):
+        for _ in range(opt.extra_passes):
+            opt.perturb()
+            full_loss["of"](None).backward()
+
+    monkeypatch.setattr("grkernels.demo.grpo.head_perturbed_pass", rerun)
+    w = tiny_setup["worlds"]["collapse"]
+    cfg = RLConfig(steps=4, prompts_per_step=2, group=4, eval_samples=16, method="gr_head", gamma=10.0)
+    again = run_rl(w["world"], w["policy"], w["rm"], cfg, seed=0,
+                   probe=lambda policy, loss_of, adv: full_loss.__setitem__("of", loss_of))
+    assert again["curves"] == head["curves"] and again["final"] == head["final"]
+    spec = cli.parse_sweep("gr_head:1,10")
+    assert [(lab, v.method, v.gamma) for lab, v in tiny_config(sweep=spec).variants()][1:] == [
+        ("gr_head@1", "gr_head", 1.0), ("gr_head@10", "gr_head", 10.0)]

@@ -84,14 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("experiment")
     g.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS,
                    help=f"comma list from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; none_lowlr is "
-                   "the 'smaller step' control: no regularisation, lr × --lowlr-scale)")
+                   "the 'smaller step' control: no regularisation, lr × --lowlr-scale; gr_head: GR on the output head "
+                   "only, its perturbed pass from the cached hidden states)")
     g.add_argument("--worlds", "--world", type=_csv(str), default=WORLDS,
                    help="comma list from collapse (world 0), rare (world B), format (a verifiable task whose "
                    "reward adds a format term), judge (a learned judge with a spurious feature)")
     g.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="frontier mode: runs none plus each METHOD at each strength, SPEC = "
                    "'METHOD:V1,V2;...' (strength = β for kl, reset period for kl_reset, γ for gr, gr_kl, "
-                   f"gr_all, gr_every, gr_subset, lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. "
+                   f"gr_all, gr_every, gr_subset, gr_head, lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. "
                    "Replaces --methods, --gamma")
     g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
     g.add_argument("--seed", type=int, default=0, help="first seed")

@@ -49,7 +49,7 @@ from grkernels.demo.worlds import WORLD_ALIASES, WORLDS, Sizes, make_base, make_
 ALL_WORLDS = (*WORLDS, *TASK_WORLDS)
 # What a sweep varies per method (``--sweep kl:0.1,0.3``): the method's strength knob in RLConfig.
 SWEEP_PARAMS = {"kl": "beta", "kl_reset": "reset_interval", "gr": "gamma", "gr_kl": "gamma", "gr_all": "gamma",
-                "gr_every": "gamma", "gr_subset": "gamma", "none_lowlr": "lowlr_scale"}
+                "gr_every": "gamma", "gr_subset": "gamma", "gr_head": "gamma", "none_lowlr": "lowlr_scale"}
 
 SCHEMA = "grkernels.demo/v1"
 

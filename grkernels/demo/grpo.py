@@ -18,6 +18,9 @@ Methods:
                   the last correction made orthogonal to their g1 (``GradReg(every=k, reuse="orthogonal")``)
     ``gr_subset`` the cheaper GR: the extra pass on the ``gr_subset`` share of the sequences with the largest
                   |advantage| only (``GradReg.mark_subset``), the difference scaled by their share of Σ|advantage|
+    ``gr_head``   head-only GR: GR on ``lm_head`` only (everything else plain g1), its perturbed pass from the
+                  cached final hidden states (``ln_f``'s output) of the pass at θ: no second trunk pass
+                  (``grkernels.head``; exact, the same g2 as rerunning the model)
 
 Metrics per step describe the policy that produced the step's samples (before its update):
 proxy and gold reward (means, gold units), KL(π‖π_init) per sequence (exact sum over positions of
@@ -40,14 +43,16 @@ import torch.nn.functional as F
 from grkernels.demo.policy import TinyTransformer, completion_logits, sample, sample_with_logits
 from grkernels.demo.reward_model import RewardModel, group_pair_accuracy
 from grkernels.demo.worlds import World, repetition_penalty
+from grkernels.head import head_perturbed_pass
 from grkernels.integrations.reference_reset import mix_into_reference
 
 DEFAULT_METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
 # none_lowlr: the control for "is GR more than a smaller step?" (no regularisation, lr × lowlr_scale); opt-in,
 # as gr_all (GR on embeddings and head too), gr_every (GR's extra pass every k-th step only) and gr_subset (the
-# extra pass on the sequences with the largest |advantage| only).
-METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_all", "gr_every", "gr_subset")
-GR_METHODS = ("gr", "gr_kl", "gr_all", "gr_every", "gr_subset")  # the methods that wrap Adam in GradReg
+# extra pass on the sequences with the largest |advantage| only) and gr_head (GR on the output head only, from the
+# cached hidden states).
+METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_all", "gr_every", "gr_subset", "gr_head")
+GR_METHODS = ("gr", "gr_kl", "gr_all", "gr_every", "gr_subset", "gr_head")  # the methods that wrap Adam in GradReg
 METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "hack", "loss")
 
 
@@ -132,9 +137,30 @@ def _subset_by_advantage(adv: torch.Tensor, fraction: float) -> tuple[torch.Tens
     return top, rest, min(1.0, share)
 
 
+def _loss_and_hidden(policy: TinyTransformer, loss: Callable[[], torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss()`` and the final hidden states (``ln_f``'s output) its forward computed, caught by a forward hook
+    (the hook only reads: the forward is the same as without it)."""
+    caught: list[torch.Tensor] = []
+    handle = policy.ln_f.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        value = loss()
+    finally:
+        handle.remove()
+    if len(caught) != 1:
+        raise RuntimeError(f"gr_head: expected one forward of the policy's ln_f in the loss, got {len(caught)}")
+    return value, caught[0]
+
+
 def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
     """Adam (lr scaled by ``gr_lr_scale`` for GR methods), wrapped in ``grkernels.GradReg`` for GR methods."""
     lr = cfg.lr * (cfg.gr_lr_scale if cfg.uses_gr else cfg.lowlr_scale if cfg.method == "none_lowlr" else 1.0)
+    if cfg.method == "gr_head":  # GR on lm_head only: the head's group has γ, every other gr_enabled=False
+        from grkernels import GradReg, head_param_groups
+
+        base = torch.optim.Adam(head_param_groups(policy, cfg.gamma, head=policy.lm_head), lr=lr)
+        return GradReg(base, strength=cfg.gamma, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
+                       estimator=cfg.gr_estimator, seed=seed)
     base = torch.optim.Adam(policy.parameters(), lr=lr)
     if not cfg.uses_gr:
         return base
@@ -178,13 +204,15 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
     beta = cfg.beta if cfg.uses_kl else 0.0
     rows = []
 
-    def loss_fn(seqs, comps, adv, old_logp, ref_logp, rows=None):
+    def loss_fn(seqs, comps, adv, old_logp, ref_logp, rows=None, hidden=None):
         """The batch's loss, or with ``rows`` the share of it those sequences carry: every completion has T
-        tokens (the mask is all ones), so under each aggregation the rows' loss is their mean × len(rows)/n."""
+        tokens (the mask is all ones), so under each aggregation the rows' loss is their mean × len(rows)/n.
+        With ``hidden`` (``ln_f``'s output of the batch, gr_head) only the head runs: the same ops on the same
+        hidden states as ``completion_logits``."""
         if rows is not None:
             seqs, comps, adv, old_logp = seqs[rows], comps[rows], adv[rows], old_logp[rows]
             ref_logp = None if ref_logp is None else ref_logp[rows]
-        logits = completion_logits(policy, seqs, P)
+        logits = completion_logits(policy, seqs, P) if hidden is None else policy.lm_head(hidden)[:, P - 1:]
         loss, _ = policy_loss(logits, comps, adv, mask[: len(seqs)], old_logp=old_logp, ref_logp=ref_logp,
                               beta=beta, clip_low=cfg.clip_eps, clip_high=cfg.clip_eps, kl_estimator=cfg.kl_estimator,
                               loss_agg=cfg.loss_agg, temperature=cfg.temperature, backend=backend)
@@ -225,6 +253,9 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
                 rest_loss = loss_fn(seqs, comps, adv, old_logp, ref_logp, rest)
                 rest_loss.backward()
                 loss = loss.detach() + rest_loss.detach()
+        elif cfg.method == "gr_head" and opt.active:
+            loss, hidden = _loss_and_hidden(policy, lambda: loss_fn(seqs, comps, adv, old_logp, ref_logp))
+            loss.backward()
         else:
             loss = loss_fn(seqs, comps, adv, old_logp, ref_logp)
             loss.backward()
@@ -232,7 +263,11 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
         if probe is not None:
             probe(policy, lambda rows: loss_fn(seqs, comps, adv, old_logp, ref_logp, rows), adv)
         gr_rel = torch.zeros((), device=device)
-        if cfg.uses_gr:
+        if cfg.method == "gr_head":
+            if opt.active:  # the perturbed pass(es) from the cached hidden states: the head only, no trunk
+                head_perturbed_pass(opt, hidden, lambda h: loss_fn(seqs, comps, adv, old_logp, ref_logp, hidden=h))
+            opt.combine()
+        elif cfg.uses_gr:
             for _ in range(opt.extra_passes):  # 1 (forward), 2 (central), 0 between gr_every's full steps
                 opt.perturb()
                 loss_fn(seqs, comps, adv, old_logp, ref_logp, subset).backward()
