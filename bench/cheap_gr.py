@@ -15,7 +15,9 @@ Cost: real GradReg steps of each mode (two-phase, the same micro-batches), time 
 every-k cycles, over a plain AdamW step of the same loop (the median over rounds of each round's ratio); all in
 one run, the modes taking turns. "bookkeeping": the time inside GradReg's own calls (mark_subset, perturb,
 combine: the GR-step backend and the reuse / sub-batch arithmetic), in the same units. "gradreg-off": GradReg at
-γ = 0, i.e. what wrapping costs a step that does no GR (the non-finite check, g1's norm).
+γ = 0, i.e. what wrapping costs a step that does no GR (the non-finite check, g1's norm). "head-only": GR on the
+output head alone (``grkernels.head``), its perturbed pass from the cached hidden states (its bookkeeping includes
+that head forward/backward).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from e2e_overhead import device_name, write_result  # noqa: E402
 
-from grkernels import GradReg, __version__, paper_exclude  # noqa: E402
+from grkernels import GradReg, __version__, head_param_groups, head_perturbed_pass, paper_exclude  # noqa: E402
+from grkernels.head import HEAD_KEY  # noqa: E402
 from grkernels.quickstart import TinyLM, markov_batch  # noqa: E402
 
 
@@ -56,10 +59,18 @@ class Task:
             reward = (ids[:, 1:] % 2 == 0).float().mean(1)
             self.adv = (reward - reward.mean()) / (reward.std() + 1e-6)
 
-    def terms(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-sequence loss terms of ``rows`` (divided by the batch size: the batch's loss is their sum)."""
+    def hidden(self, rows: torch.Tensor) -> torch.Tensor:
+        """The final hidden states of ``rows`` (TinyLM's forward up to its head)."""
+        m, ids = self.model, self.ids[rows][:, :-1]
+        x = m.embed(ids) + m.pos(torch.arange(ids.shape[1]))
+        causal = nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+        return m.norm(m.blocks(x, mask=causal, is_causal=True))
+
+    def terms(self, rows: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sequence loss terms of ``rows`` (divided by the batch size: the batch's loss is their sum); from
+        their final ``hidden`` states when given (the head only)."""
         ids = self.ids[rows]
-        logits = self.model(ids[:, :-1]).float()
+        logits = (self.model(ids[:, :-1]) if hidden is None else self.model.lm_head(hidden)).float()
         nll = nn.functional.cross_entropy(logits.reshape(-1, self.vocab), ids[:, 1:].reshape(-1), reduction="none")
         nll = nll.view(len(rows), -1).mean(1)
         n = self.ids.shape[0]
@@ -71,6 +82,10 @@ class Task:
             return self.adv.abs()
         with torch.no_grad():
             return self.terms(torch.arange(self.ids.shape[0]))
+
+
+def head_only(opt: GradReg) -> bool:
+    return any(g.get(HEAD_KEY, False) for g in opt.param_groups)
 
 
 def gr_gradient(opt: GradReg, loss_of, n: int, subset: torch.Tensor | None, fraction: float | None = None):
@@ -255,6 +270,17 @@ def cost(args, ks, fracs) -> list[dict]:
                 task.terms(mb).sum().backward()
             opt.step()
             return 0.0
+        if head_only(opt):  # GR on the head only, its perturbed pass from the cached hidden states
+            hiddens = []
+            for mb in chunks(everything):
+                hiddens.append(task.hidden(mb))
+                task.terms(mb, hiddens[-1]).sum().backward()
+            t0 = clock()
+            head_perturbed_pass(opt, torch.cat(hiddens), lambda h: task.terms(everything, h).sum())
+            opt.combine()
+            inside = clock() - t0  # includes the head's forward/backward at θ'
+            opt.step()
+            return inside
         m = n if subset_frac is None or not opt.active else max(1, round(subset_frac * n))
         for mb in chunks(everything[:m]):
             task.terms(mb).sum().backward()
@@ -280,13 +306,15 @@ def cost(args, ks, fracs) -> list[dict]:
     modes = [("plain", None, {}), ("gradreg-off", None, {}), ("full", None, {})]
     modes += [(f"every{k}-orthogonal", None, {"every": k, "reuse": "orthogonal"}) for k in ks if k > 1]
     modes += [(f"subset{f:g}", f, {}) for f in fracs]
+    modes += [("head-only", None, {})]
     cycle = max(ks)
     n_params = sum(p.numel() for p in model.parameters())
     opts = []
     for name, frac, kw in modes:
         strength = 0.0 if name == "gradreg-off" else args.strength  # GradReg at γ = 0: its plain-step overhead
-        opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-6), strength=strength, eps=args.eps,
-                      eps_mode="radius", exclude=paper_exclude(model), backend=args.backend, **kw)
+        params = head_param_groups(model, strength) if name == "head-only" else model.parameters()
+        opt = GradReg(torch.optim.AdamW(params, lr=1e-6), strength=strength, eps=args.eps, eps_mode="radius",
+                      exclude=None if name == "head-only" else paper_exclude(model), backend=args.backend, **kw)
         if name == "plain":
             opt = opt.optimizer
         for _ in range(cycle):

@@ -32,6 +32,6 @@ def test_cheap_gr_cost_part_runs_every_mode(tmp_path):
                           "--length", "5", "--micro", "2", "--repeats", "2", "--every", "2",
                           "--fractions", "0.5", "--out", str(out)]) == 0
     rows = {r["mode"]: r for r in json.loads(out.read_text())["cost"]}
-    assert set(rows) == {"plain", "gradreg-off", "full", "every2-orthogonal", "subset0.5"}
+    assert set(rows) == {"plain", "gradreg-off", "full", "every2-orthogonal", "subset0.5", "head-only"}
     assert rows["plain"]["ratio"] == 1.0 and rows["plain"]["extra_bytes_per_param"] == 0.0
     assert rows["full"]["extra_bytes_per_param"] > 0 and rows["full"]["backend"] != "none"
