@@ -200,8 +200,9 @@ def head_perturbed_pass(opt: GradReg, hidden: torch.Tensor, loss_from_hidden: Ca
     """The perturbed pass(es) of a head-only GR step from the cached hidden states: after the backward at θ, for
     each of ``opt.extra_passes`` points: ``opt.perturb()`` (W ← W + ε·clip(g1_W); θ' = θ − ε·v for the central
     estimator's second point), then ``loss_from_hidden(hidden.detach()).backward()`` (g2_W; the trunk gets no
-    gradient and keeps g1). Leaves ``opt`` ready for ``opt.combine()`` / ``opt.step()``; returns the (detached)
-    loss at the last perturbed point.
+    gradient and keeps g1, which is therefore not copied: ``GradReg.perturb(keep_untouched=True)``, which raises
+    at the combine if the loss did reach a trunk gradient). Leaves ``opt`` ready for ``opt.combine()`` /
+    ``opt.step()``; returns the (detached) loss at the last perturbed point.
 
     ``hidden``: the final hidden states of the pass at θ (its autograd graph, even freed by the backward, lets
     ``check_graph`` refuse hidden states that depend on a GR parameter). ``head``: the head module or parameters GR
@@ -214,7 +215,7 @@ def head_perturbed_pass(opt: GradReg, hidden: torch.Tensor, loss_from_hidden: Ca
     loss = None
     try:
         for _ in range(opt.extra_passes):
-            opt.perturb()
+            opt.perturb(keep_untouched=True)  # the trunk's gradients stay g1: no copy of them (checked)
             if rng is not None:
                 rng.replay()
             with torch.enable_grad():

@@ -179,6 +179,7 @@ class GradReg(torch.optim.Optimizer):
         self._reuse_factor = 1.0  # the γ multiplier of the full step whose correction is stored
         self._subset: dict[int, torch.Tensor] | None = None  # sub-batch GR: g1 of the subset, then R (mark_subset)
         self._subset_fraction = 1.0
+        self._untouched: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # perturb(keep_untouched=True)
         self.master_weights = master_weights
         self._set_exclusions(resolve_exclude(exclude, named_parameters, self._parameters()))
         check_not_fsdp1(self._parameters())
@@ -459,16 +460,21 @@ class GradReg(torch.optim.Optimizer):
         finally:
             if plan is not None:
                 _drop_new_grads(plan)
-            self._phase, self._point, self._finite, self._subset = _IDLE, 0, None, None
+            self._phase, self._point, self._finite, self._subset, self._untouched = _IDLE, 0, None, None, []
 
     # ------------------------------------------------------------------ two-phase API
     @torch.no_grad()
     @_aborts_on_error
-    def perturb(self) -> None:
+    def perturb(self, keep_untouched: bool = False) -> None:
         """After the backward pass(es) at θ: save g1, zero the GR gradients, move to the next perturbed point.
 
         Call it ``extra_passes`` times per step, each followed by the same forward/backward pass(es) as at θ:
         once for the forward estimator (θ + ε·v), twice for the central one (θ + ε·v, then θ − ε·v).
+
+        ``keep_untouched=True`` (at the step's first call): the perturbed passes will not touch the gradients of the
+        parameters outside GR (e.g. head-only GR from cached hidden states), so their g1 is not copied (saves one
+        gradient copy of them); checked at the combine by their version counters, and a pass that did touch one
+        is an error (θ restored; those gradients are then g1 + the pass's, so the step must be redone).
         """
         if self.estimator == "exact":
             raise RuntimeError("GradReg(estimator='exact') has no perturbed pass: call step() after the backward")
@@ -488,6 +494,9 @@ class GradReg(torch.optim.Optimizer):
                     "and gr_enabled (every parameter with a gradient is excluded)"
                 )
             self._phase = _PERTURBED  # from here on an error restores what the backend saved
+            if keep_untouched:  # nothing to save or restore for them: only check they stay as they are
+                self._untouched = [(p, p.grad, p.grad._version) for p in self._plan.keep]
+                self._plan.keep = []
             if self.reuse != "none":
                 self._reuse.capture(self._plan.params, self._plan.shards)
             self._subset_residual(self._plan)
@@ -508,11 +517,23 @@ class GradReg(torch.optim.Optimizer):
                 f"(state: {self._phase}, perturbed points: {self._point}); the step was aborted"
             )
         impl = self._backend_for(self._plan)
+        self._check_untouched()
         self._subset_estimate(self._plan)
         self._plan.shards.before_write(self._plan.params)
         impl.restore_and_combine(self._plan)
         _drop_new_grads(self._plan)
         self._finish_gr(impl)
+
+    def _check_untouched(self) -> None:
+        """perturb(keep_untouched=True): the gradients outside GR are the tensors they were, at the same version."""
+        changed = [p for p, grad, version in self._untouched if p.grad is not grad or grad._version != version]
+        if changed:
+            raise RuntimeError(
+                f"GradReg: the perturbed pass changed the gradient of {len(changed)} parameter(s) outside GR (shapes "
+                f"{[tuple(p.shape) for p in changed[:3]]}) after perturb(keep_untouched=True): their g1 was not kept, "
+                "so they now hold g1 plus that pass's gradient. θ was restored; zero the gradients and redo the step, "
+                "or call perturb() without keep_untouched"
+            )
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -757,6 +778,7 @@ class GradReg(torch.optim.Optimizer):
             self._last_factor = self.strength_factor()
             self._step += 1
             self._phase, self._point, self._finite, self._plan, self._subset = _IDLE, 0, None, None, None
+            self._untouched = []
 
     # ------------------------------------------------------------------ diagnostics and state
     def metrics(self, sync: bool = True) -> dict[str, Any]:
@@ -843,7 +865,7 @@ class GradReg(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"_untouched": [], **state})
         self._init_hooks()
         self._patch_step_function()
 

@@ -355,3 +355,54 @@ def test_exception_in_loss_restores_bitwise_and_the_next_step_is_normal(fail, ba
         head_gr_step(opt, lambda model=model: trunk(model, ids), head_loss(model, targets, weights))
     assert_same(snapshot(a), snapshot(b))
     assert oa.metrics() == ob.metrics()
+
+
+# ------------------------------------------------------------------------------------------ memory
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_only_pass_keeps_no_copy_of_the_trunk_gradients(backend):
+    """The head-only pass perturbs with ``keep_untouched=True``: the backend holds θ and g1 of the head only
+    (one gradient copy of the trunk less than a GradReg whose perturbed pass reruns the model), same result."""
+    model = make_model()
+    twin = copy.deepcopy(model)
+    ids, targets, weights = batch(11)
+    held = []
+    for m, head_only in ((model, True), (twin, False)):
+        opt = make_opt(m, backend=backend)
+        loss_from_hidden = head_loss(m, targets, weights)
+        hidden = trunk(m, ids)
+        loss_from_hidden(hidden).backward()
+        if head_only:
+            head_perturbed_pass(opt, hidden, loss_from_hidden)
+        else:
+            opt.perturb()
+            loss_from_hidden(trunk(m, ids)).backward()
+        held.append(opt.extra_memory_bytes())
+        opt.step()
+    head_bytes = sum(p.numel() * (p.element_size() + p.grad.element_size()) for p in model.lm_head.parameters())
+    trunk_grad_bytes = sum(p.grad.numel() * p.grad.element_size() for n, p in model.named_parameters()
+                           if not n.startswith("lm_head"))
+    assert held[0] == head_bytes and held[1] == head_bytes + trunk_grad_bytes
+    assert_same(snapshot(model), snapshot(twin))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pass_that_touches_the_trunk_after_keep_untouched_is_an_error(backend):
+    """``perturb(keep_untouched=True)`` is a promise the combine checks: a loss that reaches a trunk gradient (here a
+    term on a trunk weight) raises there, θ is restored bitwise and the optimizer stays usable."""
+    model = make_model()
+    ids, targets, weights = batch(11)
+    opt = make_opt(model, backend=backend)
+    loss_from_hidden = head_loss(model, targets, weights)
+    theta = snapshot(model)
+    hidden = trunk(model, ids)
+    loss_from_hidden(hidden).backward()
+    leaky = lambda h: loss_from_hidden(h) + 1e-3 * model.blocks[0].qkv.weight.square().sum()  # noqa: E731
+    head_perturbed_pass(opt, hidden, leaky)
+    with pytest.raises(RuntimeError, match="outside GR"):
+        opt.combine()
+    assert_same(snapshot(model), theta)
+    opt.zero_grad()
+    loss_from_hidden(trunk(model, ids)).backward()  # the step redone: a normal GR step goes through
+    head_perturbed_pass(opt, trunk(model, ids), loss_from_hidden)
+    opt.step()
+    assert opt.metrics()["gr_rel"] > 0 and not torch.equal(model.lm_head.weight, theta["lm_head.weight"])
