@@ -262,7 +262,9 @@ def test_gr_update_equals_independent_recomputation(run, case):
         assert m["grad_reg/step"] == [1.0, 1.0] and m["grad_reg/strength"][0] == W.CASES[case]["grad_reg"]["strength"]
         assert math.isclose(m["grad_reg/g1_norm"][0], ref["g1_norm"], rel_tol=1e-5)
         assert math.isclose(m["grad_reg/gr_rel"][0], ref["gr_rel"], rel_tol=1e-3)
-    if W.CASES[case]["loss"] == W.CASES["verl"]["loss"]:  # verl's loss metrics are those of the pass at θ
+    if W.CASES[case].get("dynamic"):  # verl packed the micro-batches by tokens (one sequence each here)
+        assert all(r["micro_batches"] == [1] * 12 for r in run["results"][case])
+    elif W.CASES[case]["loss"] == W.CASES["verl"]["loss"]:  # verl's loss metrics are those of the pass at θ
         for key in ("loss", "actor/pg_loss", "kl_loss", "actor/pg_clipfrac"):
             assert run["results"][case][0]["metrics"][key] == run["results"]["verl"][0]["metrics"][key]
 
@@ -275,11 +277,16 @@ def _global_rows(splits: list[list[dict]], per_rank: int) -> torch.Tensor:
     return rows
 
 
-def test_sub_batch_pass_by_advantage_equals_independent_recomputation(run):
-    """``subset_fraction=0.3``: on each rank the 2 of 6 sequences with the largest Σ|A|·mask (whole micro-batches),
-    f = their share of the global Σ|A|; the stepped gradient = g1 + (γ/ε)(clip(g1 + (g2_S − g1_S)/f) − clip(g1)),
-    verl-clipped, with the subset's loss terms normalised as in the whole batch (verl's global token count)."""
-    ranks = run["results"]["subset_adv"]
+@pytest.mark.parametrize("case", ["subset_adv", "subset_adv_dynamic"])
+def test_sub_batch_pass_by_advantage_equals_independent_recomputation(run, case):
+    """``subset_fraction=0.3``: on each rank the 2 of 6 sequences with the largest Σ|A|·mask (whole micro-batches;
+    with verl's dynamic batch size any number), f = their share of the global Σ|A|; the pass at θ' runs on them
+    only; the stepped gradient = g1 + (γ/ε)(clip(g1 + (g2_S − g1_S)/f) − clip(g1)), verl-clipped, with the
+    subset's loss terms normalised as in the whole batch (verl's global token count)."""
+    ranks = run["results"][case]
+    assert all(sum(r["micro_batches"]) == 6 + 2 for r in ranks)  # both parts at θ, then the subset at θ'
+    if W.CASES[case].get("dynamic"):
+        assert all(r["micro_batches"] == [1] * 8 for r in ranks)
     batch, per_rank = run["batch"], BATCH // 2
     score = (batch["advantages"].double().abs() * batch["response_mask"]).sum(-1)
     for rank, res in enumerate(ranks):
@@ -289,9 +296,8 @@ def test_sub_batch_pass_by_advantage_equals_independent_recomputation(run):
     fraction = float((score * rows).sum() / score.sum())
     assert 0.3 < fraction < 0.9 and all(math.isclose(r["splits"][0]["fraction"], fraction, rel_tol=1e-7)
                                         for r in ranks)
-    case = W.CASES["subset_adv"]
-    ref = reference_step(run["dir"], batch, case, subset={"rows": rows, "fraction": fraction})
-    full = reference_step(run["dir"], batch, case)
+    ref = reference_step(run["dir"], batch, W.CASES[case], subset={"rows": rows, "fraction": fraction})
+    full = reference_step(run["dir"], batch, W.CASES[case])
     assert rel_error(ref["grad"], full["grad"]) > 1e-3  # the sub-batch estimate is not full GR: a real test
     for rank in ranks:
         assert rel_error(rank["grad"], ref["grad"]) < 1e-5
@@ -302,6 +308,7 @@ def test_sub_batch_pass_at_random_equals_independent_recomputation(run):
     """``subset_by="random"`` with seq-mean-token-mean: 4 of 6 sequences per rank, f = 8/12 (the count share)."""
     ranks = run["results"]["subset_random"]
     assert all(len(r["splits"][0]["rows"]) == 4 and r["splits"][0]["fraction"] == 8 / 12 for r in ranks)
+    assert all(r["micro_batches"] == [2] * 5 for r in ranks)  # 2 + 1 micro-batches at θ, 2 at θ'
     rows = _global_rows([r["splits"] for r in ranks], BATCH // 2)
     case = W.CASES["subset_random"]
     ref = reference_step(run["dir"], run["batch"], case, subset={"rows": rows, "fraction": 8 / 12})

@@ -59,6 +59,13 @@ CHEAP: dict[str, dict[str, Any]] = {
     "every_orth": dict(engine="gr", grad_reg=dict(GR, every=2, reuse="orthogonal"), loss=KL, steps=2),
 }
 CASES.update(CHEAP)
+#: verl's dynamic batch size (micro-batches packed up to a token budget, rearranged by length): full GR, and the
+#: sub-batch pass whose subset is then any number of sequences
+DYNAMIC_TOKENS = 12
+CASES.update({
+    "gr_dynamic": dict(engine="gr", grad_reg=GR, loss=KL, dynamic=True),
+    "subset_adv_dynamic": dict(engine="gr", grad_reg=dict(GR, subset_fraction=0.3), loss=KL, dynamic=True),
+})
 
 
 #: attention dropout on: the pass at θ' must see the masks of the pass at θ (RNG replayed per micro-batch)
@@ -77,8 +84,9 @@ def make_worker(model_dir: str, case: dict[str, Any], strategy: str = "fsdp2", d
     override = {"attn_implementation": "sdpa", **({"attention_dropout": dropout} if dropout else {})}
     model = HFModelConfig(path=model_dir, override_config=override, use_remove_padding=False,
                           external_lib="grkernels.integrations.verl")
-    engine = FSDPEngineConfig(strategy=strategy, use_torch_compile=False, use_dynamic_bsz=False,
-                              micro_batch_size_per_gpu=MICRO,
+    dynamic = dict(use_dynamic_bsz=True, max_token_len_per_gpu=DYNAMIC_TOKENS) if case.get("dynamic") else dict(
+        use_dynamic_bsz=False, micro_batch_size_per_gpu=MICRO)
+    engine = FSDPEngineConfig(strategy=strategy, use_torch_compile=False, **dynamic,
                               mixed_precision=None if case.get("bf16") else {"param_dtype": "fp32"})
     optim_kw = dict(lr=LR, clip_grad=CLIP_GRAD, total_training_steps=10)
     if case["grad_reg"] is None:
@@ -158,16 +166,25 @@ def run_step(worker, td) -> dict[str, Any]:
         splits.append(None if out is None else {"rows": out.rows, "fraction": out.fraction})
         return out
 
+    sizes: list[int] = []  # sequences per micro-batch of each training forward, in order (both passes)
+
+    def counted_forward_step(micro_batch, loss_function, forward_only):
+        if not forward_only:
+            sizes.append(micro_batch.batch_size[0])
+        return type(engine).forward_step(engine, micro_batch, loss_function=loss_function, forward_only=forward_only)
+
     handle = base_optimizer(engine).register_step_pre_hook(hook)
     gr_verl.split_mini_batch = recorded_split
+    engine.forward_step = counted_forward_step
     try:
         out = worker.train_mini_batch(td.clone())
     finally:
         handle.remove()
         gr_verl.split_mini_batch = split
+        del engine.forward_step
     metrics = {} if out is None else {k: [float(x) for x in v] for k, v in out["metrics"].items()}
     return {"grad": captured, "params": {n: full(p) for n, p in engine.module.named_parameters()},
-            "metrics": metrics, "splits": splits}
+            "metrics": metrics, "splits": splits, "micro_batches": sizes}
 
 
 class FaultyLoss:
