@@ -460,7 +460,12 @@ class GradReg(torch.optim.Optimizer):
         finally:
             if plan is not None:
                 _drop_new_grads(plan)
-            self._phase, self._point, self._finite, self._subset, self._untouched = _IDLE, 0, None, None, []
+            self._go_idle()
+
+    def _go_idle(self) -> None:
+        """Forget the step in progress (its plan, phase, sub-batch buffers, untouched-gradient checks)."""
+        self._phase, self._point, self._finite, self._plan = _IDLE, 0, None, None
+        self._subset, self._untouched = None, []
 
     # ------------------------------------------------------------------ two-phase API
     @torch.no_grad()
@@ -777,8 +782,7 @@ class GradReg(torch.optim.Optimizer):
         finally:
             self._last_factor = self.strength_factor()
             self._step += 1
-            self._phase, self._point, self._finite, self._plan, self._subset = _IDLE, 0, None, None, None
-            self._untouched = []
+            self._go_idle()
 
     # ------------------------------------------------------------------ diagnostics and state
     def metrics(self, sync: bool = True) -> dict[str, Any]:
@@ -903,8 +907,6 @@ def _all_finite(params: list[torch.Tensor], shards: Shards) -> torch.Tensor:
     that holds a part of them."""
     from grkernels.kernels.cpp_gr_step import all_finite  # C++ on CPU where it can, else the reference
 
-    if not params:
-        return torch.ones((), dtype=torch.bool)
     finite = all_finite([shards.local(p.grad) for p in params])
     if shards.sharded:  # every rank must take the same decision
         finite = shards.sum_across((~finite).to(torch.float32)) == 0

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from grkernels.params import resolve_exclude
 from grkernels.reference import Shards, StepPlan, TorchGRStep
 
 __all__ = ["DeepSpeedGR", "accumulation_boundary", "check_supported", "engine_grad_reg", "trainer_grad_reg"]
@@ -69,14 +70,8 @@ def engine_grad_reg(engine: Any, *, exclude: Iterable[torch.Tensor | str] = (), 
     """:class:`DeepSpeedGR` on ``engine`` with ``exclude`` given as the module's tensors or name substrings (each
     must match a parameter); ``settings`` as for :class:`DeepSpeedGR`."""
     named = list(engine.module.named_parameters())
-    ex = []
-    for item in exclude:
-        hit = [p for n, p in named if (p is item if isinstance(item, torch.Tensor) else item in n)]
-        if not hit:
-            raise ValueError(f"grkernels GradReg under DeepSpeed: exclude entry {item!r} matches no parameter of the "
-                             "engine's module")
-        ex += hit
-    return DeepSpeedGR(engine, exclude=ex, **settings)
+    ids = resolve_exclude(list(exclude), named, [p for _, p in named])  # GradReg's rule: each entry must match
+    return DeepSpeedGR(engine, exclude=[p for _, p in named if id(p) in ids], **settings)
 
 
 @contextlib.contextmanager

@@ -387,12 +387,9 @@ def split_mini_batch(data: Any, fraction: float, by: str, group: Any = None, see
         generator = torch.Generator().manual_seed(hash((seed, torch.distributed.get_rank(group))) % 2**63)
         score = torch.rand(n, generator=generator, dtype=torch.float64).to(mask.device)
     order = torch.topk(score, k).indices
-    stats = torch.stack([
-        (mask.values() if mask.is_nested else mask).sum().double(), score[order].sum(), score.sum(),
-        torch.tensor(float(k), dtype=torch.float64, device=score.device),
-        torch.tensor(float(n), dtype=torch.float64, device=score.device),
-        torch.tensor(float(k == n), dtype=torch.float64, device=score.device),
-    ])
+    tokens = (mask.values() if mask.is_nested else mask).sum().double()
+    stats = torch.cat([torch.stack([tokens, score[order].sum(), score.sum()]),
+                       torch.tensor([k, n, k == n], dtype=torch.float64, device=score.device)])
     torch.distributed.all_reduce(stats, group=group)
     values = torch.cat([stats, order.double()]).tolist()
     tokens, mass_s, mass, count_s, count, whole = values[:6]
