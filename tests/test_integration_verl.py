@@ -228,7 +228,7 @@ def run(tmp_path_factory) -> dict[str, Any]:
     # judged by what the workers wrote: a finished run is one whose ranks both reached the end
     assert all((out / f"done_rank{r}").exists() for r in range(2)), errors or proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=False) for r in range(2)]
-               for name in [*W.CASES, "resume", "faults", "fsdp1", "dropout"]}
+               for name in [*W.CASES, *W.FAULTS, "resume", "fsdp1", "dropout"]}
     return {"dir": inp / "model", "batch": batch, "results": results}
 
 
@@ -365,11 +365,12 @@ def test_resume_from_verls_checkpoint_is_exact(run):
     assert rel_error(run["results"]["resume"][0]["second"]["grad"], ref["grad"]) < 1e-5
 
 
-def test_faults_in_the_pass_at_theta_prime(run):
-    """An exception in the pass at θ' leaves θ bitwise and the engine usable: redoing the step gives the clean GR
-    step bitwise (no gradient left over from the aborted accumulation). A NaN there: verl skips the step, θ stays,
-    and the next step is the clean GR step."""
-    for f, clean in zip(run["results"]["faults"], run["results"]["gr_kl"]):
+@pytest.mark.parametrize("name", ["faults", "faults_subset"])
+def test_faults_in_the_pass_at_theta_prime(run, name):
+    """Full GR and the sub-batch pass: an exception in the pass at θ' leaves θ bitwise and the engine usable: redoing
+    the step gives the clean GR step bitwise (no gradient left over from the aborted accumulation). A NaN there:
+    verl skips the step, θ stays, and the next step is the clean GR step."""
+    for f, clean in zip(run["results"][name], run["results"][W.FAULTS[name][0]]):
         assert "theta'" in f["raised"]
         assert _equal(f["after_error"], f["initial"])
         assert _equal(f["after_error_step"]["grad"], clean["grad"])

@@ -204,12 +204,16 @@ class FaultyLoss:
         return loss, metrics
 
 
-def faults(model_dir: str, td) -> dict[str, Any]:
+#: fault runs: the case, and the loss call that raises (in the pass at θ', after the pass at θ's micro-batches)
+FAULTS = {"faults": ("gr_kl", 3 + 2), "faults_subset": ("subset_adv", 3 + 1)}
+
+
+def faults(model_dir: str, td, case: str = "gr_kl", raise_at: int = 5) -> dict[str, Any]:
     """An exception in the pass at θ', then a NaN there (verl skips the step), then a normal GR step."""
-    worker = make_worker(model_dir, CASES["gr_kl"])
+    worker = make_worker(model_dir, CASES[case])
     loss = worker.loss_fn
     initial = {n: full(p) for n, p in worker.engine.module.named_parameters()}
-    worker.set_loss_fn(FaultyLoss(loss, raise_at=2 * 3 - 1))
+    worker.set_loss_fn(FaultyLoss(loss, raise_at=raise_at))
     try:
         worker.train_mini_batch(td.clone())
         raised = ""
@@ -218,7 +222,7 @@ def faults(model_dir: str, td) -> dict[str, Any]:
     after_error = {n: full(p) for n, p in worker.engine.module.named_parameters()}
     worker.set_loss_fn(loss)
     after_error_step = run_step(worker, td)  # the step the exception aborted, now done
-    worker = make_worker(model_dir, CASES["gr_kl"])
+    worker = make_worker(model_dir, CASES[case])
     worker.set_loss_fn(FaultyLoss(loss, nan_after=3))
     nan_step = run_step(worker, td)
     worker.set_loss_fn(loss)
@@ -275,8 +279,9 @@ def main() -> None:
             except NotImplementedError as err:
                 refused = str(err)
             torch.save({"refused": refused}, os.path.join(out_dir, f"fsdp1_rank{rank}.pt"))
-        if not only or "faults" in only.split(","):
-            torch.save(faults(model_dir, td), os.path.join(out_dir, f"faults_rank{rank}.pt"))
+        for name, (case, raise_at) in FAULTS.items():
+            if not only or name in only.split(","):
+                torch.save(faults(model_dir, td, case, raise_at), os.path.join(out_dir, f"{name}_rank{rank}.pt"))
         if not only or "resume" in only.split(","):
             # warmup step, checkpoint, GR step; then a fresh worker loads the checkpoint and redoes the GR step
             ckpt = os.path.join(out_dir, "ckpt")
