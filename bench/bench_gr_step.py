@@ -17,8 +17,9 @@ import pytest
 import torch
 from baselines_gr_step import ForeachGRStep, LoopGRStep
 
+from grkernels.backends.base import StepPlan
+from grkernels.backends.reference import TorchGRStep
 from grkernels.kernels import cpp_loaded
-from grkernels.reference import StepPlan, TorchGRStep
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS, GAMMA = 1e-3, 1e-2
@@ -76,11 +77,11 @@ def test_gr_step_math(benchmark, impl, mix):
     plan = StepPlan(params=params, coefs=[GAMMA] * len(params), eps=EPS, rounding="nearest")
     if impl in ("torch-backend", "triton", "cpp"):
         if impl == "cpp":
-            from grkernels.kernels.cpp_gr_step import CppGRStep
+            from grkernels.backends.cpp import CppGRStep
 
             backend = CppGRStep()
         elif impl == "triton":
-            from grkernels.kernels.gr_step import TritonGRStep
+            from grkernels.backends.triton import TritonGRStep
 
             backend = TritonGRStep(DEVICE, grad_attr="main_grad")
         else:

@@ -37,8 +37,9 @@ from bench_gr_step import EPS, GAMMA, make_set  # noqa: E402
 from e2e_overhead import device_name, write_result  # noqa: E402
 
 from grkernels import __version__  # noqa: E402
-from grkernels.kernels.cpp_gr_step import CppGRStep  # noqa: E402
-from grkernels.reference import StepPlan, TorchGRStep  # noqa: E402
+from grkernels.backends.base import StepPlan
+from grkernels.backends.cpp import CppGRStep  # noqa: E402
+from grkernels.backends.reference import TorchGRStep  # noqa: E402
 
 MIXES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

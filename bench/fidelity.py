@@ -89,11 +89,11 @@ def reference_hv(seed: int, device: str):
 
 
 def make_backend(name: str, device: str, lean: bool = False):
-    from grkernels.reference import TorchGRStep
+    from grkernels.backends.reference import TorchGRStep
 
     if name == "torch" and not lean:
         return TorchGRStep()
-    from grkernels.kernels.gr_step import TritonGRStep
+    from grkernels.backends.triton import TritonGRStep
 
     return TritonGRStep(device, lean=lean)
 
@@ -102,7 +102,7 @@ def gr_estimate(seed, dtype, estimator, rounding, eps, backend, device, lean=Fal
                 loss_scale=1.0):
     """(estimate of H·g1 as a flat float64 vector, perturb_ratio) for one variant. ``loss_scale`` multiplies the
     loss (so g1 by s and H·g1 by s²): how a setting behaves when the gradient's scale changes."""
-    from grkernels.reference import StepPlan
+    from grkernels.backends.base import StepPlan
 
     model = make_model(seed, dtype, device)
     ids = batch(seed, device)

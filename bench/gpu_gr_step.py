@@ -91,10 +91,10 @@ def copy_bandwidth(device, n: int = 1 << 29) -> float:
 def bench_one(name, params, grads, device, eps=1e-3, gamma=1e-2):
     from baselines_gr_step import ForeachGRStep, LoopGRStep
 
-    from grkernels.reference import StepPlan
+    from grkernels.backends.base import StepPlan
 
     if name in ("triton", "triton-nearest"):
-        from grkernels.kernels.gr_step import TritonGRStep
+        from grkernels.backends.triton import TritonGRStep
 
         impl = TritonGRStep(device, grad_attr="main_grad")
         rounding = "nearest" if name == "triton-nearest" else "stochastic"
@@ -127,8 +127,8 @@ def bench_one(name, params, grads, device, eps=1e-3, gamma=1e-2):
 
 def check_restore_bitwise(params, device):
     """Sanity on the device: θ is bitwise restored and the kernels compile for every path."""
-    from grkernels.kernels.gr_step import TritonGRStep
-    from grkernels.reference import StepPlan
+    from grkernels.backends.base import StepPlan
+    from grkernels.backends.triton import TritonGRStep
 
     small = [p[:3] if p.dim() == 1 else p[:3, :5].contiguous() for p in params[:4]]
     for p in small:

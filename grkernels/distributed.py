@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from grkernels.reference import Shards
+from grkernels.backends.base import Shards
 
 __all__ = ["DTensorShards", "check_not_fsdp1", "is_dtensor", "shards_for"]
 
@@ -170,7 +170,7 @@ class DTensorShards(Shards):
 
 
 def shards_for(tensors: Sequence[torch.Tensor], estimator: str = "forward") -> Shards:
-    """The :class:`~grkernels.reference.Shards` for one GR step over ``tensors`` (parameters with a gradient):
+    """The :class:`~grkernels.backends.base.Shards` for one GR step over ``tensors`` (parameters with a gradient):
     plain (one process, DDP) or :class:`DTensorShards`. Refuses FSDP1 and, on DTensors, the exact estimator."""
     check_not_fsdp1(tensors)
     if not any(is_dtensor(p) for p in tensors):

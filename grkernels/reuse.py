@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
-from grkernels.reference import Shards, accum_dtype
+from grkernels.backends.arith import accum_dtype
+from grkernels.backends.base import Shards
 
 REUSE_MODES = ("none", "orthogonal")
 

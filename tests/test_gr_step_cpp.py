@@ -25,14 +25,15 @@ from gr_helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grkernels.backends.base import Shards, StepPlan
+from grkernels.backends.reference import TorchGRStep
 from grkernels.kernels import cpp_loaded, triton_usable
-from grkernels.reference import Shards, StepPlan, TorchGRStep
 
 pytestmark = pytest.mark.skipif(not cpp_loaded(), reason="grkernels._C is not built")
 
 
 if cpp_loaded():
-    from grkernels.kernels.cpp_gr_step import CppGRStep  # also registers the ops' fake kernels
+    from grkernels.backends.cpp import CppGRStep  # also registers the ops' fake kernels
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -57,7 +58,7 @@ def test_matches_torch_bitwise_without_clipping(threads, estimator, with_fp64):
 
 def test_norms_are_accurate_and_thread_independent():
     """The sums of squares against float64, and identical bits for 1 and 2 threads (fixed summation order)."""
-    from grkernels.kernels.cpp_gr_step import _sumsq
+    from grkernels.kernels.cpp_gr_step import sumsq as _sumsq
 
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(n, generator=gen).to(dt) for n, dt in [(200003, torch.float32), (70001, torch.bfloat16),
@@ -158,7 +159,7 @@ def test_stochastic_rounding_unbiased_deterministic(threads, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stochastic_rounding_is_the_triton_stream(dtype):
     """One seed perturbs to the same bits on the C++ and the Triton backend (Philox4x32-10, same counters)."""
-    from grkernels.kernels.gr_step import TritonGRStep
+    from grkernels.backends.triton import TritonGRStep
 
     gen = torch.Generator().manual_seed(1)
     theta = (0.3 * torch.randn(5003, generator=gen)).to(dtype)
@@ -417,8 +418,8 @@ def test_all_finite_is_exact(sizes, dts, bad, strided, seed):
     """``all_finite`` (Σx² in float64 in one C++ pass where it can, the foreach max-abs reference elsewhere) is
     True exactly when every element is finite: an inf, −inf or NaN anywhere is caught, and the dtype's largest
     finite value in every element (whose square overflows fp32) is no false alarm."""
-    from grkernels.kernels.cpp_gr_step import all_finite
-    from grkernels.reference import all_finite as reference_all_finite
+    from grkernels.backends import all_finite
+    from grkernels.backends.reference import all_finite as reference_all_finite
 
     g = torch.Generator().manual_seed(seed)
     tensors = []

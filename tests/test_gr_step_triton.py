@@ -28,13 +28,14 @@ from gr_helpers import clone_params as _clone  # noqa: E402
 from gr_helpers import make_params as _make  # noqa: E402
 from gr_helpers import mixed_spec as _spec  # noqa: E402
 
-from grkernels.reference import StepPlan, TorchGRStep  # noqa: E402
+from grkernels.backends.base import StepPlan  # noqa: E402
+from grkernels.backends.reference import TorchGRStep  # noqa: E402
 
 SMALL = dict(chunk=4096, block=1024)  # several chunks per 2^16+3 tensor, interpreter-friendly
 
 
 def _triton(**kw):
-    from grkernels.kernels.gr_step import TritonGRStep
+    from grkernels.backends.triton import TritonGRStep
 
     return TritonGRStep("cuda" if torch.cuda.is_available() else "cpu", **{**SMALL, **kw})
 
@@ -277,14 +278,14 @@ def test_non_dense_layout_and_bad_dtype_give_clear_errors(device, monkeypatch):
         check_tensor(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), "GradReg")
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        from grkernels.kernels.gr_step import TritonGRStep
+        from grkernels.backends.triton import TritonGRStep
 
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             TritonGRStep("cpu")
 
 
 def test_gradreg_lean_kwarg_reaches_backend(device):
-    from grkernels.kernels.gr_step import TritonGRStep
+    from grkernels.backends.triton import TritonGRStep
 
     assert TritonGRStep(device, lean=True).lean
     with pytest.raises(ValueError, match="chunk"):
@@ -412,7 +413,7 @@ def cx(*names):
 tab = {"tab_ptr": "*i64", "n_tensors": "i32", "chunk_ptr": "*i64", "n_chunks": "i32"}
 try:
     ptx = compile_sm90(
-        G._perturb_kernel,
+        G.perturb_kernel,
         dict(tab, g1s_ptr="*i16", ths_ptr="*i16", gps_ptr="*i16", part_ptr="*fp32", step_ptr="*fp32",
              finite_ptr="*i8", seed="i64", **cx("P_INT", "P_FLT", "G_INT", "G_FLT", "S_INT", "S_FLT", "SAVE_CAST",
                                                 "W", "ACC", "POINT", "ROUND", "PRELOAD", "ALIGNED", "CHUNK", "BLOCK")),
@@ -426,7 +427,7 @@ except (ImportError, RuntimeError, FileNotFoundError) as err:  # e.g. no ptxas h
     sys.exit(0)
 assert "ld.global.v" in ptx and "st.global.v" in ptx and "fma.rn" not in ptx, "perturb"
 ptx = compile_sm90(
-    G._combine_kernel,
+    G.combine_kernel,
     dict(tab, g1s_ptr="*i16", ths_ptr="*i16", gps_ptr="*i16", part_ptr="*fp32", coef_ptr="*fp32", sa_ptr="*fp32",
          sb_ptr="*fp32", **cx("P_INT", "G_INT", "G_FLT", "S_INT", "S_FLT", "ACC", "MODE", "DELTA", "ALIGNED",
                               "CHUNK", "BLOCK")),
@@ -436,7 +437,7 @@ ptx = compile_sm90(
 )
 assert "ld.global.v" in ptx and "fma.rn" not in ptx, "combine"
 ptx = compile_sm90(
-    G._sumsq_kernel,
+    G.sumsq_kernel,
     dict(tab, part_ptr="*fp64", g1s_ptr="*i16", base_ptr="*fp64",
          **cx("G_INT", "G_FLT", "S_INT", "S_FLT", "ACC", "NORM", "ALIGNED", "CHUNK", "BLOCK")),
     dict(G_INT=tl.int16, G_FLT=tl.float16, S_INT=tl.int16, S_FLT=tl.float16, ACC=tl.float64, NORM=2, ALIGNED=True,

@@ -40,8 +40,9 @@ from typing import Any
 
 import torch
 
+from grkernels.backends.base import Shards, StepPlan
+from grkernels.backends.reference import TorchGRStep
 from grkernels.params import resolve_exclude
-from grkernels.reference import Shards, StepPlan, TorchGRStep
 
 __all__ = ["DeepSpeedGR", "accumulation_boundary", "check_supported", "engine_grad_reg", "trainer_grad_reg"]
 

@@ -1,10 +1,10 @@
 """Kernels of grkernels, and the one place that says which implementation runs and why.
 
 Implementations of an op: ``"torch"`` (the plain-PyTorch specification in ``grkernels/ops/losses.py`` and
-``grkernels/reference.py``), ``"cpp"`` (the C++ CPU kernels of the extension ``grkernels._C``, built from
+``grkernels/backends/reference.py``), ``"cpp"`` (the C++ CPU kernels of the extension ``grkernels._C``, built from
 ``csrc/``) and ``"triton"`` (the Triton kernels in this package). :func:`select_backend` is the one rule for
 the loss ops, :func:`resolve_backend` the same rule for the GR step (``GradReg``'s backends:
-``reference.TorchGRStep``, ``kernels.cpp_gr_step.CppGRStep``, ``kernels.gr_step.TritonGRStep``).
+``backends.reference.TorchGRStep``, ``backends.cpp.CppGRStep``, ``backends.triton.TritonGRStep``).
 Triton runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 triton was imported (that is how CI checks every kernel without a GPU). A kernel file holds the kernel and
 its launcher; the ops are registered with ``torch.library`` in :mod:`grkernels.library`.

@@ -1,108 +1,15 @@
-"""The GR step in fused multi-tensor Triton kernels: norms, perturb, restore + combine, without host syncs.
-
-Same semantics as ``grkernels.reference.TorchGRStep`` (the specification; read its docstring for the math).
-Per dtype group (see ``multi_tensor``) every pass is ONE launch over all tensors of the group, one program per
-chunk of at most ``chunk`` elements. With P the GR parameters, g the gradient, and per element:
-
-    sumsq      reads g                         partial[c] = Σ g²            (accumulated in fp32, fp64 for fp64)
-    perturb@0  reads g, θ                      saves g1 (→ S dtype), θ (bits); θ ← round(θ + step·g);
-                                               g ← 0; partial[c] = Σ (θ' − θ)²    (the realised perturbation)
-    perturb@1  reads g₊, saved θ, saved g1     saves g₊; θ ← round(θ − ε·s1·g1); g ← 0; partial[c] = Σ g₊²
-    combine    reads g2, saved g1, saved θ     θ ← saved bits; g ← g1 + coef·(sa·ga − sb·gb);
-               (+ saved g₊ for central)        partial[c] = Σ correction²
-    restore    reads saved θ, saved g1         θ ← saved bits; g ← g1  (abort)
-
-where step = ε·s1 when g1 is finite (else 0 and θ stays θ), coef = γ_p/ε (forward: ga = g2, sa = s2, gb = g1,
-sb = s1) or γ_p/2ε (central: ga = g₊, sa = s₊, gb = g₋, sb = s₋). The partial sums are per chunk (fixed
-order inside a program); the second stage is a sum over the chunk buffer in a fixed order on the device, and
-norms, clip factors min(1, c/(‖g‖ + 1e-6)), the finite flag and ``step`` are 0-d device tensors computed by the
-same torch expressions as the reference. Nothing in the step reads a value back to the host.
-
-Rounding of the perturbed parameter (low-precision parameters, ``rounding="stochastic"``): x = θ + step·g in
-fp32; for bf16 the fp32 bit pattern plus a uniform 16-bit random integer, truncated to the upper 16 bits
-(P(round up) = the discarded fraction, exactly unbiased); for fp16 the two neighbours lo = rn(x) and
-next(lo toward x) and P(other) = |x − lo| / |other − lo| against a 24-bit uniform. The random integers are
-Philox4x32-10 keyed by the step seed with counter (element index / 4, tensor index, point): deterministic for a
-seed, independent of chunking, one Philox call per 4 elements. Restore never recomputes anything: it writes the
-saved bit patterns back, so it is bitwise whatever the rounding.
-
-Bitwise agreement with the torch backend (``rounding="nearest"``): the element-wise arithmetic is the same
-expression in the same order (FMA contraction disabled), so θ', the combined gradient and keep parameters'
-gradients are bitwise equal whenever the clip factors are exactly 1 (clipping off or inactive). The norms
-themselves are summed in a different order (per chunk here, per tensor there): they agree to ~1e-6 relative,
-and so do θ' and the gradient when clipping is active (the clip factor then differs in its last bits).
-
-Extra memory per GR parameter (bytes; what ``extra_bytes`` counts, plus the small tables):
-
-    | param / grad dtype | default (g1 in grad dtype + θ) | lean (g1 in bf16 + θ) | central adds (g₊) |
-    | bf16 / fp32        | 6                              | 4                     | 4 (lean 2)        |
-    | bf16 / bf16        | 4                              | 4                     | 2                 |
-    | fp16 / fp16        | 4                              | 4                     | 2                 |
-    | fp32 / fp32        | 8                              | 6                     | 4 (lean 2)        |
-    | fp64 / fp64        | 16                             | 16                    | 8                 |
-
-plus, per keep parameter, one copy of its gradient (grad bytes). Each tensor's save slot is padded to a multiple
-of 8 elements (16-byte aligned slots; ≤ 7 elements per tensor).
-
-Lean mode (``lean=True``; only fp32 gradients are affected): g1 is saved in bf16, b = rn_bf16(g1). Saving g1
-rounded naively would put its rounding error r = g1 − b (≤ 2^-9·|g1|) into the difference g2 − g1 and amplify
-it by γ/ε (``bench/fidelity.py``, fp32 weights: cos 0.93 instead of 1.00 at ε = 1e-3 when tried). Instead
-the perturb kernel leaves the difference itself in the gradient buffer: it writes −g1 (forward; exact, g1 is
-still in registers) or −b (central, both points) instead of zeros, so the second backward, which accumulates,
-leaves d = g2 − g1 (or g± − b) in fp32 (measured: cos/rel identical to the fp32 row at every ε). Then
-
-    forward:  ‖g2‖² = ‖g1‖² + Σ(d² + 2·d·b)  (error 2·<d, r>, negligible),  grad = b + (γ/ε)·(s2·d + (s2 − s1)·b)
-    central:  g₊ = d₊ + b (d₊ saved in bf16: its error is 2^-9 of a small number), g₋ = d₋ + b
-
-so the correction keeps fp32 accuracy and only the g1 term of the result carries the bf16 error (≤ 2^-9·|g1|
-per element, not amplified). The price: between ``perturb`` and ``restore_and_combine`` the GR parameters'
-gradient buffers hold −g1 (or −b) plus what the second backward accumulated, not g2 (a hook that reads
-``.grad`` in the second pass sees the difference; anything that overwrites instead of accumulating breaks it).
-Abort (``restore``) in lean mode gives back b, g1 rounded to bf16.
-
-Deviation from the reference, on purpose: at the second point of the central estimator the parameters move to
-θ − ε·s1·g1 even when g₊ is not finite (the reference leaves them at θ). Only g1 enters that point, which is
-finite there, so no NaN can reach the weights; the step's finite flag and result are the same.
-
-Fallbacks and errors: non-dense or differently laid-out parameter/gradient pairs, dtypes other than
-fp64/fp32/bf16/fp16 and CPU tensors outside the interpreter raise a clear error (use ``backend="torch"``). The
-exact estimator (double backprop) is dominated by the second backward; its cheap combine runs through the torch
-reference code.
-
-Launch heuristic: ``BLOCK`` = 2048 elements per loop iteration with 8 warps on CUDA (16 B/thread/iteration for
-fp32 loads: enough bytes in flight per SM), 1024 in the interpreter; ``chunk`` = 65,536 elements per program
-(16k programs per 1e9 elements). Each program runs its full blocks without masks, with the alignment facts
-told to the compiler (chunk starts are multiples of BLOCK, save slots 16-byte aligned, parameter/gradient
-addresses 16-byte aligned when the host saw them so: ``ALIGNED``), so that they compile to vector loads and
-stores (checked in the sm_90 PTX); only the last partial block of a tensor is masked.
+"""The Triton kernels of the GR step (``@triton.jit``): the sum-of-squares, perturb and restore/combine passes over
+many tensors at once. The backend that launches them, its semantics, numerics and memory table are in
+``grkernels.backends.triton`` (read its module docstring).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from grkernels.kernels import check_triton_device, interpreter_on
-from grkernels.kernels.multi_tensor import INT_OF, Group, build_groups, check_tensor, layout_key, to_device
-from grkernels.reference import (
-    ExactViaReference,
-    Shards,
-    StepPlan,
-    TorchGRStep,
-    accum_dtype,
-    clip_scale,
-    combine_scales,
-    perturb_scale,
-    require_second_gradients,
-    reusable_buffers,
-    v_norm,
-)
-from grkernels.rounding import SEED_MASK
-
-_TL: dict[torch.dtype, tl.dtype] = {
+TL: dict[torch.dtype, tl.dtype] = {
     torch.float64: tl.float64,
     torch.float32: tl.float32,
     torch.bfloat16: tl.bfloat16,
@@ -111,8 +18,8 @@ _TL: dict[torch.dtype, tl.dtype] = {
     torch.int32: tl.int32,
     torch.int16: tl.int16,
 }
-_ROUND_NEAREST, _ROUND_SR_BF16, _ROUND_SR_GENERIC = 0, 1, 2
-_MODE_FORWARD, _MODE_CENTRAL, _MODE_ABORT = 0, 1, 2
+ROUND_NEAREST, ROUND_SR_BF16, ROUND_SR_GENERIC = 0, 1, 2
+MODE_FORWARD, MODE_CENTRAL, MODE_ABORT = 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -194,7 +101,7 @@ def _sumsq_block(g_ptr, g1s_ptr, i, end, acc, G_FLT: tl.constexpr, S_FLT: tl.con
 
 
 @triton.jit
-def _sumsq_kernel(
+def sumsq_kernel(
     tab_ptr,
     n_tensors,
     chunk_ptr,
@@ -323,7 +230,7 @@ def _perturb_block(p_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, step, finite
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _perturb_kernel(
+def perturb_kernel(
     tab_ptr,
     n_tensors,
     chunk_ptr,
@@ -415,7 +322,7 @@ def _combine_block(p_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, coef, sa, sb
 
 
 @triton.jit
-def _combine_kernel(
+def combine_kernel(
     tab_ptr,
     n_tensors,
     chunk_ptr,
@@ -466,308 +373,3 @@ def _combine_kernel(
                              acc, G_INT, G_FLT, S_FLT, ACC, MODE, DELTA, True, BLOCK)
     if MODE != 2:
         tl.store(part_ptr + tl.program_id(0), tl.sum(acc, axis=0))
-
-
-# ---------------------------------------------------------------------------------------------------- backend
-class TritonGRStep(ExactViaReference):
-    """Fused backend of ``GradReg``: same methods and semantics as ``TorchGRStep`` (see the module docstring
-    for the kernels, the bitwise guarantees and the memory per parameter).
-
-    Args:
-        device: the device of the parameters (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-        lean: save g1 (and g₊) of fp32 gradients in bf16: 4 instead of 6 bytes per bf16 parameter; the
-            gradient buffer then carries g − g1 between perturb and combine (see the module docstring).
-        chunk: elements per program (a multiple of ``block``); default 65,536.
-        block: elements per loop iteration (a power of two ≥ 16); default 2048 on CUDA, 1024 interpreted.
-        grad_attr: the attribute holding each parameter's gradient (``"grad"``; e.g. ``"main_grad"`` for
-            fp32 gradient buffers kept next to bf16 parameters, as Megatron-style trainers do).
-        model_attr: fp32 master weights (the hook): when the GR parameters are the optimizer's fp32 masters and
-            ``getattr(master, model_attr)`` is the low-precision weight the model computes with, the kernels
-            perturb that weight, ``w ← round(w + ε·v)`` (from w, where the gradient was taken: starting from the
-            master would add master − w, up to half an ulp per element and far larger than ε·v), save and
-            restore w bitwise, and never write the master. Extra memory per parameter: g1 + w bytes (6 B for
-            fp32 grads, bf16 w).
-    """
-
-    name = "triton"
-
-    def __init__(
-        self,
-        device: torch.device | str | None = None,
-        *,
-        lean: bool = False,
-        chunk: int | None = None,
-        block: int | None = None,
-        grad_attr: str = "grad",
-        model_attr: str | None = None,
-    ) -> None:
-        self.device = torch.device(device) if device is not None else None
-        if self.device is not None:
-            check_triton_device(torch.empty(0, device=self.device), what="GradReg")
-        on_gpu = self.device is not None and self.device.type == "cuda"
-        self.block = int(block or (2048 if on_gpu and not interpreter_on() else 1024))
-        self.chunk = int(chunk or 65536)
-        if self.block < 16 or self.block & (self.block - 1):
-            raise ValueError(f"TritonGRStep: block must be a power of two >= 16, got {self.block}")
-        if self.chunk < self.block or self.chunk % self.block:
-            raise ValueError(f"TritonGRStep: chunk must be a positive multiple of block, got {self.chunk}")
-        self.num_warps = 8 if self.block >= 2048 else 4
-        self.lean = bool(lean)
-        self.grad_attr = grad_attr
-        self.model_attr = model_attr
-        self.metrics: dict[str, torch.Tensor] = {}
-        self._torch = TorchGRStep()  # the exact estimator's combine (see module docstring)
-        self._groups: list[Group] = []
-        self._key: tuple = ()
-        self._saved: list[dict[str, torch.Tensor]] = []  # per group: g1, theta (, gplus) flat buffers
-        self._keep_bufs: list[torch.Tensor] = []
-        self._part: torch.Tensor | None = None
-        self._coef_cache: dict[tuple, list[torch.Tensor]] = {}
-        self._n1 = self._s1 = self._finite = self._n_plus = self._s_plus = self._vnorm = None
-        self._grad_ptrs: tuple = ()
-        self._shards = Shards()  # the current plan's (local shards and cross-process sums under FSDP2)
-        self._armed: set[int] = set()  # groups whose θ of the current step is saved (restore writes only these)
-
-    # ------------------------------------------------------------------ helpers
-    def _grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The (local, for sharded parameters) gradients; None where a parameter has none."""
-        grads = [getattr(p, self.grad_attr) for p in params]
-        return [g if g is None else self._shards.local(g) for g in grads]
-
-    def _total(self, row: int) -> torch.Tensor:
-        """Σ of partial row ``row`` over the chunks, and over the processes holding other shards."""
-        return self._shards.sum_across(self._part[row].sum())
-
-    def _save_dtype(self, g_dtype: torch.dtype) -> torch.dtype:
-        return torch.bfloat16 if self.lean and g_dtype == torch.float32 else g_dtype
-
-    def _layout(self, plan: StepPlan, grads: list[torch.Tensor]) -> list[Group]:
-        """Launch tables for the plan's tensors (rebuilt only when an address or size changed)."""
-        params = [self._shards.local(p.detach()) for p in plan.params]
-        models = None
-        if self.model_attr is not None:
-            models = [getattr(p, self.model_attr, None) for p in plan.params]
-            if any(m is None for m in models):
-                raise RuntimeError(
-                    f"TritonGRStep(model_attr={self.model_attr!r}): a GR parameter has no such attribute"
-                )
-            models = [m.detach() for m in models]
-        key = layout_key(params, grads, models)
-        if key != self._key:
-            for i, (p, g) in enumerate(zip(params, grads)):
-                check_tensor(p, g, "GradReg")
-                if models is not None:
-                    check_tensor(models[i], g, "GradReg (model weight of a master)")
-                check_triton_device(p, what="GradReg")
-            self._groups = build_groups(params, grads, self.chunk, plan.device, models)
-            self._key = key
-        return self._groups
-
-    def _ensure_saved(self, acc: torch.dtype, central: bool, device: torch.device) -> None:
-        """Flat save buffers per group (reused while sizes and dtypes stay), and the partial-sum buffer."""
-        want = []
-        for grp in self._groups:
-            s = self._save_dtype(grp.g_dtype)
-            want.append({"g1": (grp.total, s), "theta": (grp.total, grp.p_dtype)})
-            if central:
-                want[-1]["gplus"] = (grp.total, s)
-        if len(self._saved) != len(want) or any(
-            set(w) != set(b) or any(b[k].numel() != n or b[k].dtype != d for k, (n, d) in w.items())
-            for w, b in zip(want, self._saved)
-        ):
-            self._saved = [{k: torch.empty(n, dtype=d, device=device) for k, (n, d) in w.items()} for w in want]
-        n_chunks = max(1, sum(g.n_chunks for g in self._groups))
-        if self._part is None or self._part.shape[1] != n_chunks or self._part.dtype != acc:
-            self._part = torch.zeros(5, n_chunks, dtype=acc, device=device)  # n1, realised, n+, corr, n2
-
-    def _save_keep(self, plan: StepPlan) -> None:
-        grads = self._grads(plan.keep)
-        reusable_buffers(grads, self._keep_bufs)
-        if grads:
-            torch._foreach_copy_(self._keep_bufs, grads)
-
-    def _restore_keep(self, plan: StepPlan) -> None:
-        have = [(p, b) for p, b in zip(plan.keep, self._keep_bufs) if getattr(p, self.grad_attr) is not None]
-        for p, b in zip(plan.keep, self._keep_bufs):
-            if getattr(p, self.grad_attr) is None:
-                setattr(p, self.grad_attr, self._shards.wrap_grad(p, b.clone()))
-        if have:
-            torch._foreach_copy_(self._grads([p for p, _ in have]), [b for _, b in have])
-
-    def _delta(self, grp: Group) -> bool:
-        """Lean mode on this group: g1 saved rounded, so the gradient buffer carries g − g1 (see the class)."""
-        return self._save_dtype(grp.g_dtype) != grp.g_dtype
-
-    def _sumsq(self, row: int, estimator: str | None = None) -> torch.Tensor:
-        """Launch the Σg² pass of every group into partial row ``row``; returns the global norm (0-d).
-
-        ``estimator`` set: the norm of g2 at combine time (lean groups hold a difference, see the class)."""
-        for gi, grp in enumerate(self._groups):
-            norm = 0 if estimator is None or not self._delta(grp) else (1 if estimator == "central" else 2)
-            g1s = self._saved[gi]["g1"] if self._saved else self._part
-            s = g1s.dtype if norm else grp.g_dtype
-            _sumsq_kernel[(grp.n_chunks,)](
-                grp.tab, grp.n_tensors, grp.chunks, grp.n_chunks, self._part[row, grp.chunk_base :],
-                g1s.view(INT_OF[s]) if norm else g1s, self._part[0, grp.chunk_base :],
-                G_INT=_TL[INT_OF[grp.g_dtype]], G_FLT=_TL[grp.g_dtype], S_INT=_TL[INT_OF[s]], S_FLT=_TL[s],
-                ACC=_TL[self._part.dtype], NORM=norm, ALIGNED=grp.aligned,
-                CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps,
-            )  # fmt: skip
-        return self._total(row).clamp_min(0).sqrt()
-
-    def _coefs(self, plan: StepPlan, div: float, acc: torch.dtype) -> list[torch.Tensor]:
-        """γ_p/div per tensor, per group, as ACC device tables (cached by value: uploaded when γ changes)."""
-        key = (tuple(plan.coefs), div, acc, self._key)
-        hit = self._coef_cache.get(key)
-        if hit is None:
-            hit = [
-                to_device(torch.tensor([plan.coefs[r] / div for r in grp.rows], dtype=acc), plan.device)
-                for grp in self._groups
-            ]
-            self._coef_cache = {key: hit}  # one entry: a schedule changing γ every step must not grow it
-        return hit
-
-    def _launch_combine(self, mode: int, coefs: list[torch.Tensor] | None, sa, sb) -> None:
-        acc = self._part.dtype
-        for gi, grp in enumerate(self._groups):
-            if gi not in self._armed:
-                continue
-            buf = self._saved[gi]
-            s = buf["g1"].dtype
-            gplus = buf.get("gplus", buf["g1"])
-            coef = coefs[gi] if coefs is not None else self._part
-            _combine_kernel[(grp.n_chunks,)](
-                grp.tab, grp.n_tensors, grp.chunks, grp.n_chunks,
-                buf["g1"].view(INT_OF[s]), buf["theta"].view(INT_OF[grp.p_dtype]), gplus.view(INT_OF[s]),
-                self._part[3, grp.chunk_base :], coef,
-                sa if sa is not None else self._part, sb if sb is not None else self._part,
-                P_INT=_TL[INT_OF[grp.p_dtype]], G_INT=_TL[INT_OF[grp.g_dtype]], G_FLT=_TL[grp.g_dtype],
-                S_INT=_TL[INT_OF[s]], S_FLT=_TL[s], ACC=_TL[acc], MODE=mode, DELTA=self._delta(grp),
-                ALIGNED=grp.aligned,
-                CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
-            )  # fmt: skip
-
-    def extra_bytes(self) -> int:
-        """Bytes held by this backend's buffers right now: saved g1/θ/g₊, keep gradients, tables, partials."""
-        bufs = [b for d in self._saved for b in d.values()] + self._keep_bufs
-        n = sum(b.numel() * b.element_size() for b in bufs)
-        n += sum(g.table_bytes() for g in self._groups)
-        if self._part is not None:
-            n += self._part.numel() * self._part.element_size()
-        return n + self._torch.extra_bytes()
-
-    def saved_bytes(self) -> int:
-        """Bytes of the per-parameter save buffers only (what the per-parameter budget counts)."""
-        return sum(b.numel() * b.element_size() for d in self._saved for b in d.values())
-
-    # ------------------------------------------------------------------ the step
-    def perturb(self, plan: StepPlan, point: int) -> None:
-        """Move P to perturbation point ``point`` (0: θ + ε·v; 1, central only: θ − ε·v); zero P's grads.
-
-        Point 0 also saves θ, g1 (and keep parameters' g1) and computes n1, s1 and the realised perturbation
-        ratio; point 1 saves g₊ and computes n₊, s₊ in the same pass.
-        """
-        self._shards = plan.shards
-        if any(plan.shards.compute_dtype(p) is not None for p in plan.params):
-            raise NotImplementedError(
-                "GradReg(backend='triton') does not write perturbations onto a mixed-precision compute grid yet "
-                "(FSDP2 MixedPrecisionPolicy with param_dtype != the parameters' dtype): use backend='torch'"
-            )
-        grads = self._grads(plan.params)
-        if any(g is None for g in grads):
-            raise RuntimeError("GradReg: a GR parameter has no gradient at the perturbation point")
-        acc = accum_dtype(grads)
-        self._layout(plan, grads)
-        self._grad_ptrs = tuple(g.data_ptr() for g in grads)  # lean mode: the combine must find these buffers
-        if point == 0:
-            self._armed = set()  # the save buffers hold another step's θ until this step's kernels wrote them
-            self._ensure_saved(acc, plan.estimator == "central", plan.device)
-            self._save_keep(plan)
-            self._n1 = self._sumsq(0)
-            self._s1 = clip_scale(self._n1, plan.g1_clip)
-            self._vnorm = v_norm(plan, self._s1, self._n1)
-            self._finite = torch.isfinite(self._n1)
-            self.metrics = {"g1_norm": self._n1}
-            sign, row = 1.0, 1
-        else:
-            if self._finite is None or not self._saved:
-                raise RuntimeError("GradReg: perturbation point 1 before point 0")
-            self._ensure_saved(acc, True, plan.device)  # no-op when point 0 already allocated g+ buffers
-            sign, row = -1.0, 2
-        step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
-        finite_i8 = self._finite.view(torch.int8)
-        seed = int(plan.seed) & SEED_MASK
-        for gi, grp in enumerate(self._groups):
-            buf = self._saved[gi]
-            s = buf["g1"].dtype
-            w = torch.float64 if grp.src_dtype == torch.float64 else torch.float32
-            if plan.rounding == "stochastic" and grp.p_dtype == torch.bfloat16 and w == torch.float32:
-                rnd = _ROUND_SR_BF16
-            elif plan.rounding == "stochastic" and grp.p_dtype == torch.float16:
-                rnd = _ROUND_SR_GENERIC
-            else:
-                rnd = _ROUND_NEAREST
-            gplus = buf.get("gplus", buf["g1"])
-            _perturb_kernel[(grp.n_chunks,)](
-                grp.tab, grp.n_tensors, grp.chunks, grp.n_chunks,
-                buf["g1"].view(INT_OF[s]), buf["theta"].view(INT_OF[grp.p_dtype]), gplus.view(INT_OF[s]),
-                self._part[row, grp.chunk_base :], step, finite_i8, seed,
-                P_INT=_TL[INT_OF[grp.p_dtype]], P_FLT=_TL[grp.p_dtype], G_INT=_TL[INT_OF[grp.g_dtype]],
-                G_FLT=_TL[grp.g_dtype], S_INT=_TL[INT_OF[s]], S_FLT=_TL[s], SAVE_CAST=s != grp.g_dtype,
-                W=_TL[w], ACC=_TL[acc], POINT=point, ROUND=rnd,
-                PRELOAD=0 if not self._delta(grp) else (1 if point == 0 and plan.estimator != "central" else 2),
-                ALIGNED=grp.aligned,
-                CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
-            )  # fmt: skip
-            self._armed.add(gi)
-        if point == 0:
-            realised = self._total(1).sqrt()
-            intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self._n1
-            self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(acc).tiny)
-        else:
-            self._n_plus = self._total(2).sqrt()
-            self._s_plus = clip_scale(self._n_plus, plan.g2_clip)
-            self._finite = self._finite & torch.isfinite(self._n_plus)
-
-    def restore(self, plan: StepPlan) -> None:
-        """Abort: θ back bitwise, every saved gradient back to g1 (bf16-rounded for fp32 grads if ``lean``).
-        Idempotent; writes only the groups whose θ this step saved."""
-        if not self._saved or not self._armed:
-            return
-        self._shards = plan.shards
-        for p in plan.params:
-            if getattr(p, self.grad_attr) is None:
-                local = torch.zeros_like(plan.shards.local(p.detach()), memory_format=torch.preserve_format)
-                setattr(p, self.grad_attr, plan.shards.wrap_grad(p, local))
-        self._layout(plan, self._grads(plan.params))
-        self._launch_combine(_MODE_ABORT, None, None, None)
-        self._restore_keep(plan)
-
-    def restore_and_combine(self, plan: StepPlan) -> None:
-        """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
-        self._shards = plan.shards
-        require_second_gradients(plan, self.restore, self.grad_attr)
-        grads = self._grads(plan.params)
-        acc = self._part.dtype
-        if tuple(g.data_ptr() for g in grads) != self._grad_ptrs and any(self._delta(g) for g in self._groups):
-            self.restore(plan)
-            raise RuntimeError(
-                "GradReg(lean=True): the gradient buffers were replaced between perturb() and the combine (e.g. "
-                "zero_grad(set_to_none=True)); lean mode needs the second backward to accumulate into the same "
-                "buffers. Parameters were restored (gradients: g1 rounded to bf16)."
-            )
-        self._layout(plan, grads)
-        n2 = self._sumsq(4, plan.estimator)
-        s2 = clip_scale(n2, plan.g2_clip)
-        self._finite = self._finite & torch.isfinite(n2)
-        if plan.estimator == "central":
-            mode, sa, sb, div = _MODE_CENTRAL, self._s_plus, s2, 2.0 * plan.eps
-        else:
-            mode, sa, sb, div = _MODE_FORWARD, s2, self._s1, plan.eps
-        sa, sb = combine_scales(sa, sb, self._vnorm)
-        self._launch_combine(mode, self._coefs(plan, div, acc), sa, sb)
-        self._restore_keep(plan)
-        self._armed = set()
-        self.metrics["g2_norm"] = n2
-        self.metrics["gr_rel"] = self._total(3).sqrt() / self._n1.clamp_min(torch.finfo(acc).tiny)
-        self.metrics["finite"] = self._finite

@@ -26,172 +26,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
+from grkernels.backends.arith import (
+    accum_dtype,
+    clip_scale,
+    combine_scales,
+    global_norm,
+    perturb_scale,
+    require_second_gradients,
+    reusable_buffers,
+    v_norm,
+)
+from grkernels.backends.base import StepPlan
 from grkernels.rounding import perturbed_value
-
-NORM_EPS = 1e-6  # added to a norm before dividing by it, as torch.nn.utils.clip_grad_norm_ does
-
-
-class Shards:
-    """How a GR step reaches its tensors and sums over them. This default is the identity: one process, or
-    tensors every rank holds in full (DDP, after its all-reduce). ``grkernels.distributed.DTensorShards``
-    is the sharded one (FSDP2): local shards, and sums of squares all-reduced over the ranks holding the rest.
-    """
-
-    sharded = False
-
-    def local(self, t: torch.Tensor) -> torch.Tensor:
-        """The part of ``t`` (a parameter or gradient) this process works on."""
-        return t
-
-    def sum_across(self, x: torch.Tensor) -> torch.Tensor:
-        """A local sum of squares (0-d) summed over the processes that hold the other parts."""
-        return x
-
-    def wrap_grad(self, like: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """A gradient for parameter ``like`` made from its local part (when ``.grad`` was set to None)."""
-        return local
-
-    def compute_dtype(self, p: torch.Tensor) -> torch.dtype | None:
-        """The dtype the model computes with when it differs from ``p``'s (mixed precision), else None: θ' is
-        then stochastically rounded onto that dtype's grid (so the model's cast keeps it) and stored in p."""
-        return None
-
-    def before_write(self, params: Sequence[torch.Tensor]) -> None:
-        """Called before the step writes parameters (e.g. FSDP2 reshards, so the next forward sees the edit)."""
-
-
-@dataclass
-class StepPlan:
-    """What one GR step works on, decided by ``GradReg`` on the host (no tensor values read).
-
-    params: the GR parameters P (each has ``.grad``), all on one device.
-    coefs:  γ_p per parameter of P (the strength of its group after warmup/schedule).
-    keep:   parameters outside P that have a gradient and must end the step with their g1.
-    eps:    ε, the finite-difference step (units of the parameters per unit of clipped gradient).
-    g1_clip, g2_clip: max norms c1, c2 (None: no clipping).
-    estimator: "forward", "central" or "exact".
-    rounding: "stochastic" or "nearest" (bf16/fp16 parameters only; fp32/fp64 always round to nearest).
-    eps_mode: "absolute" (θ' = θ + ε·v, the paper's) or "radius" (θ' = θ + ε·v/‖v‖).
-    seed:   seed of the stochastic rounding of this step (deterministic for a given seed).
-    absent: parameters of the optimizer that had no gradient at θ: left alone, so whatever gradient a pass at a
-            perturbed point gives them is dropped again (``.grad`` back to None) when the step ends or aborts.
-    model_attr: fp32 master weights: when set, each GR parameter is an optimizer's master and
-            ``getattr(master, model_attr)`` is the low-precision weight the model computes with. That weight is
-            perturbed where the gradient was taken, w ← round(w + ε·v) (not from the master: master − w, up to
-            half an ulp per element, would swamp ε·v), saved and restored bitwise; the master is never written.
-    """
-
-    params: list[torch.Tensor]
-    coefs: list[float]
-    keep: list[torch.Tensor] = field(default_factory=list)
-    absent: list[torch.Tensor] = field(default_factory=list)
-    eps: float = 1e-3
-    g1_clip: float | None = 10.0
-    g2_clip: float | None = 10.0
-    estimator: str = "forward"
-    rounding: str = "stochastic"
-    seed: int = 0
-    model_attr: str | None = None
-    eps_mode: str = "absolute"
-    shards: Shards = field(default_factory=Shards)
-
-    def weights(self) -> list[torch.Tensor]:
-        """The tensors the perturbation is written into: the parameters, or their model weights (masters)."""
-        if self.model_attr is None:
-            return [self.shards.local(p.detach()) for p in self.params]
-        return [getattr(p, self.model_attr).detach() for p in self.params]
-
-    def grads(self, params: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """The (local) gradients of ``params`` (default: the GR parameters)."""
-        return [self.shards.local(p.grad) for p in (self.params if params is None else params)]
-
-    def set_grad(self, p: torch.Tensor, value: torch.Tensor) -> None:
-        """``p.grad`` ← ``value`` (a local tensor): in place when p has a gradient, else a new one."""
-        if p.grad is None:
-            p.grad = self.shards.wrap_grad(p, value.clone())
-        else:
-            self.shards.local(p.grad).copy_(value)
-
-    def norm(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """‖concat(tensors)‖₂ over all processes (``global_norm`` of the local parts, summed by ``shards``)."""
-        return global_norm(tensors, dtype, self.shards)
-
-    @property
-    def device(self) -> torch.device:
-        return (self.params or self.keep)[0].device
-
-
-def reusable_buffers(
-    like: Sequence[torch.Tensor], bufs: list[torch.Tensor], dtypes: Sequence[torch.dtype] | None = None
-) -> list[torch.Tensor]:
-    """``bufs`` holding one contiguous buffer shaped like each tensor of ``like`` (its device; its dtype, or the
-    matching entry of ``dtypes``), reallocated in place only when a shape, dtype or device changed."""
-    dts = [t.dtype for t in like] if dtypes is None else list(dtypes)
-    if len(bufs) != len(like) or any(
-        b.shape != t.shape or b.dtype != d or b.device != t.device for b, t, d in zip(bufs, like, dts)
-    ):
-        bufs[:] = [torch.empty(t.shape, dtype=d, device=t.device) for t, d in zip(like, dts)]
-    return bufs
-
-
-def accum_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    """float64 when any tensor is float64 (so exact-HVP tests stay meaningful), else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def global_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype, shards: Shards | None = None) -> torch.Tensor:
-    """‖concat(tensors)‖₂ as a 0-d tensor of ``dtype``; per-tensor norms first, in a fixed order. With sharded
-    ``shards`` the tensors are local parts: the local sum of squares is summed across processes first."""
-    if shards is not None and shards.sharded:
-        local = global_norm(tensors, dtype).square()
-        return shards.sum_across(local).sqrt()
-    if not tensors:
-        return torch.zeros((), dtype=dtype)
-    norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
-    return torch.linalg.vector_norm(torch.stack(norms), 2)
-
-
-def require_second_gradients(plan: StepPlan, restore, grad_attr: str = "grad") -> None:
-    """Every GR parameter must have a gradient after the pass at θ'; if one has none, ``restore(plan)`` (θ back,
-    g1 back) and raise: the GR gradient cannot be formed."""
-    missing = sum(getattr(p, grad_attr) is None for p in plan.params)
-    if missing:
-        restore(plan)
-        raise RuntimeError(
-            f"GradReg: {missing} parameter(s) had a gradient at θ but none after the second "
-            "backward (did the second pass skip part of the model?). Parameters were restored."
-        )
-
-
-def clip_scale(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor:
-    """min(1, c / (‖g‖ + 1e-6)) as a device tensor; 1 when ``max_norm`` is None."""
-    if max_norm is None:
-        return torch.ones_like(norm)
-    return torch.clamp(max_norm / (norm + NORM_EPS), max=1.0)
-
-
-def v_norm(plan: StepPlan, s1: torch.Tensor, n1: torch.Tensor) -> torch.Tensor | None:
-    """‖v‖ = s1·‖g1‖ when ``eps_mode == "radius"`` (then ε_eff = ε/‖v‖); None for "absolute"."""
-    return s1 * n1 if plan.eps_mode == "radius" else None
-
-
-def perturb_scale(plan: StepPlan, s1: torch.Tensor, vnorm: torch.Tensor | None, sign: float) -> torch.Tensor:
-    """The multiplier m of g1 in θ' = θ + m·g1: ±s1·ε (absolute) or ±s1·ε/‖v‖ (radius), a device tensor."""
-    if vnorm is None:
-        return s1 * (sign * plan.eps)
-    return s1 * (sign * plan.eps) / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny)
-
-
-def combine_scales(
-    sa: torch.Tensor, sb: torch.Tensor, vnorm: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip factors of the two gradients in γ_p/(k·ε_eff)·(sa·ga − sb·gb), with the coefficient kept as the
-    host float γ_p/(k·ε): in radius mode 1/ε_eff = ‖v‖/ε, so ‖v‖ multiplies the (device) clip factors."""
-    return (sa, sb) if vnorm is None else (sa * vnorm, sb * vnorm)
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -345,20 +194,3 @@ class TorchGRStep:
         """s1 for the exact estimator's direction v = s1·g1 (computed from ``.grad``)."""
         grads = [p.grad for p in plan.params]
         return clip_scale(global_norm(grads, accum_dtype(grads)), plan.g1_clip)
-
-
-class ExactViaReference:
-    """For the fast backends (``self._torch`` a ``TorchGRStep``): the exact estimator's cheap combine and its s1
-    are the reference's, since that step is dominated by the double backprop, not by this arithmetic."""
-
-    _torch: TorchGRStep
-    metrics: dict[str, torch.Tensor]
-
-    def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:
-        """Exact estimator: ``.grad`` ← g1 + γ_p·H·v (the torch reference's combine)."""
-        self._torch.combine_hvp(plan, hvp)
-        self.metrics = self._torch.metrics
-
-    def clip_scale_g1(self, plan: StepPlan) -> torch.Tensor:
-        """s1 for the exact estimator's direction v = s1·g1 (computed from ``.grad``)."""
-        return self._torch.clip_scale_g1(plan)
