@@ -43,6 +43,7 @@ from grkernels.demo.language import Language
 from grkernels.demo.policy import TinyTransformer, pretrain_policy, sample
 from grkernels.demo.pretrain import pretrain_on_language
 from grkernels.demo.reward_model import train_reward_model
+from grkernels.demo.smoothing import smooth
 from grkernels.demo.tasks import TASK_WORLDS, RuleReward, make_task_world, task_sizes
 from grkernels.demo.worlds import WORLD_ALIASES, WORLDS, Sizes, make_base, make_world, random_prompts
 
@@ -307,17 +308,6 @@ def _drain(futs, queue, bar, on_done) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- summary
-def smooth(x: list[float], window: int) -> list[float]:
-    """Trailing moving average (window shrinks at the start)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(x):
-        acc += v
-        if i >= window:
-            acc -= x[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def value_at_first_crossing(xs: list[float], ys: list[float], level: float) -> float:
     """y where x first reaches ``level`` (linear interpolation between steps); NaN if it never does."""
     for i, x in enumerate(xs):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+from grkernels.demo.smoothing import smooth
+
 GRID = 64  # points of the KL grid on which the envelope is averaged
 
 
@@ -44,8 +46,6 @@ def envelope(points: list[tuple[float, float]], k: float) -> float:
 
 def smoothed(run: dict, key: str, window: int) -> list[float]:
     """A run's curve ``key`` as the frontier uses it: trailing moving average over ``window`` steps."""
-    from grkernels.demo.experiment import smooth
-
     return smooth(run["curves"][key], window)
 
 
