@@ -126,7 +126,7 @@ def head_param_groups(model: nn.Module, strength: float, head: nn.Module | None 
 
 def _gr_parameters(opt: GradReg) -> list[torch.Tensor]:
     """The parameters GR perturbs this step: GR candidates (γ > 0, GR on, not excluded) that have a gradient."""
-    return [p for p in opt._gr_candidates() if p.grad is not None]
+    return opt.gr_parameters()
 
 
 def _allowed(opt: GradReg, head: nn.Module | Iterable[torch.Tensor] | None) -> set[int]:

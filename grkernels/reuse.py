@@ -13,6 +13,12 @@ orthogonal part keeps the size relative to ‖g1‖ it had at the full step: Loo
 measurement instead of a hyperparameter. Diagnostic ``reuse_cos``: at each full step after the first, the cosine
 between the correction reuse would have applied at that step and the full correction actually computed.
 
+Per-parameter state is keyed by position (the parameter's index in the optimizer's groups), never by tensor
+identity, so a copy, a pickle or a checkpoint of the optimizer reuses the correction like the original. Only a
+finite full step's correction is kept (a non-finite one leaves the previous one, chosen on the device). A step in
+between applies the correction to the parameters that have a gradient (an unused branch or MoE expert without one
+is simply left out).
+
 Memory: one copy of the GR parameters' gradients (grad dtype; 2 B/param for bf16 gradients, 4 B for fp32), kept
 between full steps, plus transient flat copies (g1, the prediction) during a step. Everything stays on the device
 (norms and ratios are 0-d tensors), so reuse adds no host synchronisation. Sharded parameters (FSDP2): the stored
@@ -46,40 +52,39 @@ def _storage_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
 class CorrectionReuse:
     """Keeps the correction of the last full GR step and applies it, projected and rescaled, in between.
 
-    Everything is held flat (the GR parameters' local gradients one after the other), so each inner product or
-    update is one kernel whatever the number of tensors: the Python cost does not grow with the model's depth.
+    Held flat (the GR parameters' local gradients one after the other, in position order), so each inner product
+    or update is one kernel whatever the number of tensors.
     """
 
     def __init__(self) -> None:
         self._c: torch.Tensor | None = None  # last full correction, flat (gradient dtype)
-        self._shapes: list[torch.Size] = []  # local gradient shapes, in the order of the flat buffers
-        self._ids: tuple[int, ...] = ()
+        self._index: tuple[int, ...] = ()  # positions of the parameters the segments of _c belong to
+        self._shapes: list[torch.Size] = []  # local gradient shapes, in the order of the segments
         self._rho: torch.Tensor | None = None
         self._g1: torch.Tensor | None = None  # g1 of the full step in progress, flat (transient)
         self._pred: torch.Tensor | None = None  # what reuse would have applied at this full step (transient)
 
     @property
     def ready(self) -> bool:
-        """Whether a full correction is stored (the first full step has happened)."""
+        """Whether a correction is stored (a full step has happened)."""
         return self._rho is not None
 
-    def state(self, position: dict[int, int]) -> dict | None:
-        """The stored correction for a state dict, one tensor per parameter named by ``position`` (id -> flat
-        index)."""
+    def state(self) -> dict | None:
+        """The stored correction for a state dict: one tensor per parameter, named by its position."""
         if not self.ready:
             return None
         parts = self._c.split([s.numel() for s in self._shapes])
-        return {"index": [position[i] for i in self._ids],
-                "c": [c.view(s).clone() for c, s in zip(parts, self._shapes)], "rho": self._rho}
+        return {"index": list(self._index), "c": [c.view(s).clone() for c, s in zip(parts, self._shapes)],
+                "rho": self._rho.clone()}
 
     def load(self, state: dict | None, params: Sequence[torch.Tensor]) -> None:
-        """Inverse of :meth:`state`; ``params`` are the optimizer's parameters in flat order."""
+        """Inverse of :meth:`state`; ``params``: the tensors in position order (for device and dtype)."""
         self.__init__()
         if state:
             chosen = [params[i] for i in state["index"]]
-            self._ids = tuple(id(p) for p in chosen)
-            self._shapes = [c.shape for c in state["c"]]
             like = [p if p.grad is None else p.grad for p in chosen]
+            self._index = tuple(state["index"])
+            self._shapes = [c.shape for c in state["c"]]
             self._c = _flat(state["c"], _storage_dtype(like)).to(chosen[0].device)
             self._rho = state["rho"].to(chosen[0].device)
 
@@ -87,14 +92,29 @@ class CorrectionReuse:
         held = (t for t in (self._c, self._g1, self._pred) if t is not None)
         return sum(t.numel() * t.element_size() for t in held)
 
-    def _matches(self, params: Sequence[torch.Tensor], g1: Sequence[torch.Tensor]) -> bool:
-        return self.ready and self._ids == tuple(id(p) for p in params) and self._shapes == [g.shape for g in g1]
+    def _segments(self, positions: Sequence[int], g1: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The stored correction laid out like ``g1`` (one segment per position; zeros where none is stored), or
+        None when nothing stored matches."""
+        if not self.ready:
+            return None
+        if tuple(positions) == self._index and self._shapes == [g.shape for g in g1]:
+            return self._c
+        stored = dict(zip(self._index, zip(self._c.split([s.numel() for s in self._shapes]), self._shapes)))
+        parts, hit = [], False
+        for i, g in zip(positions, g1):
+            seg = stored.get(i)
+            if seg is not None and seg[1] == g.shape:
+                parts.append(seg[0])
+                hit = True
+            else:
+                parts.append(self._c.new_zeros(g.numel()))
+        return torch.cat(parts) if hit else None
 
-    def _direction(self, g1: torch.Tensor, shards: Shards) -> tuple[torch.Tensor, torch.Tensor]:
+    def _direction(self, g1: torch.Tensor, c: torch.Tensor, shards: Shards) -> tuple[torch.Tensor, torch.Tensor]:
         """The reused correction for the flat gradient g1 (accumulation dtype): ρ·‖g1‖·d/‖d‖ with d the stored c
         made orthogonal to g1; and ‖g1‖² (0-d)."""
         tiny = torch.finfo(g1.dtype).tiny
-        c = self._c.to(g1.dtype)
+        c = c.to(g1.dtype)
         g1_sq = shards.sum_across(torch.dot(g1, g1))
         beta = shards.sum_across(torch.dot(c, g1)) / g1_sq.clamp_min(tiny)
         d = torch.mul(g1, -beta).add_(c)
@@ -102,50 +122,61 @@ class CorrectionReuse:
         return d.mul_(self._rho.to(g1.dtype) * g1_sq.sqrt() / d_norm.clamp_min(tiny)), g1_sq
 
     @torch.no_grad()
-    def capture(self, params: Sequence[torch.Tensor], shards: Shards) -> None:
+    def capture(self, params: Sequence[torch.Tensor], positions: Sequence[int], shards: Shards) -> None:
         """Full step, right after the backward at θ (``.grad`` = g1): keep g1, and the reuse prediction for the
         ``reuse_cos`` diagnostic."""
         g1 = [shards.local(p.grad) for p in params]
         self._g1 = _flat(g1, _storage_dtype(g1))
-        matches = self._matches(params, g1)
-        self._pred = self._direction(self._g1.to(accum_dtype(g1)), shards)[0] if matches else None
+        c = self._segments(positions, g1)
+        self._pred = None if c is None else self._direction(self._g1.to(accum_dtype(g1)), c, shards)[0]
 
     @torch.no_grad()
-    def store(self, params: Sequence[torch.Tensor], shards: Shards) -> dict[str, torch.Tensor]:
-        """Full step, after the combine (``.grad`` = GR): c = GR − g1 and ρ; returns ``reuse_cos`` if measured."""
+    def store(self, params: Sequence[torch.Tensor], positions: Sequence[int], shards: Shards,
+              finite: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full step, after the combine (``.grad`` = GR): c = GR − g1 and ρ, kept only where ``finite`` (a 0-d
+        device flag: a non-finite step leaves the previous correction, or none); returns ``reuse_cos``."""
         grads = [shards.local(p.grad) for p in params]
         g1, self._g1 = self._g1, None
-        self._c = _flat(grads, g1.dtype).sub_(g1)
-        self._ids, self._shapes = tuple(id(p) for p in params), [g.shape for g in grads]
+        c_new = _flat(grads, g1.dtype).sub_(g1)
         dtype = accum_dtype(grads)
         tiny = torch.finfo(dtype).tiny
-        c, g1 = self._c.to(dtype), g1.to(dtype)
+        c, g1 = c_new.to(dtype), g1.to(dtype)
         g1_sq = shards.sum_across(torch.dot(g1, g1))
         c_dot = shards.sum_across(torch.dot(c, g1))
         c_sq = shards.sum_across(torch.dot(c, c))
-        # ‖c⊥‖² = ‖c‖² − ⟨c, g1⟩²/‖g1‖²
-        perp_sq = (c_sq - c_dot.square() / g1_sq.clamp_min(tiny)).clamp_min(0)
-        self._rho = perp_sq.sqrt() / g1_sq.sqrt().clamp_min(tiny)
+        perp_sq = (c_sq - c_dot.square() / g1_sq.clamp_min(tiny)).clamp_min(0)  # ‖c⊥‖² = ‖c‖² − ⟨c, g1⟩²/‖g1‖²
+        rho_new = perp_sq.sqrt() / g1_sq.sqrt().clamp_min(tiny)
         out: dict[str, torch.Tensor] = {}
         if self._pred is not None:
             num = shards.sum_across(torch.dot(self._pred, c))
             den = (shards.sum_across(torch.dot(self._pred, self._pred)) * c_sq).sqrt().clamp_min(tiny)
             out["reuse_cos"] = num / den
         self._pred = None
+        old = self._segments(positions, grads)
+        finite = finite.to(c_new.device)
+        self._c = torch.where(finite, c_new, torch.zeros_like(c_new) if old is None else old.to(c_new.dtype))
+        rho_old = torch.zeros_like(rho_new) if old is None else self._rho.to(rho_new)
+        self._rho = torch.where(finite, rho_new, rho_old)
+        self._index, self._shapes = tuple(positions), [g.shape for g in grads]
         return out
 
     @torch.no_grad()
-    def apply(self, params: Sequence[torch.Tensor], scale: float, shards: Shards) -> dict[str, torch.Tensor]:
-        """Step in between: ``.grad`` (= g1) ← g1 + scale·ρ·‖g1‖·d/‖d‖ (``scale``: γ now over γ at the full step);
-        returns ``gr_rel`` of the applied correction. A no-op (returns {}) unless a correction for exactly these
-        parameters is stored."""
+    def apply(self, params: Sequence[torch.Tensor], positions: Sequence[int], scale: float,
+              shards: Shards) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Step in between: ``.grad`` (= g1) ← g1 + scale·ρ·‖g1‖·d/‖d‖ (``scale``: γ now over γ at the full step)
+        on ``params`` (those with a gradient). Returns ``gr_rel`` of the applied correction, and (gradient, g1)
+        pairs that put g1 back bitwise on an abort. A no-op (``{}, []``) when nothing stored matches."""
         g1 = [shards.local(p.grad) for p in params]
-        if not self._matches(params, g1):
-            return {}
+        c = self._segments(positions, g1) if g1 else None
+        if c is None:
+            return {}, []
         dtype = accum_dtype(g1)
-        corr, g1_sq = self._direction(_flat(g1, dtype), shards)
+        flat_g1 = _flat(g1, dtype)  # also the undo copy: g1 in a dtype at least as wide as each gradient's
+        corr, g1_sq = self._direction(flat_g1, c, shards)
         corr.mul_(scale)
         rel = shards.sum_across(torch.dot(corr, corr)).sqrt() / g1_sq.sqrt().clamp_min(torch.finfo(dtype).tiny)
-        parts = corr.to(_storage_dtype(g1)).split([g.numel() for g in g1])
+        sizes = [g.numel() for g in g1]
+        parts = corr.to(_storage_dtype(g1)).split(sizes)
         torch._foreach_add_(g1, [x.view(g.shape) for x, g in zip(parts, g1)])
-        return {"gr_rel": rel}
+        undo = [(g, x.view(g.shape)) for g, x in zip(g1, flat_g1.split(sizes))]
+        return {"gr_rel": rel}, undo

@@ -49,7 +49,7 @@ def test_without_the_extension_everything_runs_on_torch_and_info_says_why():
         w = torch.nn.Parameter(torch.randn(5))
         opt = grkernels.GradReg(torch.optim.SGD([w], lr=0.1), strength=0.1, eps=1e-2)
         opt.step(lambda: (w.grad is None or w.grad.zero_(), (w ** 3).sum().backward())[-1])
-        assert type(opt._impl).__name__ == "TorchGRStep", type(opt._impl)
+        assert type(opt.engine.backend).__name__ == "TorchGRStep", type(opt.engine.backend)
         try:
             grkernels.GradReg(torch.optim.SGD([w], lr=0.1), strength=0.1, eps=1e-2, backend="cpp")
         except RuntimeError as e:

@@ -397,7 +397,7 @@ def test_gradreg_auto_picks_cpp_on_cpu_and_equals_the_torch_backend():
                       g2_clip=None, backend=backend)
         for _ in range(3):
             opt.step(make_closure(model, x, y))
-        results.append(([p.detach().clone() for p in model.parameters()], type(opt._impl).__name__))
+        results.append(([p.detach().clone() for p in model.parameters()], type(opt.engine.backend).__name__))
     assert results[0][1] == "CppGRStep" and results[1][1] == "TorchGRStep"
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
     with pytest.warns(UserWarning, match="lean"):

@@ -122,7 +122,7 @@ def test_exclude_by_name_and_paper_default():
     assert {id(p) for p in paper_exclude(m)} == {id(m.embed.weight), id(m.lm_head.weight), id(m.lm_head.bias)}
     opt = GradReg(torch.optim.SGD(m.parameters(), lr=0.1), strength=1.0, eps=1e-3,
                   exclude=["embed", "lm_head"], named_parameters=m.named_parameters())
-    assert opt._excluded == {id(p) for p in paper_exclude(m)}
+    assert {id(e.tensor) for e in opt.engine.source.entries() if e.excluded} == {id(p) for p in paper_exclude(m)}
     with pytest.raises(ValueError, match="named_parameters"):
         GradReg(torch.optim.SGD(m.parameters(), lr=0.1), strength=1.0, eps=1e-3, exclude=["embed"])
     with pytest.raises(ValueError, match="matches no parameter"):
@@ -350,7 +350,7 @@ def test_bf16_perturbation_survives_with_stochastic_rounding(backend):
                       backend=backend)
         w.grad = torch.full_like(w, 1.0)  # ε·g = 1e-3 < half an ulp (3.9e-3): nearest erases it
         opt.perturb()
-        ratios[rounding] = opt._impl.metrics["perturb_ratio"].item()
+        ratios[rounding] = opt.engine.backend.metrics["perturb_ratio"].item()
         shifts[rounding] = (w.detach().double() - before.double()).mean().item() / 1e-3
         opt.restore()
         assert torch.equal(w.detach(), before)

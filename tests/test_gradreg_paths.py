@@ -27,6 +27,7 @@ from gr_helpers import (
 from torch import nn
 
 from grkernels import GradReg
+from grkernels.backends import make_backend
 
 
 def _opt(model, backend="torch", *, lr=0.1, base=torch.optim.SGD, **kw):
@@ -151,8 +152,8 @@ def test_any_error_leaves_theta_bitwise_and_the_optimizer_usable(backend, failur
             loss.backward()
         return loss
 
-    impl = opt._make_backend(torch.device("cpu"))
-    opt._impl = impl
+    impl = make_backend(opt.backend, "cpu", lean=opt.lean)
+    opt.engine.backend = impl
     if failure == "backend_perturb":
         monkeypatch.setattr(impl, "perturb", lambda *a, **k: (_ for _ in ()).throw(Boom()))
     if failure == "backend_combine":
@@ -163,10 +164,10 @@ def test_any_error_leaves_theta_bitwise_and_the_optimizer_usable(backend, failur
     with pytest.raises((Boom, RuntimeError)):
         opt.step(closure)
     assert bitwise_equal(snapshot(model), before)
-    assert opt._phase == "idle"
+    assert opt.engine.phase == "idle"
     monkeypatch.undo()
-    opt._impl = None
-    twin_opt._step = opt._step  # the failed step counts (as a skipped one does): same seeds from here on
+    opt.engine.backend = None
+    assert opt.engine.step_count == twin_opt.engine.step_count  # a failed step is not counted: same seeds, cycle
     opt.step(make_closure(model, x, y))
     twin_opt.step(make_closure(twin, x, y))
     assert bitwise_equal(snapshot(model), snapshot(twin))
@@ -327,7 +328,7 @@ def test_copies_and_pickles_train_like_the_original(how):
         torch.save((model, opt), buf)
         buf.seek(0)
         model2, opt2 = torch.load(buf, weights_only=False)
-    assert opt2._excluded == {id(list(model2.parameters())[0])}
+    assert {id(e.tensor) for e in opt2.engine.source.entries() if e.excluded} == {id(list(model2.parameters())[0])}
     assert bitwise_equal(_train(model, opt, x, y), _train(model2, opt2, x, y))
     assert opt2.metrics()["step"] == opt.metrics()["step"] == 5
 
@@ -343,7 +344,7 @@ def test_exclusions_follow_parameters_swapped_in_place():
     for group in opt.param_groups:  # what accelerate's fsdp2_switch_optimizer_parameters does
         group["params"] = [dict(new.named_parameters())[n] for n, _ in old.named_parameters()]
     ref = _opt(ref_model, base=torch.optim.AdamW, exclude=[list(ref_model.parameters())[0]], rounding="nearest")
-    assert opt._excluded == {id(list(new.parameters())[0])}
+    assert {id(e.tensor) for e in opt.engine.source.entries() if e.excluded} == {id(list(new.parameters())[0])}
     assert bitwise_equal(_train(new, opt, x, y), _train(ref_model, ref, x, y))
     opt.param_groups[0]["params"] = opt.param_groups[0]["params"][1:]
     with pytest.raises(RuntimeError, match="changed size"):

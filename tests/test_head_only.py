@@ -218,7 +218,7 @@ def test_groups_are_what_they_say():
     assert len(listed) == len(set(listed)) and sorted(listed) == sorted(trainable)
     assert id(model.pos_emb.weight) not in listed
     opt = GradReg(torch.optim.SGD(groups), strength=1.0, eps=1e-2)
-    assert {id(p) for p in opt._gr_candidates()} == {id(model.lm_head.weight), id(model.lm_head.bias)}
+    assert {id(p) for p in opt.engine.candidates()} == {id(model.lm_head.weight), id(model.lm_head.bias)}
 
     class Plain(nn.Module):  # no get_output_embeddings: the module named lm_head
         def __init__(self):
@@ -301,7 +301,7 @@ def test_trunk_parameters_in_gr_are_refused(how):
         head_perturbed_pass(opt, hidden, lfh, **kw)
     assert_same(snapshot(model), before)
     assert_same(grads(model), g1)
-    assert opt.active and opt._phase == "idle"
+    assert opt.active and opt.engine.phase == "idle"
     if how == "all_params":  # with head= it names the trunk parameters instead
         with pytest.raises(ValueError, match="not head parameters"):
             head_perturbed_pass(opt, hidden, lfh, head=model.lm_head)
@@ -348,7 +348,7 @@ def test_exception_in_loss_restores_bitwise_and_the_next_step_is_normal(fail, ba
         head_perturbed_pass(oa, hidden, bad)
     assert_same(snapshot(a), before)
     assert_same(grads(a), g1)
-    assert oa._phase == "idle" and oa.metrics()["step"] == 0
+    assert oa.engine.phase == "idle" and oa.metrics()["step"] == 0
 
     for model, opt in ((a, oa), (b, ob)):
         ids, targets, weights = batch(model.vocab, seed=9)
