@@ -13,12 +13,13 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 GPU_TORCH_SPEC ?= torch
-EXTRAS ?= dev,trl,bench,triton,lightning,accelerate,deepspeed,verl
+EXTRAS ?= dev,trl,bench,triton,lightning,accelerate,deepspeed,verl,peft
 STAMP := $(VENV)/.grkernels-installed
 DEMO_ARGS ?=
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo demo-quick figures figures-redraw quickstart test test-fast test-verl lint bench bench-gpu wheel clean
+.PHONY: setup demo demo-quick figures figures-redraw quickstart test test-fast test-verl lint bench bench-gpu wheel dist \
+	wheel-smoke clean
 
 setup: $(STAMP)
 
@@ -91,6 +92,16 @@ bench-gpu: $(STAMP)
 
 wheel: $(STAMP)
 	$(PY) -m build --wheel --no-isolation
+
+# Both artifacts into dist/: the sdist (with examples/ and docs/) and the wheel built from it (grkernels._C compiled
+# against the torch installed here: install the wheel beside the same torch version, see README "Install")
+dist: $(STAMP)
+	$(PY) -m build --no-isolation
+
+# The built wheel in a fresh venv that sees only its declared dependencies, run from outside the tree: --version,
+# info, a GR step, quickstart, demo (about a minute; `make test` runs it too, as tests/test_package.py)
+wheel-smoke: $(STAMP)
+	$(PY) -m pytest -q -p no:xdist tests/test_package.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis .benchmarks $(DEMO_OUT)

@@ -1,58 +1,19 @@
-"""``grkernels`` command line: ``demo`` (the reward-hacking experiment), ``quickstart`` and ``bench``."""
+"""``grkernels`` command line: ``demo`` (the reward-hacking experiment), ``quickstart``, ``bench``, ``info`` and
+``--version``."""
 
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.util
 import os
 import sys
 
-# ---------------------------------------------------------------- flag types shared by the subcommands
-# A bad value is refused while parsing, so the user sees "argument --x: ..." and exit status 2, not a traceback.
+from grkernels.about import info_main, version_line
+from grkernels.argtypes import device, nonnegative_float, positive_float, positive_int
 
-
-def positive_int(text: str) -> int:
-    """An integer >= 1 (steps, repeats, sizes)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _float(text: str, ok, what: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number {what}, got {text!r}") from None
-    if not (math.isfinite(v) and ok(v)):
-        raise argparse.ArgumentTypeError(f"must be a finite number {what}, got {text!r}")
-    return v
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (ε, learning rates)."""
-    return _float(text, lambda v: v > 0, "> 0")
-
-
-def nonnegative_float(text: str) -> float:
-    """A finite number >= 0 (γ: 0 turns GR off)."""
-    return _float(text, lambda v: v >= 0, ">= 0")
-
-
-def device(text: str) -> str:
-    """A torch device this process can allocate on (``cpu``, ``cuda``, ``cuda:1`` ...)."""
-    import torch
-
-    try:
-        torch.empty(0, device=torch.device(text))
-    except Exception as err:  # bad name, CPU-only torch, index out of range: each raises its own type
-        hint = " (this torch has no usable CUDA device: use --device cpu)" if "cuda" in text.lower() else ""
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise argparse.ArgumentTypeError(f"device {text!r} is not usable here{hint}: {first}") from None
-    return text
+# The flag types live in grkernels.argtypes (the subcommands' parsers use them without importing this dispatcher);
+# re-exported here, where they were first defined.
+__all__ = ["device", "main", "nonnegative_float", "positive_float", "positive_int"]
 
 
 def _run_cleanly(command: str, run, rest: list[str]) -> int:
@@ -72,16 +33,32 @@ def _run_cleanly(command: str, run, rest: list[str]) -> int:
     return int(status or 0)
 
 
+def _demo_missing(rest: list[str]) -> str | None:
+    """Why ``grkernels demo`` with these flags cannot run here, or None. The demo draws its figures with
+    matplotlib (the ``demo`` extra, not a dependency of the library): say so before hours of training, not
+    after them."""
+    if {"-h", "--help", "--no-plot"} & set(rest) or importlib.util.find_spec("matplotlib") is not None:
+        return None
+    return ("matplotlib is not installed and the demo draws demo.png with it: "
+            "pip install 'grkernels[demo]' (or matplotlib), or pass --no-plot for the tables and results.json only")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``grkernels COMMAND [flags]``: exit status 0 on success, 1 on an error inside a command, 2 on bad flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "demo": "the reward-hacking experiment: none / KL / KL+resets / GR / GR+KL (see README)",
         "quickstart": "a tiny model trained a few dozen steps with GradReg(AdamW), printing GR diagnostics",
         "bench": "GPU benchmarks of the GR-step and loss kernels (writes JSON under bench/results)",
-        "info": "which implementation (torch / cpp / triton) each op uses here, and why",
+        "info": "versions of grkernels, torch, triton and the host packages found; which implementation "
+        "(torch / cpp / triton) each op uses here, and why",
     }
+    if argv[:1] in (["--version"], ["-V"]):
+        print(version_line())
+        return 0
     if not argv or argv[0] not in commands:
         parser = argparse.ArgumentParser(prog="grkernels", description="Gradient regularization for RL fine-tuning")
+        parser.add_argument("-V", "--version", action="store_true", help="print the version and exit")
         parser.add_argument(
             "command", choices=sorted(commands), help="; ".join(f"{k}: {v}" for k, v in commands.items())
         )
@@ -91,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     if command == "quickstart":
         from grkernels.quickstart import main as run
     elif command == "demo":
+        missing = _demo_missing(rest)
+        if missing:
+            print(f"grkernels demo: error: {missing}", file=sys.stderr)
+            return 1
         from grkernels.demo.cli import main as run
     elif command == "info":
-        from grkernels.library import info_main as run
+        run = info_main
     else:
         from grkernels.bench_cli import main as run
     return _run_cleanly(command, run, rest)

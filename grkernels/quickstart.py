@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from grkernels import GradReg, paper_exclude
+from grkernels.argtypes import device, nonnegative_float, positive_float, positive_int
 
 
 class TinyLM(nn.Module):
@@ -46,8 +47,6 @@ def markov_batch(gen: torch.Generator, trans: torch.Tensor, batch: int, length: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from grkernels.cli import device, nonnegative_float, positive_float, positive_int
-
     ap = argparse.ArgumentParser(prog="grkernels quickstart", description=__doc__)
     ap.add_argument("--steps", type=positive_int, default=40, help="optimizer steps (>= 1)")
     ap.add_argument("--strength", type=nonnegative_float, default=0.1, help="γ (0: no GR)")
