@@ -443,9 +443,9 @@ class GREngine:
                 stacklevel=4)
         else:
             out = base_step()
+        self._last_factor, self._last_gamma = self.factor(), self.strength  # the γ this step used: before _adapt
         if host is not None:
             self._adapt(host)
-        self._last_factor, self._last_gamma = self.factor(), self.strength
         self.step_count += 1
         self._go_idle()
         return out
