@@ -2,7 +2,7 @@
 // PPO-clip policy loss, for logits [outer, inner, V] (unit stride over V, any row strides).
 //
 // Same math as the Triton kernels (grkernels/kernels/logprob.py, policy_loss.py); the specification is the
-// torch reference in grkernels/ops/losses.py. Per row, one pass over the vocabulary in chunks of kChunk
+// torch reference in grkernels/ops/spec.py. Python launchers: grkernels/kernels/cpp_losses.py. Per row, one pass over the vocabulary in chunks of kChunk
 // entries (the chunk is converted to fp32 in a stack buffer, i.e. in L1; nothing vocab-sized is allocated):
 //
 //   z = logits * inv_temp        m = running max        s = sum exp(z - m)        a = sum exp(z - m) (z - m)
@@ -11,7 +11,10 @@
 //   logp = (z_y - m) - log s         H = log s - a / s          (the lse is kept as m and log s)
 //
 // Backward: dlogits_j = inv_temp (g_lp (1[j = y] - p_j) - g_H p_j (log p_j + H)), p_j = exp((z_j - m) - log s);
-// rows whose upstream gradients are both 0 (masked tokens) read nothing and get zeros.
+// inactive rows, and rows whose upstream gradients are both 0 (masked tokens) with a finite log-sum-exp, read
+// nothing and get zeros. A row without a finite log-sum-exp (NaN, +inf, or -inf everywhere) is computed even
+// with zero upstream gradients, which makes it NaN (0 * NaN), as torch autograd does: the rule for non-finite
+// rows in grkernels/ops/spec.py, so that a non-finite-gradient check sees the row on every backend.
 // Rows are split over threads with at::parallel_for; each row is computed by one thread in a fixed order,
 // so the results do not depend on the thread count. fp64 logits are computed in fp64 (std::exp), all other
 // dtypes in fp32. Outputs: [rows] tensors in fp32 (fp64 for fp64 logits).
@@ -93,9 +96,10 @@ RowStats<acc_t> row_forward(const scalar_t* row, int64_t V, int64_t y, bool act,
 }
 
 template <typename scalar_t, typename acc_t>
-void row_backward(const scalar_t* row, scalar_t* grow, int64_t V, int64_t y, acc_t m, acc_t log_s, acc_t h,
-                  acc_t g_lp, acc_t g_h, acc_t inv_temp) {
-  if (g_lp == acc_t(0) && g_h == acc_t(0)) {
+void row_backward(const scalar_t* row, scalar_t* grow, int64_t V, int64_t y, bool act, acc_t m, acc_t log_s,
+                  acc_t h, acc_t g_lp, acc_t g_h, acc_t inv_temp) {
+  const bool no_upstream = g_lp == acc_t(0) && g_h == acc_t(0) && std::isfinite(m) && std::isfinite(log_s);
+  if (!act || no_upstream) {
     for (int64_t j = 0; j < V; ++j) grow[j] = scalar_t(0);
     return;
   }
@@ -217,11 +221,9 @@ void logp_entropy_bwd(const at::Tensor& logits, const at::Tensor& ids, const std
     at::parallel_for(0, rows.n, rows.grain(), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const bool a = act == nullptr || act[r];
-        const acc_t gl = a ? glp[r] : acc_t(0);
-        const acc_t ghr = (a && gh != nullptr) ? gh[r] : acc_t(0);
         row_backward<scalar_t, acc_t>(base + rows.offset(r), gbase + grows.offset(r), rows.V,
-                                      clamp_id(id[r], rows.V), m[r], ls[r], h[r], gl, ghr,
-                                      static_cast<acc_t>(inv_temp));
+                                      clamp_id(id[r], rows.V), a, m[r], ls[r], h[r], glp[r],
+                                      gh != nullptr ? gh[r] : acc_t(0), static_cast<acc_t>(inv_temp));
       }
     });
   });

@@ -1,4 +1,4 @@
-"""The torch.library op surface (grkernels/library.py) and the promises every backend must keep alike.
+"""The torch.library op surface (grkernels/ops/custom_ops.py) and the promises every backend must keep alike.
 
 - opcheck (schema, fake kernel, autograd registration, AOT dispatch) of every op and implementation;
 - ``torch.compile(fullgraph=True)`` of a training step with the loss ops equals eager;
@@ -48,7 +48,7 @@ def _policy_inputs(B=2, T=5, V=23, seed=0, dtype=torch.float32, device=DEVICE):
 # ---------------------------------------------------------------------------------------- opcheck
 @pytest.mark.parametrize("impl", KERNELS)
 def test_opcheck_every_op(impl):
-    from grkernels.library import _policy_terms_kernel
+    from grkernels.ops.custom_ops import _policy_terms_kernel
 
     torch.manual_seed(0)
     dev = DEVICE if impl != "cpp" else "cpu"

@@ -188,6 +188,11 @@ def launch_config(V: int, element_size: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The launchers' output dtype: fp64 for fp64 logits (computed in fp32 here), else fp32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def logp_entropy_forward(
     logits3: torch.Tensor,
     ids: torch.Tensor,
@@ -195,9 +200,10 @@ def logp_entropy_forward(
     inv_temp: float,
     with_entropy: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Launch the forward kernel on ``[outer, inner, V]`` logits.
+    """Launch the forward kernel on ``[outer, inner, V]`` logits (ids int64, ``active`` bool, ``[tokens]``).
 
-    Returns fp32 ``[tokens]`` tensors ``(logp, (max, log_sum_exp_minus_max), entropy)``.
+    Returns ``[tokens]`` tensors ``(logp, (max, log_sum_exp_minus_max), entropy)``, computed in fp32 and given
+    in the accumulation dtype (fp64 for fp64 logits, else fp32), as the C++ launcher of ``cpp_losses.py``.
     """
     outer, inner, V = logits3.shape
     n = outer * inner
@@ -206,14 +212,16 @@ def logp_entropy_forward(
     mx = torch.empty(n, dtype=torch.float32, device=dev)
     log_s = torch.empty(n, dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev) if with_entropy else torch.zeros(n, device=dev)
+    act = None if active is None else active.view(torch.uint8)
     block, warps = launch_config(V, logits3.element_size())
     _logp_entropy_fwd_kernel[(n,)](
         logits3, logits3.stride(0), logits3.stride(1), inner,
-        ids, active if active is not None else ids, logp, mx, log_s, ent,
+        ids, act if act is not None else ids, logp, mx, log_s, ent,
         V, inv_temp,
-        HAS_ACTIVE=active is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
+        HAS_ACTIVE=act is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
-    return logp, (mx, log_s), ent
+    acc = _acc_dtype(logits3)
+    return logp.to(acc), (mx.to(acc), log_s.to(acc)), ent.to(acc)
 
 
 def logp_entropy_backward(
@@ -227,14 +235,24 @@ def logp_entropy_backward(
     g_ent: torch.Tensor | None,
     inv_temp: float,
 ) -> None:
-    """Launch the backward kernel: writes d(logits) into ``grad3`` (which may be ``logits3`` itself)."""
+    """Launch the backward kernel: writes d(logits) into ``grad3`` (which may be ``logits3`` itself).
+
+    Per-token vectors in the accumulation dtype (read in fp32), ``active`` bool or None."""
     outer, inner, V = logits3.shape
+    mx, log_s, ent, g_lp = (v.float() for v in (lse[0], lse[1], ent, g_lp))
+    g_ent = None if g_ent is None else g_ent.float()
+    act = None if active is None else active.view(torch.uint8)
     block, warps = launch_config(V, logits3.element_size())
     _logp_entropy_bwd_kernel[(outer * inner,)](
         logits3, logits3.stride(0), logits3.stride(1), inner,
         grad3, grad3.stride(0), grad3.stride(1),
-        ids, active if active is not None else ids, lse[0], lse[1], ent,
+        ids, act if act is not None else ids, mx, log_s, ent,
         g_lp, g_ent if g_ent is not None else g_lp,
         V, inv_temp,
-        HAS_ACTIVE=active is not None, HAS_G_ENT=g_ent is not None, BLOCK_V=block, num_warps=warps,
+        HAS_ACTIVE=act is not None, HAS_G_ENT=g_ent is not None, BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
+
+
+# Whether these kernels were built for Triton's CPU interpreter: decided by TRITON_INTERPRET when this module
+# was imported (``triton.jit`` reads it then), so setting the variable later cannot make them run on CPU.
+INTERPRETED = not isinstance(_logp_entropy_fwd_kernel, triton.JITFunction)

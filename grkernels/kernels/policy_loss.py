@@ -127,40 +127,47 @@ def _policy_loss_fwd_kernel(
     tl.store(glp_ptr + row, w * dper)
 
 
-def launch_policy_fwd(
-    z3: torch.Tensor,
+def policy_loss_forward(
+    logits3: torch.Tensor,
     ids: torch.Tensor,
-    mask_u8: torch.Tensor,
-    w: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
     adv_tok: torch.Tensor,
-    old_f: torch.Tensor | None,
-    ref_f: torch.Tensor | None,
-    out: torch.Tensor,
-    temperature: float,
+    old: torch.Tensor | None,
+    ref: torch.Tensor | None,
+    inv_temp: float,
     clip_low: float,
     clip_high: float,
     delta: float | None,
     beta: float,
     kl_est: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward kernel on ``z3 [outer, inner, V]`` with per-token fp32 vectors (``adv_tok`` one per token);
-    writes the five per-token rows into ``out [5, n]`` and returns fresh fp32 ``(mx, log_s, entropy, g_lp)``."""
-    n = z3.shape[0] * z3.shape[1]
-    V = z3.shape[2]
-    dev = z3.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward kernel on ``logits3 [outer, inner, V]`` with per-token vectors (ids int64, ``mask`` bool, the
+    rest in the accumulation dtype, read in fp32; ``adv_tok`` one advantage per token).
+
+    Returns ``(terms [2, n], stats [3, n], max, log_s, g_lp)`` in the accumulation dtype (fp64 for fp64
+    logits, else fp32), as the C++ launcher of ``cpp_losses.py``: terms = (w·l, H·m), stats = (KL·m,
+    low-clip·m, high-clip·m), the log-sum-exp parts, and g_lp = w·dl/dlp."""
+    n = logits3.shape[0] * logits3.shape[1]
+    V = logits3.shape[2]
+    dev = logits3.device
+    f32 = lambda t: None if t is None else t.float()
+    w, adv, old_f, ref_f = weights.float(), adv_tok.float(), f32(old), f32(ref)
+    out = torch.empty(5, n, dtype=torch.float32, device=dev)
     mx, log_s, ent, g_lp = (torch.empty(n, dtype=torch.float32, device=dev) for _ in range(4))
-    block, warps = launch_config(V, z3.element_size())
+    block, warps = launch_config(V, logits3.element_size())
     _policy_loss_fwd_kernel[(n,)](
-        z3, z3.stride(0), z3.stride(1), z3.shape[1],
-        ids, mask_u8, w, adv_tok, 1, 0,
+        logits3, logits3.stride(0), logits3.stride(1), logits3.shape[1],
+        ids, mask.view(torch.uint8), w, adv, 1, 0,
         old_f if old_f is not None else w, ref_f if ref_f is not None else w,
         out, mx, log_s, ent, g_lp,
-        out.stride(0), 1, V, 1.0 / float(temperature), float(clip_low), float(clip_high),
+        out.stride(0), 1, V, float(inv_temp), float(clip_low), float(clip_high),
         float(delta) if delta is not None else 0.0, float(beta),
         HAS_OLD=old_f is not None, HAS_REF=ref_f is not None, HAS_DELTA=delta is not None,
         KL_EST=kl_est, BLOCK_V=block, num_warps=warps,
     )  # fmt: skip
-    return mx, log_s, ent, g_lp
+    acc = torch.float64 if logits3.dtype == torch.float64 else torch.float32
+    return out[:2].to(acc, copy=True), out[2:].to(acc, copy=True), mx.to(acc), log_s.to(acc), g_lp.to(acc)
 
 
-__all__ = ["launch_policy_fwd"]
+__all__ = ["policy_loss_forward"]

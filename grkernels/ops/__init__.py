@@ -1,8 +1,10 @@
 """Loss-head ops for RL fine-tuning: chosen-token log-probs, entropy, KL estimators and the GRPO-family
-policy loss (also fused with the LM head), each with ``backend="auto" | "torch" | "triton"``.
+policy loss (also fused with the LM head), each with ``backend="auto" | "torch" | "cpp" | "triton"``.
 
-The torch code in :mod:`grkernels.ops.losses` is the specification; the Triton kernels live in
-``grkernels/kernels/{logprob,policy_loss,fused_linear}.py``.
+Modules: ``losses`` (the public functions and their validation), ``fused_linear`` (the chunked LM head),
+``custom_ops`` (``torch.ops.grkernels.*``, registered with ``torch.library``), ``spec`` (the specification in
+plain torch). The kernels live in ``grkernels/kernels/`` (Triton: ``logprob.py``, ``policy_loss.py``; the C++
+kernels' launchers: ``cpp_losses.py``).
 """
 
 from grkernels.ops.losses import (

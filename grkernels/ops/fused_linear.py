@@ -1,8 +1,9 @@
 """LM head + log-prob/entropy without materialising the logits: ``z = h W^T + b`` chunk by chunk over tokens.
 
 Forward, per chunk of ``C`` tokens: ``z_c = h_c W^T (+ b)`` in the hidden dtype, then the fused
-log-prob/entropy op ``torch.ops.grkernels.logp_entropy`` (C++, Triton, or the torch specification; see
-``grkernels/library.py``), keeping only ``logp``, ``H`` and ``lse`` per token; ``z_c`` is dropped.
+log-prob/entropy op ``torch.ops.grkernels.logp_entropy`` (C++ or Triton, :mod:`grkernels.ops.custom_ops`)
+or the torch specification (:mod:`grkernels.ops.spec`), keeping only ``logp``, ``H`` and ``lse`` per token;
+``z_c`` is dropped.
 Backward, per chunk: recompute ``z_c`` (one extra ``[C, H] x [H, V]`` matmul, the price of never storing
 logits), turn it into ``dz_c`` in place with the backward kernel, then ``dh_c = dz_c W``,
 ``dW += dz_c^T h_c`` (an fp32 accumulator, cast to the weight dtype once at the end; on CUDA with
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from grkernels.library import loss_and_stats, policy_loss_terms, ref_grad, ref_logp_entropy
+from grkernels.ops.custom_ops import logp_entropy, logp_entropy_backward_, policy_loss_terms
+from grkernels.ops.spec import logp_entropy as spec_logp_entropy
+from grkernels.ops.spec import loss_and_stats, vjp
 
 
 def accumulate_head_grads(
@@ -87,11 +90,10 @@ class FusedLinearLogProbEntropy(torch.autograd.Function):
             e = min(s + chunk_size, n)
             z = _chunk_logits(hidden[s:e], weight, bias)
             if impl == "torch":  # the specification; backward recomputes its gradient by autograd
-                lp, h = ref_logp_entropy(z, ids[s:e], active[s:e], temperature, True)
+                lp, h = spec_logp_entropy(z, ids[s:e], temperature, True, active=active[s:e])
                 parts.append((lp, h, lp, lp))  # no log-sum-exp parts needed (placeholders, dropped below)
             else:
-                parts.append(torch.ops.grkernels.logp_entropy(z, ids[s:e], active[s:e], temperature, True, False,
-                                                              impl))  # fmt: skip
+                parts.append(logp_entropy(z, ids[s:e], active[s:e], temperature, True, impl))
             del z
         logp, ent, mx, log_s = (torch.cat(p) for p in zip(*parts))
         if impl == "torch":
@@ -129,10 +131,10 @@ class FusedLinearLogProbEntropy(torch.autograd.Function):
             dz = _chunk_logits(h, weight, bias)
             g_e = None if g_ent is None else g_ent[s:e]
             if ctx.impl == "torch":
-                fn = lambda x: ref_logp_entropy(x, ids[s:e], active[s:e], ctx.temperature, True)
-                dz = ref_grad(dz, fn, [g_lp[s:e], g_e], create_graph=False).to(dz.dtype)
+                fn = lambda x: spec_logp_entropy(x, ids[s:e], ctx.temperature, True, active=active[s:e])
+                dz = vjp(dz, fn, [g_lp[s:e], g_e], create_graph=False).to(dz.dtype)
             else:  # the chunk's logits become their gradient in place (masked tokens: zero upstream, zero rows)
-                torch.ops.grkernels.logp_entropy_backward_(
+                logp_entropy_backward_(
                     dz, ids[s:e], active[s:e], mx[s:e], log_s[s:e], ent[s:e], g_lp[s:e], g_e, ctx.temperature,
                     ctx.impl,
                 )  # fmt: skip
@@ -170,7 +172,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
     (``torch.ops.grkernels.policy_loss_terms`` returns it), so each chunk's logits, once evaluated, are turned
     into d(logits) in place right away and multiplied into ``d hidden``, ``d W``, ``d b``: three matmuls per
     chunk instead of four (no recompute in backward). Backward only scales the stored gradients by the upstream
-    scalar (on the device). Returns ``(loss, stats [5])`` as :func:`grkernels.library.loss_and_stats`.
+    scalar (on the device). Returns ``(loss, stats [5])`` as :func:`grkernels.ops.spec.loss_and_stats`.
     """
 
     @staticmethod
@@ -204,7 +206,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
             if not any_grad:
                 continue
             g_ent = None if coef == 0.0 else mask_f[sl].to(g_lp.dtype) * (inv_ntok * -coef)
-            torch.ops.grkernels.logp_entropy_backward_(
+            logp_entropy_backward_(
                 z, ids_f[sl], None, mx, log_s, terms[1], g_lp, g_ent, float(cfg["temperature"]), impl
             )
             accumulate_head_grads(z, weight, h, grad_h, grad_w, grad_b, sl)

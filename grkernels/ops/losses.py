@@ -1,20 +1,25 @@
-"""Log-prob, entropy, KL and policy-loss ops for RL fine-tuning of language models.
+"""Log-prob, entropy, KL and policy-loss ops for RL fine-tuning of language models: the public op surface.
 
-Each public op takes ``backend="auto" | "torch" | "cpp" | "triton"``; :func:`grkernels.kernels.select_backend`
+Each op takes ``backend="auto" | "torch" | "cpp" | "triton"``; :func:`grkernels.kernels.select_backend`
 decides ("auto" = Triton for CUDA tensors, the C++ kernels of ``grkernels._C`` for CPU tensors when they are
-built, torch otherwise; ``grkernels.info()`` says which and why). The torch code in this file is the
-specification: readable, autograd-differentiated, and what the C++ kernels (``csrc/``) and the Triton kernels
-(``grkernels/kernels/``) are tested against. Those run through the ops of ``torch.ops.grkernels``
-(``grkernels/library.py``: one registration each, with fake kernels and autograd, so ``torch.compile`` traces
-them; double backprop falls back to differentiating this file's torch code).
+built, torch otherwise; ``grkernels.info()`` says which and why). Layers, each importing only those below it:
+
+    grkernels.ops.losses        this file: validation, backend choice, the public functions
+    grkernels.ops.fused_linear  the chunked LM head (autograd Functions over the registered ops)
+    grkernels.ops.custom_ops    torch.ops.grkernels.*: schema, C++/Triton kernels, fake kernels, autograd
+    grkernels.kernels           the Triton kernels and the C++ kernels' launchers
+    grkernels.ops.spec          the specification in plain torch (backend "torch", and what the others are
+                                tested against and differentiated through for double backprop)
 
 Every input is validated here, once, before a backend is chosen (:func:`_validate_policy`,
-:func:`_check_logits_ids`, :func:`_check_temperature`): all backends see the same normalised inputs and refuse
-the same ones. Shapes must match exactly (a transposed mask is an error, not a reshape).
+:func:`_check_logits_ids`, :func:`_check_temperature`, :func:`_check_num_items`): all backends see the same
+normalised inputs and refuse the same ones. Shapes must match exactly (a transposed mask is an error, not a
+reshape). Nothing here reads a CUDA tensor's value on the host: value checks of tensors (token ids in range, a
+tensor ``num_items``) are a host check on CPU and ``torch._assert_async`` on CUDA and under ``torch.compile``.
 
 Only the vocab-sized part (log-sum-exp, chosen-token log-prob, entropy, and their gradient) differs between
-backends. The per-token loss arithmetic (ratios, clipping, KL, aggregation) is O(tokens) and written once,
-:func:`_per_token_loss`; the kernels evaluate the same formulas per token for token-level ratios.
+backends. The per-token loss arithmetic (ratios, clipping, KL, aggregation) is O(tokens) and written once, in
+the specification; the kernels evaluate the same formulas per token for token-level ratios.
 
 Units: log-probs and entropies in nats, fp32 (fp64 for fp64 logits). Loss definitions follow TRL 1.16's
 ``GRPOTrainer._compute_loss``.
@@ -26,23 +31,11 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 from grkernels.kernels import select_backend
-
-# Canonical aggregation names (verl's vocabulary) and the TRL ``loss_type`` names that mean the same thing.
-LOSS_AGGREGATIONS = {
-    "token_mean": "token_mean",  # sum over all tokens / token count (TRL dapo, bnpo)
-    "dapo": "token_mean",
-    "bnpo": "token_mean",
-    "seq_mean_token_mean": "seq_mean_token_mean",  # mean over sequences of per-sequence token means (TRL grpo)
-    "grpo": "seq_mean_token_mean",
-    "seq_mean_token_sum_norm": "seq_mean_token_sum_norm",  # sum / (batch * max_completion_length) (Dr.GRPO)
-    "dr_grpo": "seq_mean_token_sum_norm",
-    "seq_mean_token_sum": "seq_mean_token_sum",  # mean over sequences of per-sequence token sums (TRL luspo)
-    "luspo": "seq_mean_token_sum",
-}
-KL_ESTIMATORS = ("k1", "k2", "k3")
+from grkernels.ops import custom_ops, spec
+from grkernels.ops.fused_linear import FusedLinearPolicyLossFunction, fused_linear_logp_entropy
+from grkernels.ops.spec import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -91,46 +84,37 @@ def _check_ids_in_range(index: torch.Tensor, vocab: int, active: torch.Tensor | 
         raise ValueError(f"{what}: token id {first} outside [0, {vocab}) (vocab size = logits.shape[-1])")
 
 
-# --------------------------------------------------------------------------------------------------------------
-# torch reference of the vocab-sized part
-# --------------------------------------------------------------------------------------------------------------
-def _torch_logp_entropy(
-    logits: torch.Tensor,
-    index: torch.Tensor,
-    temperature: float,
-    with_entropy: bool = True,
-    entropy_grad: bool = True,
-    active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference: z = logits / temperature (computed in fp32, or fp64 for fp64 input),
-    logp = z[index] - logsumexp(z), entropy = -sum_j p_j log p_j with p = softmax(z).
+def _check_num_items(num_items: float | torch.Tensor | None, mask_b: torch.Tensor, what: str) -> None:
+    """The token-mean normaliser N must be finite and > 0 (a negative N flips the loss, 0 divides by zero).
 
-    Vocab entries at -inf have p = 0 and contribute 0 to the entropy (0 log 0 := 0), also in the gradient.
-    Inactive tokens (``active`` False) read no logits: their row is replaced by zeros before anything is
-    computed and their id by 0, so -inf/NaN logits or padding ids there give outputs 0 and a gradient of
-    exactly 0 (a ``where`` after the log-softmax would pass 0 · NaN = NaN back).
+    A Python number is checked here on the host. A tensor must hold one number; its value is checked like the
+    token ids: a host check on CPU, ``torch._assert_async`` on CUDA and under ``torch.compile`` (no host
+    sync). A tensor may also be 0 when no token is active (an all-padding batch whose count was computed on the
+    device): the loss is then 0 with zero gradient on every backend (:func:`grkernels.ops.spec.token_mean_denominator`).
     """
-    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    if active is not None:
-        act = active.bool()
-        z = torch.where(act.unsqueeze(-1), z, 0.0)
-        index = torch.where(act, index, torch.zeros_like(index))
-    if temperature != 1.0:
-        z = z / temperature
-    logp_all = F.log_softmax(z, dim=-1)
-    logp = logp_all.gather(-1, index.long().unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        # without a gradient through H (e.g. entropy only logged), autograd need not keep two more [.., V] tensors
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            p = logp_all.exp()
-            # where() before the product, so that neither the value nor the gradient sees 0 * (-inf)
-            safe = torch.where(p > 0, logp_all, 0.0)
-            entropy = -(p * safe).sum(-1)
-    if active is not None:
-        logp = torch.where(act, logp, 0.0)
-        entropy = None if entropy is None else torch.where(act, entropy, 0.0)
-    return logp, entropy
+    if num_items is None:
+        return
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
+            raise ValueError(
+                f"{what}: num_items (the token-mean normaliser) must be a number or a one-element real tensor, got "
+                f"a tensor of shape {tuple(num_items.shape)} and dtype {num_items.dtype}"
+            )
+        n = num_items.reshape(())
+        ok = torch.isfinite(n) & ((n > 0) | ~mask_b.any())
+        msg = f"{what}: num_items (the token-mean normaliser) must be finite and > 0"
+        if ok.device.type != "cpu" or torch.compiler.is_compiling():
+            torch._assert_async(ok, msg)
+        elif not bool(ok):
+            raise ValueError(f"{msg}, got {n.item()!r}")
+        return
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
+        raise ValueError(
+            f"{what}: num_items (the token-mean normaliser) must be a number or a one-element tensor, got "
+            f"{type(num_items).__name__}"
+        )
+    if not math.isfinite(float(num_items)) or not float(num_items) > 0.0:
+        raise ValueError(f"{what}: num_items (the token-mean normaliser) must be finite and > 0, got {num_items!r}")
 
 
 def _check_active(active: torch.Tensor | None, index: torch.Tensor, logits: torch.Tensor, what: str):
@@ -148,11 +132,11 @@ def _check_active(active: torch.Tensor | None, index: torch.Tensor, logits: torc
 def _logp_entropy_impl(logits, index, temperature, active, inplace_backward, impl, with_entropy, entropy_grad):
     """(logp, entropy) on validated inputs with the implementation ``impl`` (see :func:`logp_and_entropy`)."""
     if impl == "torch":
-        logp, entropy = _torch_logp_entropy(logits, index, temperature, with_entropy, entropy_grad, active)
+        logp, entropy = spec.logp_entropy(logits, index, temperature, with_entropy, entropy_grad, active)
         return logp, (torch.zeros_like(logp) if entropy is None else entropy)
-    from grkernels.library import logp_entropy
-
-    logp, entropy, _, _ = logp_entropy(logits, index, active, temperature, with_entropy, impl, inplace_backward)
+    logp, entropy, _, _ = custom_ops.logp_entropy(
+        logits, index, active, temperature, with_entropy, impl, inplace_backward
+    )
     return logp, (entropy if entropy_grad and with_entropy else entropy.detach())
 
 
@@ -174,7 +158,9 @@ def logp_and_entropy(
         temperature: logits are divided by it (a finite positive Python float; a kernel argument, never
             recompiles).
         active: optional bool ``[...]`` (exactly the ids' shape); inactive tokens read no logits, return 0 and
-            get exactly zero gradient, whatever their logits hold (-inf, NaN) on every backend.
+            get exactly zero gradient, whatever their logits hold (-inf, NaN) on every backend. An active token
+            whose row holds a NaN or +inf (or is -inf everywhere) gives non-finite outputs and a gradient row
+            with NaN in it on every backend, whatever the upstream gradient (:mod:`grkernels.ops.spec`).
         inplace_backward: C++/Triton: write d(logits) into the logits buffer (saves one vocab-sized tensor;
             the logits must not be needed by anything else afterwards). Ignored by the torch backend.
         with_entropy: False skips the entropy (returned as zeros).
@@ -228,16 +214,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
         raise ValueError(f"{what}: logp shape {tuple(logp.shape)} != ref_logp shape {tuple(ref_logp.shape)}")
     if logp.device != ref_logp.device:
         raise ValueError(f"{what}: logp on {logp.device} but ref_logp on {ref_logp.device}")
-    return _kl_from_diff(ref_logp - logp, estimator)
-
-
-def _kl_from_diff(d: torch.Tensor, estimator: str) -> torch.Tensor:
-    """KL estimators as functions of ``d = ref_logp - logp``."""
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    return torch.exp(d) - d - 1.0
+    return spec.kl_from_diff(ref_logp - logp, estimator)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,75 +231,6 @@ def _check_policy_args(kl_estimator, loss_agg, importance_sampling, beta, ref_lo
     if beta != 0.0 and ref_logp is None:
         raise ValueError(f"{what}: beta={beta} needs ref_logp (the reference policy's per-token log-probs)")
     return LOSS_AGGREGATIONS[loss_agg]
-
-
-def _token_weights(mask: torch.Tensor, agg: str, num_items, max_completion_length) -> torch.Tensor:
-    """Per-token weight w_t with ``loss = sum_t w_t l_t`` for each aggregation (0 on masked tokens)."""
-    B, T = mask.shape
-    if agg == "token_mean":
-        return mask / (mask.sum().clamp(min=1.0) if num_items is None else num_items)
-    if agg == "seq_mean_token_mean":
-        return mask / (B * mask.sum(-1, keepdim=True).clamp(min=1.0))
-    if agg == "seq_mean_token_sum_norm":
-        return mask / (B * (T if max_completion_length is None else max_completion_length))
-    return mask / B  # seq_mean_token_sum
-
-
-def _metrics_from_stats(stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The fused kernels' stats vector [policy loss, entropy, KL, low clip, high clip] as the metrics dict."""
-    return {
-        "kl": stats[2],
-        "clip_fraction": stats[3] + stats[4],
-        "clip_low_fraction": stats[3],
-        "clip_high_fraction": stats[4],
-        "entropy": stats[1],
-        "policy_loss": stats[0],
-    }
-
-
-def _per_token_loss(
-    logp: torch.Tensor,
-    adv: torch.Tensor,
-    mask_b: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    beta: float,
-    clip_low: float,
-    clip_high: float,
-    kl_estimator: str,
-    delta: float | None,
-    importance_sampling: str,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The PPO-clip loss of every token (unweighted), its KL term, and the low/high clip indicators.
-
-    ``logp`` ``[B, T]`` (or ``[n]`` for token-level ratios), ``adv`` broadcastable to it. See
-    :func:`policy_loss` for the formulas; masked tokens' old/ref values never reach an exp().
-    """
-    zero = logp.new_zeros(())
-    mask = mask_b.to(logp.dtype)
-    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
-    # masked (padding) tokens may carry arbitrary old/ref values: zero their differences *before* exp(),
-    # so that a padded exp() cannot overflow and turn 0 * inf into NaN
-    log_ratio = torch.where(mask_b, logp - old, zero)
-    if importance_sampling == "token":
-        log_w = log_ratio
-    else:  # GSPO: one ratio per sequence, the exp of the mean token log-ratio
-        log_w = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
-    coef_1 = torch.exp(log_w)
-    coef_2 = torch.clamp(coef_1, 1.0 - clip_low, 1.0 + clip_high)
-    if delta is not None:  # two-sided clipping (INTELLECT-2): cap the unclipped ratio too
-        coef_1 = torch.clamp(coef_1, max=delta)
-    per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-    per_token_kl = None
-    if ref_logp is not None:
-        d = torch.where(mask_b, ref_logp.to(logp.dtype) - logp, zero)
-        per_token_kl = _kl_from_diff(d, kl_estimator)
-        if beta != 0.0:
-            per_token = per_token + beta * per_token_kl
-    with torch.no_grad():
-        low = (coef_1 < 1.0 - clip_low) & (adv < 0)
-        high = (coef_1 > 1.0 + clip_high) & (adv > 0)
-    return per_token, per_token_kl, low, high
 
 
 def policy_loss_from_logp(
@@ -356,47 +264,13 @@ def policy_loss_from_logp(
             f"policy_loss_from_logp: advantages has shape {tuple(advantages.shape)}, expected {(B,)} or {(B, T)}"
         )
     mask_b = completion_mask.bool() if completion_mask.dtype != torch.bool else completion_mask
-    mask = mask_b.to(logp.dtype)
-    adv = (advantages.reshape(B, 1) if advantages.numel() == B else advantages).to(logp.dtype)
-    zero = logp.new_zeros(())
-    per_token, per_token_kl, low, high = _per_token_loss(
-        logp, adv, mask_b, old_logp, ref_logp, beta, clip_low, clip_high, kl_estimator, delta, importance_sampling
-    )
-
-    masked = per_token * mask  # broadcasts [B, 1] (sequence-level) to [B, T]
-    if agg == "token_mean":
-        denom = mask.sum().clamp(min=1.0) if num_items is None else num_items
-        loss = masked.sum() / denom
-    elif agg == "seq_mean_token_mean":
-        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    elif agg == "seq_mean_token_sum_norm":
-        L = T if max_completion_length is None else max_completion_length
-        loss = masked.sum() / (B * L)
-    else:  # seq_mean_token_sum
-        loss = masked.sum(-1).mean()
-    policy_part = loss.detach()
-
-    n_tok = mask.sum().clamp(min=1.0)
-    mean_entropy = zero if entropy is None else (entropy * mask).sum() / n_tok
-    if entropy_coef != 0.0:
-        if entropy is None:
-            raise ValueError("policy_loss: entropy_coef != 0 needs the entropy")
-        loss = loss - entropy_coef * mean_entropy
-
-    with torch.no_grad():
-        if importance_sampling == "token":
-            frac = lambda x: (x.to(mask.dtype) * mask).sum() / n_tok
-        else:  # one ratio per sequence: the fraction of sequences, as TRL logs it
-            frac = lambda x: x.to(mask.dtype).expand(B, -1)[:, :1].mean()
-        metrics = {
-            "kl": zero if per_token_kl is None else (per_token_kl * mask).sum() / n_tok,
-            "clip_fraction": frac(low | high),
-            "clip_low_fraction": frac(low),
-            "clip_high_fraction": frac(high),
-            "entropy": mean_entropy.detach(),
-            "policy_loss": policy_part,
-        }
-    return loss, metrics
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError("policy_loss_from_logp: entropy_coef != 0 needs the entropy")
+    _check_num_items(num_items, mask_b, "policy_loss_from_logp")
+    return spec.loss_from_logp(
+        logp, entropy, advantages, mask_b, old_logp, ref_logp, beta, clip_low, clip_high, kl_estimator, agg,
+        importance_sampling, entropy_coef, num_items, max_completion_length, delta,
+    )  # fmt: skip
 
 
 def _validate_policy(
@@ -413,6 +287,7 @@ def _validate_policy(
     loss_agg: str,
     temperature: float,
     importance_sampling: str,
+    num_items: float | torch.Tensor | None,
     what: str,
 ):
     """The one validation of the policy-loss inputs, before any backend is chosen.
@@ -457,6 +332,7 @@ def _validate_policy(
     mask_b = mask_b.bool() if mask_b.dtype != torch.bool else mask_b
     ids = completion_ids.reshape(B, T)
     _check_ids_in_range(ids, vocab, mask_b, what)
+    _check_num_items(num_items, mask_b, what)
     # one advantage per sequence ([..., ] or [..., 1]) or per token ([..., T]; the same thing when T = 1)
     adv = advantages.reshape(B, T) if tuple(advantages.shape) == lead else advantages.reshape(B)
     old = None if old_logp is None else old_logp.reshape(B, T)
@@ -468,7 +344,7 @@ def _token_level_inputs(mask_b, adv, agg, num_items, max_completion_length):
     """(per-token weights, 1 / token count, advantages per token) for the fused token-level kernels."""
     mask_f = mask_b.to(torch.float32)
     inv_ntok = 1.0 / mask_f.sum().clamp(min=1.0)
-    weights = _token_weights(mask_f, agg, num_items, max_completion_length)
+    weights = spec.token_weights(mask_f, agg, num_items, max_completion_length)
     B, T = mask_b.shape
     adv_tok = (adv.reshape(B, 1) if adv.dim() == 1 else adv).expand(B, T)
     return weights, inv_ntok, adv_tok
@@ -510,7 +386,9 @@ def policy_loss(
     - ``l = -min(r A, clamp(r, 1 - clip_low, 1 + clip_high) A)`` (``r`` capped at ``delta`` if given),
       plus ``beta * KL`` with ``KL = kl_penalty(lp, ref_logp, kl_estimator)``.
     - ``loss_agg``: ``"token_mean"`` (DAPO/BNPO) ``sum(l m) / N`` with ``N = num_items`` (a global token
-      count, e.g. for gradient accumulation) or ``sum(m)``; ``"seq_mean_token_mean"`` (GRPO)
+      count, e.g. for gradient accumulation; finite and > 0, else ValueError: a Python number on the host, a
+      one-element tensor by a host check on CPU and ``torch._assert_async`` on CUDA; a tensor 0 is admitted
+      when no token is active, and gives loss 0) or ``sum(m)``; ``"seq_mean_token_mean"`` (GRPO)
       ``mean_b(sum_t l m / sum_t m)``; ``"seq_mean_token_sum_norm"`` (Dr.GRPO) ``sum(l m) / (B *
       max_completion_length)`` (default T); ``"seq_mean_token_sum"`` ``mean_b(sum_t l m)``. TRL's
       ``loss_type`` names (dapo, bnpo, grpo, dr_grpo, luspo) are accepted as aliases.
@@ -524,13 +402,17 @@ def policy_loss(
     Shapes are checked exactly: ``completion_mask``, ``old_logp``, ``ref_logp`` must have the ids' shape,
     ``advantages`` the ids' shape, or it without T (or with T = 1).
 
-    Backends: "torch" is this file's reference (materialises fp32 log-softmax). "cpp" / "triton" with
-    ``importance_sampling="token"`` run one fused kernel per token that also evaluates the loss and its
-    gradient coefficient (``torch.ops.grkernels.policy_loss_terms``), then one backward pass over the logits;
-    with ``"sequence"`` they run the log-prob/entropy kernel and this file's epilogue. Either way autograd
-    keeps only the logits plus O(tokens) vectors. Double backprop (``create_graph=True``, e.g.
-    ``GradReg(estimator="exact")``) is exact on every backend: the kernels' backward then differentiates this
-    file's torch formulas, including the loss head's curvature.
+    Non-finite logits: an active token whose row holds a NaN or +inf (or is -inf everywhere) makes the loss
+    non-finite and puts NaN into that row's gradient on every backend (the rule of :mod:`grkernels.ops.spec`),
+    so a non-finite-gradient check sees it; masked rows stay exactly zero.
+
+    Backends: "torch" is the specification, :mod:`grkernels.ops.spec` (materialises fp32 log-softmax).
+    "cpp" / "triton" with ``importance_sampling="token"`` run one fused kernel per token that also evaluates the
+    loss and its gradient coefficient (``torch.ops.grkernels.policy_loss_terms``), then one backward pass over
+    the logits; with ``"sequence"`` they run the log-prob/entropy kernel and the specification's epilogue.
+    Either way autograd keeps only the logits plus O(tokens) vectors. Double backprop (``create_graph=True``,
+    e.g. ``GradReg(estimator="exact")``) is exact on every backend: the kernels' backward then differentiates
+    the specification's formulas, including the loss head's curvature.
     """
     what = "policy_loss"
     if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
@@ -539,29 +421,27 @@ def policy_loss(
     V = logits.shape[-1]
     B, T, ids, adv, mask_b, old, ref, agg = _validate_policy(
         tuple(completion_ids.shape), V, logits.device, completion_ids, advantages, completion_mask, old_logp,
-        ref_logp, beta, kl_estimator, loss_agg, temperature, importance_sampling, what,
+        ref_logp, beta, kl_estimator, loss_agg, temperature, importance_sampling, num_items, what,
     )  # fmt: skip
     impl = select_backend(backend, logits, what=what)
     if importance_sampling == "token" and impl != "torch":
         # the fused kernel: log-prob, entropy, ratio, clip, KL and the loss gradient in one pass per token
-        from grkernels.library import loss_and_stats, policy_loss_terms
-
         weights, inv_ntok, adv_tok = _token_level_inputs(mask_b, adv, agg, num_items, max_completion_length)
         cfg = dict(
             temperature=temperature, clip_low=clip_low, clip_high=clip_high, delta=delta, beta=beta,
             kl_estimator=kl_estimator, inplace_backward=inplace_backward,
         )  # fmt: skip
-        terms, stats, _, _, _ = policy_loss_terms(
+        terms, stats, _, _, _ = custom_ops.policy_loss_terms(
             logits.reshape(B, T, V), ids, mask_b, weights, adv_tok, old, ref, cfg, impl
         )
-        loss, st = loss_and_stats(terms.sum(1), stats.sum(1), inv_ntok, entropy_coef)
-        return loss, _metrics_from_stats(st)
+        loss, st = spec.loss_and_stats(terms.sum(1), stats.sum(1), inv_ntok, entropy_coef)
+        return loss, spec.metrics_from_stats(st)
     logp, entropy = _logp_entropy_impl(
         logits.reshape(B, T, V), ids, temperature, mask_b, inplace_backward, impl, True, entropy_coef != 0.0
     )
-    return policy_loss_from_logp(
-        logp, entropy, adv, mask_b, old, ref, beta, clip_low, clip_high, kl_estimator, loss_agg,
-        importance_sampling, entropy_coef, num_items, max_completion_length, delta,
+    return spec.loss_from_logp(
+        logp, entropy, adv, mask_b, old, ref, beta, clip_low, clip_high, kl_estimator, agg, importance_sampling,
+        entropy_coef, num_items, max_completion_length, delta,
     )  # fmt: skip
 
 
@@ -638,15 +518,13 @@ def fused_linear_policy_loss(
         raise ValueError(f"{what}: empty input (hidden shape {tuple(hidden.shape)})")
     B, T, ids, adv, mask_b, old, ref, agg = _validate_policy(
         tuple(completion_ids.shape), weight.shape[0], hidden.device, completion_ids, advantages, completion_mask,
-        old_logp, ref_logp, beta, kl_estimator, loss_agg, temperature, importance_sampling, what,
+        old_logp, ref_logp, beta, kl_estimator, loss_agg, temperature, importance_sampling, num_items, what,
     )  # fmt: skip
     impl = select_backend(backend, hidden, what=what)
     h2 = hidden.reshape(B * T, -1).contiguous()
     if impl != "torch" and importance_sampling == "token":
         # every token's loss gradient is known in the forward: d(hidden), dW, db are formed chunk by chunk
         # there (3 matmuls per chunk, no recompute) and only scaled by the upstream gradient in backward
-        from grkernels.kernels.fused_linear import FusedLinearPolicyLossFunction
-
         weights, inv_ntok, adv_tok = _token_level_inputs(mask_b, adv, agg, num_items, max_completion_length)
         grad_on = torch.is_grad_enabled()
         cfg = dict(
@@ -663,13 +541,11 @@ def fused_linear_policy_loss(
         loss, stats = FusedLinearPolicyLossFunction.apply(
             h2, weight, bias, ids, mask_b, weights, inv_ntok, adv_tok.reshape(-1), flat(old), flat(ref), cfg, impl
         )
-        return loss, _metrics_from_stats(stats)
-    from grkernels.kernels.fused_linear import fused_linear_logp_entropy
-
+        return loss, spec.metrics_from_stats(stats)
     logp, entropy = fused_linear_logp_entropy(
         h2, weight, bias, ids.reshape(-1), mask_b.reshape(-1), temperature, chunk_size, impl, fp32_grad_weight,
     )  # fmt: skip
-    return policy_loss_from_logp(
+    return spec.loss_from_logp(
         logp.reshape(B, T), entropy.reshape(B, T), adv, mask_b, old, ref, beta, clip_low, clip_high,
-        kl_estimator, loss_agg, importance_sampling, entropy_coef, num_items, max_completion_length, delta,
+        kl_estimator, agg, importance_sampling, entropy_coef, num_items, max_completion_length, delta,
     )  # fmt: skip
