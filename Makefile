@@ -85,7 +85,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check grkernels tests bench examples
 
 bench: $(STAMP)
-	$(PY) -m pytest bench/bench_*.py -q --benchmark-enable --benchmark-only
+	$(PY) -m grkernels bench gr_step overhead ops
 
 bench-gpu: $(STAMP)
 	$(PY) -m grkernels bench

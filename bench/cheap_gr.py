@@ -2,6 +2,7 @@
 
     python bench/cheap_gr.py                    # CPU-sized; writes bench/results/<device>_cheap_gr.json
     python bench/cheap_gr.py --steps 60 --dim 128
+    python bench/cheap_gr.py --parts cost --variant w128 --dim 128 --layers 4   # -> ..._cheap_gr_w128.json
 
 Fidelity: a small causal transformer is trained with full GR (AdamW) on two objectives, next-token prediction on a
 Markov language ("lm") and a REINFORCE policy gradient on the model's own samples with group-normalised advantages
@@ -23,6 +24,7 @@ that head forward/backward).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -31,11 +33,11 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from e2e_overhead import device_name, write_result  # noqa: E402
+from common import Run, sync  # noqa: E402
 
-from grkernels import GradReg, __version__, head_param_groups, head_perturbed_pass, paper_exclude  # noqa: E402
+from grkernels import GradReg, head_param_groups, head_perturbed_pass, paper_exclude  # noqa: E402
 from grkernels.head import HEAD_KEY  # noqa: E402
 from grkernels.quickstart import TinyLM, markov_batch  # noqa: E402
 
@@ -62,8 +64,8 @@ class Task:
     def hidden(self, rows: torch.Tensor) -> torch.Tensor:
         """The final hidden states of ``rows`` (TinyLM's forward up to its head)."""
         m, ids = self.model, self.ids[rows][:, :-1]
-        x = m.embed(ids) + m.pos(torch.arange(ids.shape[1]))
-        causal = nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+        x = m.embed(ids) + m.pos(torch.arange(ids.shape[1], device=ids.device))
+        causal = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device)
         return m.norm(m.blocks(x, mask=causal, is_causal=True))
 
     def terms(self, rows: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,6 +84,28 @@ class Task:
             return self.adv.abs()
         with torch.no_grad():
             return self.terms(torch.arange(self.ids.shape[0]))
+
+
+def subset_by_advantage(adv: torch.Tensor, fraction: float) -> tuple[torch.Tensor, float]:
+    """The demo's ``gr_subset`` rule (grkernels.demo.grpo), restated: the ⌈f·n⌉ sequences with the largest
+    |advantage| (in batch order) and their share of Σ|advantage| (the count share when every advantage is 0)."""
+    n = adv.numel()
+    m = min(n, max(1, math.ceil(fraction * n - 1e-9)))
+    top = torch.argsort(adv.abs(), descending=True, stable=True)[:m].sort().values
+    total = float(adv.abs().sum())
+    return top, min(1.0, float(adv[top].abs().sum()) / total if total > 0 else m / n)
+
+
+def gr_positions(params: list[torch.Tensor], model: torch.nn.Module) -> list[int]:
+    """Positions in ``params`` of the parameters GR covers with ``exclude=paper_exclude(model)``."""
+    excluded = {id(p) for p in paper_exclude(model)}
+    return [i for i, p in enumerate(params) if id(p) not in excluded]
+
+
+def backend_name(opt) -> str:
+    """The GR-step backend a GradReg ran its last step on ("none" for a plain optimizer or before a GR step)."""
+    backend = getattr(getattr(opt, "engine", None), "backend", None)
+    return "none" if backend is None else type(backend).__name__
 
 
 def head_only(opt: GradReg) -> bool:
@@ -135,7 +159,7 @@ def fidelity(kind: str, args, ks, fracs) -> dict:
     gr_kw = dict(strength=args.strength, eps=args.eps, eps_mode="radius", exclude=paper_exclude(model),
                  rounding="nearest")
     probe = GradReg(torch.optim.SGD(params, lr=0.0), **gr_kw)
-    gr_ids = [i for i, p in enumerate(params) if id(p) not in probe._excluded]
+    gr_ids = gr_positions(params, model)
     base = torch.optim.AdamW(params, lr=args.lr)
     stored = {k: None for k in ks}  # k -> (c, rho) of the last full step
     rows: dict[str, list[tuple[float, float]]] = {}
@@ -204,7 +228,7 @@ def world_fidelity(args, ks, fracs) -> dict:
     their share of Σ|advantage|, "advantage-share"; or by their share of the sequences, "advantage-count"),
     or a random subset of the same size. Steps of all seeds pooled per world."""
     from grkernels.demo.experiment import ExperimentConfig, setup_seed
-    from grkernels.demo.grpo import RLConfig, _subset_by_advantage, run_rl
+    from grkernels.demo.grpo import RLConfig, run_rl
 
     worlds = tuple(args.worlds.split(","))
     cfg = RLConfig(method="gr", gamma=args.world_gamma, steps=args.world_steps)
@@ -222,7 +246,7 @@ def world_fidelity(args, ks, fracs) -> dict:
                                   g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip, exclude=paper_exclude(policy),
                                   seed=seed)
                     state.update(params=params, opt=opt, stored={k: None for k in ks},
-                                 gr_ids=[i for i, p in enumerate(params) if id(p) not in opt._excluded])
+                                 gr_ids=gr_positions(params, policy))
                 params, opt, gr_ids = state["params"], state["opt"], state["gr_ids"]
                 saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
                 g1 = [saved[i] for i in gr_ids]
@@ -232,7 +256,7 @@ def world_fidelity(args, ks, fracs) -> dict:
                 if dot(g1, g1) > 0:  # else every group got one reward: no gradient
                     record_reuse(rows[w], state["stored"], ks, state["step"], g1, c)
                     for f in fracs:
-                        top, _, share = _subset_by_advantage(adv, f)
+                        top, share = subset_by_advantage(adv, f)
                         rand = torch.randperm(n, generator=gen)[: len(top)].sort().values
                         choices = (("advantage-share", top, share), ("advantage-count", top, None),
                                    ("random", rand, None))
@@ -252,6 +276,8 @@ def cost(args, ks, fracs) -> list[dict]:
     trans = torch.softmax(3.0 * torch.randn(args.vocab, args.vocab, generator=gen), dim=-1)
     model = TinyLM(args.vocab, args.dim, args.layers, max(1, args.dim // 32), args.length + 1, dropout=0.0)
     task = Task("lm", model, args.vocab, args.batch, args.length, gen, trans)
+    model.to(args.device)
+    task.ids = task.ids.to(args.device)
     n = args.batch
     everything = torch.arange(n)
 
@@ -324,14 +350,15 @@ def cost(args, ks, fracs) -> list[dict]:
     inside: list[list[float]] = [[] for _ in modes]
     for _ in range(args.repeats):  # round robin: a load change on a shared machine hits every mode alike
         for i, ((_, frac, _), opt) in enumerate(zip(modes, opts)):
+            sync(args.device)
             t0 = time.perf_counter()
             spent = sum(run(opt, frac) for _ in range(cycle))
+            sync(args.device)
             times[i].append((time.perf_counter() - t0) / cycle)
             inside[i].append(spent / cycle)
     rows = [{"mode": name, "median_step_s": statistics.median(t), "median_bookkeeping_s": statistics.median(b),
-             "backend": "none" if getattr(opt, "_impl", None) is None else type(opt._impl).__name__,
-             "extra_bytes_per_param": (opt.extra_memory_bytes() + opt._reuse.extra_bytes()) / n_params
-             if isinstance(opt, GradReg) else 0.0}
+             "backend": backend_name(opt),
+             "extra_bytes_per_param": opt.extra_memory_bytes() / n_params if isinstance(opt, GradReg) else 0.0}
             for (name, _, _), opt, t, b in zip(modes, opts, times, inside)]
     # Ratios per repeat (each mode against the plain step of the same round), then the median: a load change
     # between rounds cancels.
@@ -343,6 +370,8 @@ def cost(args, ks, fracs) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the cost part runs (the fidelity parts run on CPU)")
     ap.add_argument("--steps", type=int, default=40, help="training steps of each fidelity run")
     ap.add_argument("--vocab", type=int, default=64)
     ap.add_argument("--dim", type=int, default=64)
@@ -364,15 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-steps", type=int, default=250, help="world part: RL steps per run (the demo's)")
     ap.add_argument("--world-seeds", type=int, default=1, help="world part: seeds per world (from --seed)")
     ap.add_argument("--world-gamma", type=float, default=10.0, help="world part: γ (the demo's default)")
+    ap.add_argument("--variant", default=None, help="suffix of the result file: <device>_cheap_gr_<variant>.json")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.device == "cuda" and args.parts != "cost":
+        ap.error("--device cuda times the cost part only: add --parts cost")
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    run = Run("cheap_gr", args.device, argv)
     ks = [int(k) for k in args.every.split(",")]
     fracs = [float(f) for f in args.fractions.split(",")]
     t0 = time.perf_counter()
-    result = {"benchmark": "cheap_gr", "grkernels": __version__, "torch": torch.__version__,
-              "device": device_name("cpu"), "config": vars(args),
-              "command": "python bench/cheap_gr.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"config": vars(args),
               "fidelity": {kind: fidelity(kind, args, ks, fracs) for kind in ("lm", "pg")}
               if "fidelity" in args.parts else {},
               "cost": cost(args, ks, fracs) if "cost" in args.parts else [],
@@ -386,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["cost"]:
         print(f"  {r['mode']:<22} {1e3 * r['median_step_s']:>8.2f} ms {r['ratio']:>6.2f}x "
               f"(bookkeeping {r['bookkeeping_ratio']:.3f}x, {r['backend']}) {r['extra_bytes_per_param']:>5.1f} B/param")
-    write_result(result, args.out, "cheap_gr")
+    run.write(result, args.out, args.variant)
     return 0
 
 

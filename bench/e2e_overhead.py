@@ -1,91 +1,71 @@
-"""End-to-end GR overhead: time of a GR step over a plain step on a real transformer, per backend and estimator.
+"""End-to-end GR overhead: time of a GR step over a plain step on a real transformer, per backend and estimator,
+and the cheaper modes beside their floors.
 
-    python bench/e2e_overhead.py                          # GPU: a ~110M-parameter model in bf16
-    python bench/e2e_overhead.py --dim 128 --layers 2     # CPU-sized
+    python bench/e2e_overhead.py --device cuda            # a ~110M-parameter model in bf16
+    python bench/e2e_overhead.py --device cpu             # CPU-sized (TinyLM 2x128, vocab 512, fp32)
+    python bench/e2e_overhead.py --device cpu --every 4 --fractions 0.125,0.25
     (writes bench/results/<device>_overhead.json; --out PATH to choose another file)
 
 A plain step = zero_grad, forward, backward, AdamW step. A GR step (forward estimator) = the same plus a second
 forward/backward at θ + ε·g1 and the perturb / restore / combine work; its floor is ~2× for a model whose step time
 is forward/backward. "GR math" is the time of the GR-only work (perturb + restore_and_combine) measured alone,
 which is what the kernels reduce; reported also as a fraction of the plain step.
+
+Floors of the cheaper modes, each timed as one call in the same round-robin:
+    sub-batch f   the plain step + a forward/backward on the subset alone + the GR math (a GR step whose second
+                  pass runs on the subset: the work the mode cannot avoid, without its sub-batch bookkeeping and
+                  without splitting the first pass in two)
+    every-k       one full GR step and k − 1 plain steps, per step (the reuse bookkeeping is what it leaves out)
+"gap" = (mode − floor) / plain step: what the mode spends above its floor, in plain steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from grkernels import GradReg, __version__, paper_exclude  # noqa: E402
+from common import Run, round_robin  # noqa: E402
+
+from grkernels import GradReg, paper_exclude  # noqa: E402
 from grkernels.kernels import cpp_loaded  # noqa: E402
 from grkernels.quickstart import TinyLM  # noqa: E402
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device).replace(" ", "-")
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
-
-
-def write_result(result: dict, out: str | None, name: str) -> str:
-    """Write ``result`` as JSON to ``out``, default ``bench/results/<device>_<name>.json``; returns the path."""
-    path = out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{result['device']}_{name}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print("wrote", path)
-    return path
-
-
-def timer(device: str):
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-
-    def measure(fn, repeats: int) -> list[float]:
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return times
-
-    return measure
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--dim", type=int, default=768 if cuda else 128)
-    ap.add_argument("--layers", type=int, default=12 if cuda else 2)
-    ap.add_argument("--vocab", type=int, default=32000 if cuda else 512)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dim", type=int, default=None, help="default 768 on CUDA, 128 on CPU")
+    ap.add_argument("--layers", type=int, default=None, help="default 12 on CUDA, 2 on CPU")
+    ap.add_argument("--vocab", type=int, default=None, help="default 32000 on CUDA, 512 on CPU")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=512 if cuda else 64)
-    ap.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=20 if cuda else 8)
-    ap.add_argument("--backends", default="torch,triton" if cuda else ("torch,cpp" if cpp_loaded() else "torch"))
+    ap.add_argument("--seq", type=int, default=None, help="default 512 on CUDA, 64 on CPU")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--repeats", type=int, default=None, help="default 20 on CUDA, 8 on CPU")
+    ap.add_argument("--backends", default=None, help="default torch,triton on CUDA, torch,cpp on CPU")
     ap.add_argument("--every", default="", help="also time every-k GR with orthogonal reuse, e.g. 4,8 (per step, "
                     "averaged over whole k-step cycles)")
     ap.add_argument("--fractions", default="", help="also time the sub-batch second pass on these shares of the "
                     "sequences, e.g. 0.125,0.25 (two-phase: subset backward, mark_subset, rest, perturbed subset)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>_overhead.json)")
     args = ap.parse_args(argv)
-
+    on_gpu = args.device == "cuda"
+    defaults = dict(dim=768, layers=12, vocab=32000, seq=512, dtype="bfloat16", repeats=20,
+                    backends="torch,triton") if on_gpu else dict(
+        dim=128, layers=2, vocab=512, seq=64, dtype="float32", repeats=8,
+        backends="torch,cpp" if cpp_loaded() else "torch")
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    run = Run("overhead", args.device, argv)
     dtype = getattr(torch, args.dtype)
-    measure = timer(args.device)
     torch.manual_seed(0)
     model = TinyLM(args.vocab, args.dim, args.layers, max(1, args.dim // 64), args.seq, dropout=0.0)
     model = model.to(args.device, dtype)
@@ -129,12 +109,17 @@ def main(argv: list[str] | None = None) -> int:
 
         variants[f"math-{backend}"] = gr_math
     # The cheaper modes (issue 13), on the auto backend: whole every-k cycles per call (divided by k below), and
-    # the sub-batch pass in two phases on the first ⌈f·B⌉ sequences.
+    # the sub-batch pass in two phases on the first ⌈f·B⌉ sequences; each beside its floor.
+    floor_opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model))
     cycles: dict[str, int] = {}
+    floors: dict[str, str] = {}  # mode -> its floor's variant
     for k in [int(x) for x in args.every.split(",") if x]:
         opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model), every=k, reuse="orthogonal")
         opts[f"every{k}-orthogonal"], cycles[f"every{k}-orthogonal"] = opt, k
         variants[f"every{k}-orthogonal"] = lambda opt=opt, k=k: [opt.step(closure) for _ in range(k)]
+        # the floor: one full GR step and k - 1 plain steps (no reuse bookkeeping)
+        variants[f"floor-every{k}"] = lambda k=k: [floor_opt.step(closure), *(plain() for _ in range(k - 1))]
+        cycles[f"floor-every{k}"], floors[f"every{k}-orthogonal"] = k, f"floor-every{k}"
     for f in [float(x) for x in args.fractions.split(",") if x]:
         m = max(1, math.ceil(f * args.batch))
         opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model))
@@ -149,36 +134,46 @@ def main(argv: list[str] | None = None) -> int:
             closure(slice(0, m))
             opt.step()
 
+        def sub_floor(m=m):
+            # the plain step's forward/backward, the GR math, a forward/backward on the subset alone, the step
+            floor_opt.zero_grad()
+            closure()
+            floor_opt.perturb()
+            closure(slice(0, m))
+            floor_opt.step()
+
         opts[f"subset{f:g}"], variants[f"subset{f:g}"] = opt, sub_batch
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(2 + args.repeats):
-        for name, fn in variants.items():
-            if name.startswith("math-"):
-                base.zero_grad()
-                closure()  # a fresh g1 (not timed)
-            t = measure(fn, 1)[0]
-            if r >= 2:  # two warm-up rounds
-                times[name].append(t)
-    t_plain = statistics.median(times["plain"])
+        variants[f"floor-subset{f:g}"], floors[f"subset{f:g}"] = sub_floor, f"floor-subset{f:g}"
+
+    def fresh_g1(name: str) -> None:
+        if name.startswith("math-"):
+            base.zero_grad()
+            closure()  # a fresh g1 (not timed)
+
+    times = round_robin(variants, args.repeats, warmup=2, device=args.device, before=fresh_g1)
+    per_step = {k: [t / cycles.get(k, 1) for t in v] for k, v in times.items()}
+    t_plain = statistics.median(per_step["plain"])
     rows = [{"variant": "plain", "median_s": t_plain, "ratio": 1.0}]
     for name, opt in opts.items():
-        t = statistics.median(times[name]) / cycles.get(name, 1)
+        t = statistics.median(per_step[name])
         backend = name.split("-", 2)[2] if name.startswith("gr-") else "auto"
-        t_math = statistics.median(times[f"math-{backend}"]) if name.startswith("gr-forward") else float("nan")
-        rows.append({"variant": name, "median_s": t, "ratio": t / t_plain,
-                     "gr_math_s": t_math, "gr_math_over_plain": t_math / t_plain,
-                     "extra_bytes_per_param": opt.extra_memory_bytes() / n_params})
-    result = {
-        "benchmark": "e2e_overhead", "grkernels": __version__, "torch": torch.__version__,
-        "device": device_name(args.device), "params": n_params, "config": vars(args), "rows": rows,
-        "command": "python bench/e2e_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
-    print(f"{n_params / 1e6:.1f}M params, {args.dtype}, batch {args.batch}x{args.seq} on {result['device']}")
-    print(f"{'variant':<22} {'median ms':>10} {'x plain':>8} {'GR math ms':>11} {'B/param':>8}")
+        t_math = statistics.median(per_step[f"math-{backend}"]) if name.startswith("gr-forward") else float("nan")
+        row = {"variant": name, "median_s": t, "ratio": t / t_plain, "gr_math_s": t_math,
+               "gr_math_over_plain": t_math / t_plain, "extra_bytes_per_param": opt.extra_memory_bytes() / n_params}
+        if name in floors:
+            t_floor = statistics.median(per_step[floors[name]])
+            row.update(floor_s=t_floor, floor_ratio=t_floor / t_plain, gap_over_plain=(t - t_floor) / t_plain,
+                       gap_over_plain_per_round=statistics.median(
+                           (a - b) / p for a, b, p in zip(per_step[name], per_step[floors[name]], per_step["plain"])))
+        rows.append(row)
+    result = {"params": n_params, "config": vars(args), "rows": rows}
+    print(f"{run.header()}\n{n_params / 1e6:.2f}M params, {args.dtype}, batch {args.batch}x{args.seq}")
+    print(f"{'variant':<22} {'median ms':>10} {'x plain':>8} {'GR math ms':>11} {'B/param':>8} {'floor':>7} {'gap':>7}")
     for r in rows:
         print(f"{r['variant']:<22} {1e3 * r['median_s']:>10.2f} {r['ratio']:>8.2f} "
-              f"{1e3 * r.get('gr_math_s', float('nan')):>11.2f} {r.get('extra_bytes_per_param', 0):>8.2f}")
-    write_result(result, args.out, "overhead")
+              f"{1e3 * r.get('gr_math_s', float('nan')):>11.2f} {r.get('extra_bytes_per_param', 0):>8.2f} "
+              f"{r.get('floor_ratio', float('nan')):>7.2f} {r.get('gap_over_plain', float('nan')):>7.3f}")
+    run.write(result, args.out)
     return 0
 
 

@@ -11,25 +11,33 @@ Variants: fp32 weights (the ideal, and the ``lean`` Triton mode that saves g1 in
 forward and central estimators, each with round-to-nearest and stochastic rounding, and the exact estimator
 (double backprop in bf16, no ε). ``perturb_ratio`` = ‖θ' − θ‖/‖ε·v‖ as the backend reports it.
 
-    PYTHONPATH=. python bench/fidelity.py            # CPU, a few minutes; writes bench/results/fidelity_<dev>.json
-    PYTHONPATH=. python bench/fidelity.py --quick    # 3 values of ε, 1 seed
+    python bench/fidelity.py --device cpu           # CPU, a few minutes; -> bench/results/<device>_fidelity.json
+    python bench/fidelity.py --device cpu --quick   # 3 values of ε, 1 seed
+    python bench/fidelity.py --device cpu --fsdp2   # FSDP2, 2 gloo processes (below); -> ..._fidelity_fsdp2.json
 
 The torch backend is the specification and is what runs here by default; ``--backend triton`` runs the same
 sweep through the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1: slow). Rows marked [triton] always use
 the Triton backend (the lean option exists only there; the other row checks the kernels' own stochastic
 rounding); without Triton they are skipped, and on CPU (interpreted) they run at ε ∈ {1e-4, 1e-3, 1e-2} only
 (``--full-triton`` for all).
+
+``--fsdp2``: the same model, batch and float64 reference, trained as verl does: fp32 sharded parameters,
+``fully_shard`` per decoder layer and at the root, ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, 2
+processes (gloo; the script starts them with torch.distributed.run unless already under torchrun), each holding
+half of the batch. FSDP2 casts the fp32 shards to bf16 with round-to-nearest before the all-gather; GradReg writes
+SR(rn_bf16(θ) + ε·v) into the fp32 shard (bf16-exact, so the cast keeps it) and restores the shard bitwise. Rows:
+fp32 masters on the bf16 grid and off it (moved by N(0, 1e-4), as after optimizer steps), forward/central,
+stochastic/nearest rounding, with ``perturb_ratio`` = ‖θ' − rn_bf16(θ)‖/‖ε·v‖; cos / rel against the float64 H·g1
+at rn_bf16(θ). ``--memory-only``: GradReg's extra bytes per rank only.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
+import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,6 +49,10 @@ _TRITON_TOO_EARLY = (not torch.cuda.is_available() and "triton" in sys.modules
                      and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import Run  # noqa: E402
 
 EPS_SWEEP = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 INTERPRETED_EPS = (1e-4, 1e-3, 1e-2)  # [triton] rows under TRITON_INTERPRET (CPU) run only these
@@ -171,21 +183,31 @@ def cos_rel(est: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return cos, rel
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 values of ε, 1 seed")
+    ap.add_argument("--smoke", action="store_true", help="the code paths only: ε = 1e-2, 1 seed, 2 rows, no exact row, "
+                    "no scale sweep; write with --out")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--backend", default="torch", choices=["torch", "triton"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-lean", action="store_true", help="skip the lean (Triton) rows")
     ap.add_argument("--full-triton", action="store_true", help="[triton] rows at every ε, also interpreted")
     ap.add_argument("--no-scale-sweep", action="store_true", help="skip the gradient-scale table (eps_mode)")
+    ap.add_argument("--fsdp2", action="store_true", help="FSDP2 with bf16 mixed precision on 2 gloo processes")
+    ap.add_argument("--memory-only", action="store_true", help="--fsdp2: GradReg's extra bytes per rank only")
+    ap.add_argument("--nproc", type=int, default=2, help="--fsdp2: processes")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.no_scale_sweep = args.no_lean = True
+    if args.fsdp2:
+        return main_fsdp2(args, argv)
+    run = Run("fidelity", args.device, argv)
     interpreted = args.device == "cpu"
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    eps_list = [1e-3, 3e-3, 1e-2] if args.quick else EPS_SWEEP
-    seeds = list(range(1 if args.quick else args.seeds))
+    eps_list = [1e-2] if args.smoke else [1e-3, 3e-3, 1e-2] if args.quick else EPS_SWEEP
+    seeds = list(range(1 if args.quick or args.smoke else args.seeds))
 
     from grkernels.kernels import triton_usable
 
@@ -211,6 +233,8 @@ def main() -> None:
     if lean_ok and args.backend == "torch":  # the kernels' own stochastic rounding (a different RNG stream)
         variants.append(("bf16, forward, stochastic [triton]", torch.bfloat16, "forward", "stochastic", False,
                          "triton"))
+    if args.smoke:  # the code paths: one fp32 and one bf16 row
+        variants = [v for v in variants if v[0] in ("fp32 weights, forward", "bf16, forward, stochastic")]
     t0 = time.time()
     refs, g1_norms = {}, []
     for s in seeds:
@@ -227,11 +251,12 @@ def main() -> None:
                 (gr_estimate(s, dtype, est_name, rounding, eps, backend, args.device, lean), refs[s]) for s in seeds
             )
         rows.append(row)
-    ex_c, ex_r = zip(*(cos_rel(gr_estimate(s, torch.bfloat16, "exact", "nearest", 0.0, args.backend, args.device)[0],
-                               refs[s]) for s in seeds))
-    rows.append({"variant": "bf16, exact (double backprop, no ε)", "estimator": "exact", "rounding": "-",
-                 "lean": False, "weights": "bfloat16", "eps": {"-": {"cos": sum(ex_c) / len(ex_c),
-                                                                    "rel": sum(ex_r) / len(ex_r)}}})
+    if not args.smoke:
+        ex_c, ex_r = zip(*(cos_rel(gr_estimate(s, torch.bfloat16, "exact", "nearest", 0.0, args.backend,
+                                               args.device)[0], refs[s]) for s in seeds))
+        rows.append({"variant": "bf16, exact (double backprop, no ε)", "estimator": "exact", "rounding": "-",
+                     "lean": False, "weights": "bfloat16", "eps": {"-": {"cos": sum(ex_c) / len(ex_c),
+                                                                        "rel": sum(ex_r) / len(ex_r)}}})
     scale_rows = [] if args.no_scale_sweep else scale_sweep(seeds, refs, args.backend, args.device)
     elapsed = time.time() - t0
 
@@ -263,15 +288,116 @@ def main() -> None:
         for row in scale_rows:
             cells = [f"{row['scale'][f'{sc:g}']['cos']:.2f}/{row['scale'][f'{sc:g}']['rel']:.2f}" for sc in LOSS_SCALES]
             print(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    dev = torch.cuda.get_device_name(args.device).replace(" ", "-") if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out or Path(__file__).parent / "results" / f"{dev}_fidelity.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model_params": n_params, "g1_norm": g1n, "seeds": len(seeds), "backend": args.backend,
-                               "device": args.device, "gamma": GAMMA, "seconds": elapsed, "rows": rows,
-                               "scale_rows": scale_rows},
-                              indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
-    print(f"wrote {out}")
+    run.write({"model_params": n_params, "g1_norm": g1n, "seeds": len(seeds), "backend": args.backend,
+               "config": vars(args), "gamma": GAMMA, "rows": rows, "scale_rows": scale_rows}, args.out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+FSDP2_VARIANTS = [  # (label, estimator, rounding, off_grid)
+    ("FSDP2 bf16 MP, forward, stochastic (default)", "forward", "stochastic", False),
+    ("FSDP2 bf16 MP, forward, nearest", "forward", "nearest", False),
+    ("FSDP2 bf16 MP, central, stochastic", "central", "stochastic", False),
+    ("FSDP2 bf16 MP, masters off the grid, forward, stochastic", "forward", "stochastic", True),
+]
+FSDP2_SEEDS = (0, 1)
+
+
+def masters(seed: int, off_grid: bool) -> torch.nn.Module:
+    model = make_model(seed, torch.float32, "cpu")
+    if off_grid:
+        g = torch.Generator().manual_seed(77 + seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 1e-4)
+    return model
+
+
+def reference_at_bf16(seed: int, off_grid: bool) -> torch.Tensor:
+    """float64 H·g1 at the weights the bf16 model computes with, rn_bf16(θ), over the global batch."""
+    model = masters(seed, off_grid)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    model = model.double()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_of(model, batch(seed, "cpu")), params, create_graph=True)
+    return flat(torch.autograd.grad(grads, params, grad_outputs=[g.detach() for g in grads]))
+
+
+def sharded_estimate(seed: int, estimator: str, rounding: str, off_grid: bool, eps: float, mesh,
+                     memory: dict | None = None) -> tuple[torch.Tensor, float]:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from grkernels import GradReg
+
+    model = masters(seed, off_grid)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    ids = batch(seed, "cpu").chunk(dist.get_world_size())[dist.get_rank()]
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.0), strength=GAMMA, eps=eps, g1_clip=None, g2_clip=None,
+                  estimator=estimator, rounding=rounding, backend="torch", seed=seed)
+    loss_of(model, ids).backward()
+    params = list(model.parameters())
+    g1 = flat(p.grad.full_tensor() for p in params)
+    for _ in range(opt.extra_passes):
+        opt.perturb()
+        loss_of(model, ids).backward()
+    opt.restore_and_combine()
+    if memory is not None:  # bytes GradReg holds on this rank, against the parameters in the whole model
+        memory["extra_bytes_rank"] = opt.extra_memory_bytes()
+        memory["local_params"] = sum(p.to_local().numel() for p in params)
+        memory["global_params"] = sum(p.numel() for p in params)
+    est = (flat(p.grad.full_tensor() for p in params) - g1) / GAMMA
+    return est, opt.metrics()["perturb_ratio"]
+
+
+def main_fsdp2(args, argv: list[str] | None) -> int:
+    """Under torchrun: the FSDP2 table on this rank (rank 0 writes). Otherwise: start ``--nproc`` processes."""
+    if "LOCAL_RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.call(cmd)
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    rank = dist.get_rank()
+    run = Run("fidelity", "cpu", argv) if rank == 0 else None
+    mem: dict = {}
+    sharded_estimate(0, "forward", "stochastic", False, 1e-2, mesh, memory=mem)
+    mems = [None] * dist.get_world_size()
+    dist.all_gather_object(mems, mem)
+    if rank == 0:
+        print("extra bytes per rank:", [m["extra_bytes_rank"] for m in mems], "local params:",
+              [m["local_params"] for m in mems], "global params:", mem["global_params"], flush=True)
+    rows = []
+    eps_list = [1e-2] if args.smoke else [1e-3, 1e-2] if args.quick else EPS_SWEEP
+    seeds = FSDP2_SEEDS[:1] if args.quick or args.smoke else FSDP2_SEEDS
+    if not args.memory_only:
+        refs = {(s, off): reference_at_bf16(s, off) for s in seeds for off in (False, True)}
+        for label, est_name, rounding, off in FSDP2_VARIANTS:
+            row = {"variant": label, "eps": {}}
+            for eps in eps_list:
+                row["eps"][f"{eps:g}"] = seed_mean(
+                    (sharded_estimate(s, est_name, rounding, off, eps, mesh), refs[(s, off)]) for s in seeds)
+            rows.append(row)
+            if rank == 0:
+                cells = " | ".join(f"{v['cos']:.2f}/{v['rel']:.2f} ({v['perturb_ratio']:.2f})"
+                                   for v in row["eps"].values())
+                print(f"| {label} | {cells} |", flush=True)
+    if rank == 0:
+        run.write({"world": dist.get_world_size(), "gamma": GAMMA, "seeds": list(seeds), "eps": eps_list,
+                   "config": vars(args), "rows": rows, "memory": mems}, args.out,
+                  variant="fsdp2-memory" if args.memory_only else "fsdp2")
+    dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
