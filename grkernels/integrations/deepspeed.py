@@ -1,4 +1,15 @@
-"""GR under DeepSpeed ZeRO-1/2/3: the GR step on each rank's partition, global norms, masters never written.
+"""GR under DeepSpeed ZeRO-1/2/3: a parameter source of the one GR engine, and the hold of the engine's step.
+
+DeepSpeed is not a second implementation of GR: :class:`ZeroSource` tells :class:`grkernels.engine.GREngine` where
+the tensors are (each rank's partitions), how norms are summed (over the data-parallel group) and how changed weights
+are published; :class:`DeepSpeedGradReg` holds ``engine.step()`` until the GR passes are done and hands the step to
+the engine's ``finish``. So everything ``GradReg`` offers runs here too: the C++ / Triton backends, ``every`` /
+``reuse``, the adaptive strength, the non-finite skip (every rank votes; a skipped step leaves the masters
+untouched), the metrics with the same meaning, and DeepSpeed's own ``gradient_clipping`` (HF's ``max_grad_norm``
+through ``"gradient_clipping": "auto"``), which clips the combined GR gradient inside the engine's step exactly as
+the Trainer's clip does under DDP. Not offered: the sub-batch pass (DeepSpeed reduces gradients only at the
+accumulation boundary, so the subset's reduced g1_S never exists) and the exact estimator (no autograd graph through
+the flat partitions); both are refused when the settings are resolved.
 
 After the backward at the accumulation boundary every rank holds its partition of the reduced gradient, next to its
 partition of the fp32 master weights. GR is element-wise except for its norms, so it runs on the partition:
@@ -28,8 +39,8 @@ add master − w, up to half a bf16 ulp per element and far larger than ε·v, t
 Gradient accumulation: the Trainer mixin replays the whole window at θ' with the accumulation boundary set as in the
 first pass (:func:`accumulation_boundary`): the engine accumulates g2 over the window exactly as it accumulated g1.
 
-Extra memory per rank, every stage: the torch backend's saved lp weight + g1 per partition element (8 B in fp32,
-4 B in bf16 with bf16 gradient partitions), i.e. the single-device bytes divided by the data-parallel world size.
+Extra memory per rank, every stage: the backend's saved lp weight + g1 per partition element (8 B in fp32, 4 B in
+bf16 with bf16 gradient partitions), i.e. the single-device bytes divided by the data-parallel world size.
 """
 
 from __future__ import annotations
@@ -40,39 +51,16 @@ from typing import Any
 
 import torch
 
-from grkernels.backends.base import Shards, StepPlan
-from grkernels.backends.reference import TorchGRStep
+from grkernels.backends.base import Shards
+from grkernels.engine import GREngine
 from grkernels.params import resolve_exclude
+from grkernels.settings import GRSettings
+from grkernels.sources import Entry
 
-__all__ = ["DeepSpeedGR", "accumulation_boundary", "check_supported", "engine_grad_reg", "trainer_grad_reg"]
+__all__ = ["DeepSpeedGradReg", "ZeroSource", "accumulation_boundary", "check_supported", "engine_grad_reg",
+           "trainer_grad_reg"]
 
 _WEIGHT = "_grkernels_ds_weight"  # attribute of a slot (see _slot): the weight partition the step writes
-
-
-def trainer_grad_reg(trainer: Any, settings: dict[str, Any], exclude: list[Any]) -> DeepSpeedGR:
-    """The :class:`DeepSpeedGR` of a Trainer's engine (``grad_reg_*`` settings; ``exclude``: tensors or names)."""
-    if (int(settings["grad_reg_every"]) != 1 or settings["grad_reg_reuse"] != "none"
-            or float(settings["grad_reg_subset_fraction"]) < 1.0):
-        raise NotImplementedError(
-            "grkernels GradReg under DeepSpeed runs the full GR step on every optimizer step: grad_reg_every > 1, "
-            "grad_reg_reuse and grad_reg_subset_fraction < 1 are not offered there (set grad_reg_every=1, "
-            "grad_reg_reuse='none', grad_reg_subset_fraction=1), or use DDP / FSDP2."
-        )
-    return engine_grad_reg(
-        trainer.accelerator.deepspeed_engine_wrapped.engine, exclude=exclude,
-        strength=settings["grad_reg_strength"], eps=settings["grad_reg_eps"],
-        g1_clip=settings["grad_reg_g1_clip"], g2_clip=settings["grad_reg_g2_clip"],
-        estimator=settings["grad_reg_estimator"], eps_mode=settings["grad_reg_eps_mode"],
-        warmup_steps=int(settings["grad_reg_warmup_steps"]), seed=int(getattr(trainer.args, "seed", 0)),
-    )
-
-
-def engine_grad_reg(engine: Any, *, exclude: Iterable[torch.Tensor | str] = (), **settings: Any) -> DeepSpeedGR:
-    """:class:`DeepSpeedGR` on ``engine`` with ``exclude`` given as the module's tensors or name substrings (each
-    must match a parameter); ``settings`` as for :class:`DeepSpeedGR`."""
-    named = list(engine.module.named_parameters())
-    ids = resolve_exclude(list(exclude), named, [p for _, p in named])  # GradReg's rule: each entry must match
-    return DeepSpeedGR(engine, exclude=[p for _, p in named if id(p) in ids], **settings)
 
 
 @contextlib.contextmanager
@@ -103,11 +91,6 @@ def check_supported(engine: Any) -> None:
         raise NotImplementedError("grkernels GradReg under DeepSpeed: optimizer / parameter offload is not supported")
     if engine.fp16_enabled():
         raise NotImplementedError("grkernels GradReg under DeepSpeed: fp16 loss scaling is not supported; use bf16")
-    if float(engine.gradient_clipping() or 0.0) > 0.0:
-        raise NotImplementedError(
-            "grkernels GradReg under DeepSpeed: gradient_clipping in the DeepSpeed config would clip g1 and g2 "
-            "inside DeepSpeed's step; set it to 0 and use grad_reg_g1_clip / grad_reg_g2_clip (max_grad_norm=0)."
-        )
     if stage == 3:
         if engine.zero_quantized_weights() or engine.zero_quantized_nontrainable_weights():
             raise NotImplementedError(
@@ -140,12 +123,13 @@ class _DPShards(Shards):
         return x
 
 
-def _slot(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _slot(weight: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     """What the GR step works on for one partition: a storage-free stand-in whose ``.grad`` is the live gradient
-    partition and whose ``_WEIGHT`` is the weight partition (``StepPlan.model_attr``). A stand-in, not the weight
-    itself, because the gradient partition may have another dtype (fp32 accumulation of bf16 weights)."""
-    s = grad.new_zeros(1).expand(grad.shape)
-    s.grad = grad
+    partition (set by :meth:`ZeroSource.refresh`) and whose ``_WEIGHT`` is the weight partition
+    (``StepPlan.model_attr``). A stand-in, not the weight itself, because the gradient partition may have another
+    dtype (fp32 accumulation of bf16 weights): the stand-in takes the dtype of ``like``, the gradient partition."""
+    like = weight if like is None else like
+    s = like.new_zeros(1).expand(like.shape)
     setattr(s, _WEIGHT, weight)
     return s
 
@@ -237,142 +221,159 @@ class _Zero3:
             o.persistent_parameters[0].all_gather(o.persistent_parameters)
 
 
-class DeepSpeedGR:
-    """Drives one GR step on a ZeRO-1/2/3 engine between the backward at the accumulation boundary and
-    ``engine.step()``: ``perturb()``, the same backward(s) again, ``restore_and_combine()``.
+class ZeroSource:
+    """The parameter source of a ZeRO-1/2/3 engine (:class:`grkernels.sources.ParamSource`): one stand-in per lp
+    parameter this rank holds a partition of, in the ZeRO optimizer's group order (the positions), each pointed at the
+    live weight and gradient partitions whenever the engine looks (``entries``), since DeepSpeed may rebuild its
+    gradient buffers in each backward."""
 
-    Args:
-        engine: the ``DeepSpeedEngine`` (its optimizer a ZeRO-1/2 or ZeRO-3 optimizer).
-        exclude: lp parameters left out of GR (they step with g1).
-        warmup_steps: engine steps (``engine.global_steps``) without GR first.
-        strength, eps, g1_clip, g2_clip, estimator, eps_mode, rounding, seed: as for :class:`grkernels.GradReg`
-            (estimator "forward" or "central"). The rounding seed of a step mixes in ``engine.global_steps``, so a
-            resumed run reproduces it.
+    model_attr = _WEIGHT
+
+    def __init__(self, engine: Any, excluded: set[int]) -> None:
+        check_supported(engine)
+        self.ds_engine, self.opt = engine, engine.optimizer
+        self.stage = engine.zero_optimization_stage()
+        self.parts: _Zero12 | _Zero3 = _Zero3(self.opt) if self.stage == 3 else _Zero12(self.opt)
+        self.shards_ = _DPShards(self.parts.group)
+        self._lp = self.parts.params()
+        self._slots = [_slot(self.parts.weight(p)) for p in self._lp]
+        self._entries = [Entry(s, excluded=id(p) in excluded) for s, p in zip(self._slots, self._lp)]
+        if not any(s.numel() and not e.excluded for s, e in zip(self._slots, self._entries)):
+            # this rank's partition holds no GR element: a zero-size stand-in keeps every rank in the collectives
+            dev = self.parts.masters()[0].device
+            stand_in = _slot(torch.zeros(0, device=dev))
+            stand_in.grad = torch.zeros(0, device=dev)
+            self._slots.append(stand_in)
+            self._lp.append(None)
+            self._entries.append(Entry(stand_in))
+
+    def entries(self) -> list[Entry]:
+        self.refresh(None)
+        return self._entries
+
+    def refresh(self, plan: Any) -> None:
+        """Point every stand-in at the live weight and gradient partitions (None before the first reduction). A
+        stand-in is rebuilt only when its gradient partition's dtype or shape changed (the first time: ``.grad``
+        must match the tensor's dtype), so within a step the plan's tensors stay the same objects."""
+        for i, (s, p) in enumerate(zip(self._slots, self._lp)):
+            if p is None:
+                continue
+            weight = self.parts.weight(p)
+            try:
+                grad = self.parts.grad(p)
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError):
+                grad = None  # no reduced gradient yet (before the boundary's backward)
+            if grad is not None and (grad.dtype != s.dtype or grad.shape != s.shape or grad.device != s.device):
+                s = self._slots[i] = _slot(weight, grad)
+                self._entries[i] = Entry(s, excluded=self._entries[i].excluded)
+            setattr(s, _WEIGHT, weight)
+            s.grad = grad
+
+    def step_tensors(self) -> list[torch.Tensor]:
+        return [e.tensor for e in self.entries() if e.tensor.grad is not None]
+
+    def shards(self, tensors: Any, estimator: str) -> Shards:
+        return self.shards_
+
+    def check(self, params: Any, keep: Any) -> None:
+        """The partitions are DeepSpeed's: dense, floating point, one device (checked by DeepSpeed)."""
+
+    def publish(self) -> None:
+        self.parts.publish()
+
+    def masters(self) -> list[torch.Tensor]:
+        return self.parts.masters()
+
+
+class DeepSpeedGradReg:
+    """GR on a ZeRO-1/2/3 engine: the one engine (:class:`~grkernels.engine.GREngine`) over a :class:`ZeroSource`,
+    driven between the backward at the accumulation boundary and ``engine.step()``.
+
+    The host calls, per optimizer step: the backward(s) of the window inside :meth:`hold_step` (DeepSpeed steps inside
+    the boundary's backward: the hold defers it); on a full GR step ``perturb()``, the window's backward(s) again,
+    ``restore_and_combine()``; on other steps ``combine()``. Leaving :meth:`hold_step` cleanly runs the engine's
+    ``finish``: the non-finite vote over every rank, then ``engine.step()`` (which applies DeepSpeed's own gradient
+    clipping to the combined gradient), or a skip that drops the window's gradients. The settings are those of
+    :func:`grkernels.settings.resolve` with ``host="deepspeed"``; the step counter starts at
+    ``engine.global_steps`` (a resumed run continues its warmup, schedule and rounding seeds).
     """
 
-    def __init__(self, engine: Any, *, strength: float, eps: float, g1_clip: float | None = 10.0,
-                 g2_clip: float | None = 10.0, exclude: Iterable[torch.Tensor] = (), estimator: str = "forward",
-                 eps_mode: str = "absolute", rounding: str = "stochastic", seed: int = 0,
-                 warmup_steps: int = 0) -> None:
-        check_supported(engine)
-        if estimator not in ("forward", "central"):
-            raise NotImplementedError(f"grkernels GradReg under DeepSpeed: estimator {estimator!r} (use forward "
-                                      "or central)")
-        self.engine, self.opt = engine, engine.optimizer
-        self.stage = engine.zero_optimization_stage()
-        self._parts: _Zero12 | _Zero3 = _Zero3(self.opt) if self.stage == 3 else _Zero12(self.opt)
-        self.strength, self.eps, self.g1_clip, self.g2_clip = float(strength), float(eps), g1_clip, g2_clip
-        self.estimator, self.eps_mode, self.rounding, self.seed = estimator, eps_mode, rounding, int(seed)
-        self.warmup_steps = int(warmup_steps)
-        self._excluded = {id(p) for p in exclude}
-        self._shards = _DPShards(self._parts.group)
-        self._impl = TorchGRStep()
-        self._plan: StepPlan | None = None
-        self._slots: list[tuple[torch.Tensor, torch.nn.Parameter]] = []
-        self._point = 0
-        self._metrics: dict[str, torch.Tensor] = {}
+    def __init__(self, engine: Any, settings: GRSettings, exclude: Iterable[torch.Tensor | str] = ()) -> None:
+        if settings.subset_fraction < 1.0:
+            raise NotImplementedError(
+                f"GR setting subset_fraction={settings.subset_fraction}: not supported under deepspeed: DeepSpeed "
+                "reduces gradients only at the accumulation boundary, so the subset's reduced gradient g1_S never "
+                "exists; use subset_fraction=1, every/reuse for a cheaper GR, or DDP / FSDP2")
+        named = list(engine.module.named_parameters())
+        ids = resolve_exclude(list(exclude), named, [p for _, p in named])  # GradReg's rule: each entry must match
+        self.engine = engine
+        self.excluded_ids = ids  # ids of the module's parameters left out of GR
+        self.source = ZeroSource(engine, ids)
+        self.gr = GREngine(settings, self.source)
+        self.gr.step_count = int(engine.global_steps)
+        self.stage = self.source.stage
 
-    subset_fraction: float | None = None  # sub-batch GR (GradReg.mark_subset) is not offered here
-
-    def combine(self) -> None:
-        """Steps without GR (warmup): nothing to do, the engine steps with g1 (the Trainer mixin calls it)."""
-
-    @property
-    def active(self) -> bool:
-        """Whether the coming engine step does GR (after warmup, γ > 0)."""
-        return self.strength > 0.0 and self.engine.global_steps >= self.warmup_steps
-
-    @property
-    def extra_passes(self) -> int:
-        return (2 if self.estimator == "central" else 1) if self.active else 0
-
+    # ------------------------------------------------------------------ the engine's step, held
     @contextlib.contextmanager
     def hold_step(self) -> Iterator[None]:
-        """Inside: ``engine.step()`` does nothing (the first pass's backward at the boundary reduces the gradients,
-        the GR passes run, nothing steps); on a clean exit the engine steps once, with the GR gradient."""
+        """Inside: ``engine.step()`` does nothing (the boundary's backward reduces the gradients, the GR passes run);
+        on a clean exit the GR engine finishes the step: ``engine.step()`` with the combined gradient, or a skip."""
         engine = self.engine
         engine.step = lambda *a, **k: None  # instance attribute: shadows the method until deleted
         try:
             yield
         finally:
             del engine.step
-        engine.step()
+        stepped = []
+        self.gr.finish(lambda: stepped.append(engine.step()))
+        if not stepped:  # skipped (non-finite): the window's gradients must not reach the next step
+            self.discard_gradients()
+
+    # ------------------------------------------------------------------ the engine's calls
+    active = property(lambda self: self.gr.active)
+    extra_passes = property(lambda self: self.gr.extra_passes)
+    subset_fraction = None  # the sub-batch pass is not offered here (see the module docstring)
+
+    def perturb(self) -> None:
+        self.gr.perturb()
+
+    def restore_and_combine(self) -> None:
+        self.gr.restore_and_combine()
+
+    def combine(self) -> None:
+        self.gr.combine()
+
+    def restore(self) -> None:
+        """Abort: θ back bitwise and published, gradients back to g1."""
+        self.gr.abort()
+
+    def metrics(self, sync: bool = True) -> dict[str, Any]:
+        return self.gr.metrics(sync)
+
+    def extra_memory_bytes(self) -> int:
+        return self.gr.extra_bytes()
 
     def master_partitions(self) -> list[torch.Tensor]:
         """This rank's fp32 master partitions (the tensors only the optimizer step may write)."""
-        return self._parts.masters()
-
-    # ------------------------------------------------------------------ partitions
-    def _refresh_grads(self) -> None:
-        """The engine may rebuild its gradient partition in each backward: point the slots at the live one."""
-        for s, p in self._slots:
-            s.grad = self._parts.grad(p)
-
-    def _make_plan(self) -> StepPlan:
-        parts = self._parts
-        self._slots = [(_slot(parts.weight(p), parts.grad(p)), p) for p in parts.params()]
-        params = [s for s, p in self._slots if id(p) not in self._excluded and s.numel()]
-        keep = [s for s, p in self._slots if id(p) in self._excluded and s.numel()]
-        if not params:  # this rank's partition holds no GR element: a zero-size stand-in keeps the collectives
-            dev = parts.masters()[0].device
-            params = [_slot(torch.zeros(0, device=dev), torch.zeros(0, device=dev))]
-        return StepPlan(params=params, coefs=[self.strength] * len(params), keep=keep, eps=self.eps,
-                        g1_clip=self.g1_clip, g2_clip=self.g2_clip, estimator=self.estimator, rounding=self.rounding,
-                        seed=self.seed * 1_000_003 + self.engine.global_steps, eps_mode=self.eps_mode,
-                        shards=self._shards, model_attr=_WEIGHT)
-
-    # ------------------------------------------------------------------ the step
-    @torch.no_grad()
-    def perturb(self) -> None:
-        """After the backward(s) at θ (the boundary one included): θ' on this rank's partition, published."""
-        if self._point == 0:
-            self._plan = self._make_plan()
-        else:
-            self._refresh_grads()
-        try:
-            self._impl.perturb(self._plan, self._point)  # on an error it has put θ and g1 back itself
-        finally:
-            self._parts.publish()
-        self._point += 1
-
-    def _put_back(self, op) -> None:
-        """``op(plan)`` (a backend restore) on the live gradient partition; the weights are published and the step
-        is over whatever happens."""
-        self._refresh_grads()
-        try:
-            op(self._plan)
-        finally:
-            self._parts.publish()
-            self._point = 0
-
-    @torch.no_grad()
-    def restore_and_combine(self) -> None:
-        """After the backward(s) at θ': θ back bitwise (published), the GR gradient in the engine's partition."""
-        self._put_back(self._impl.restore_and_combine)
-        self._metrics = dict(self._impl.metrics)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Abort: θ back bitwise and published, gradients back to g1. No-op when nothing is perturbed."""
-        if self._point:
-            self._put_back(self._impl.restore)
+        return self.source.masters()
 
     @torch.no_grad()
     def discard_gradients(self) -> None:
         """Drop the window: this rank's gradient partitions zeroed in place and the module's ``.grad`` cleared, so
-        the next window accumulates from zero and the held step never runs with it (after a failed GR pass,
-        once ``restore`` put θ back)."""
-        if self._point:
-            raise RuntimeError("DeepSpeedGR.discard_gradients: θ is perturbed; restore() first")
-        for p in self._parts.params():
-            self._parts.grad(p).zero_()
-        self.opt.zero_grad(set_to_none=True)
+        the next window accumulates from zero and the held step never runs with it."""
+        if self.gr.phase != "idle":
+            self.gr.abort()
+        for p in self.source.parts.params():
+            self.source.parts.grad(p).zero_()
+        self.source.opt.zero_grad(set_to_none=True)
 
-    def metrics(self, sync: bool = True) -> dict[str, Any]:
-        """``g1_norm``, ``g2_norm``, ``gr_rel``, ``perturb_ratio`` of the last GR step (global; floats if ``sync``)."""
-        out = {k: v for k, v in self._metrics.items() if k != "finite"}
-        return {k: float(v) for k, v in out.items()} if sync else out
 
-    def extra_memory_bytes(self) -> int:
-        """Bytes GR holds on this rank: the backend's saved weight and g1 partitions."""
-        return self._impl.extra_bytes()
+def trainer_grad_reg(trainer: Any, settings: GRSettings, exclude: list[Any]) -> DeepSpeedGradReg:
+    """The :class:`DeepSpeedGradReg` of a Trainer's engine (``settings`` resolved with ``host="deepspeed"``;
+    ``exclude``: tensors or name substrings)."""
+    return DeepSpeedGradReg(trainer.accelerator.deepspeed_engine_wrapped.engine, settings, exclude)
+
+
+def engine_grad_reg(engine: Any, settings: GRSettings, exclude: Iterable[torch.Tensor | str] = ()) -> DeepSpeedGradReg:
+    """:class:`DeepSpeedGradReg` on ``engine`` with ``exclude`` given as the module's tensors or name substrings."""
+    return DeepSpeedGradReg(engine, settings, exclude)

@@ -6,10 +6,14 @@ final fp32 parameters (DeepSpeed: the masters), the GR metrics of every step and
 ``OUT/<mode>_rank<r>.pt``, then ``OUT/done_<mode>_rank<r>``. A mode is ``ddp`` or ``zero<stage>``, optionally
 with ``_bf16`` (bf16 weights; ``_bf16acc``: with fp32 gradient accumulation) and ``_ga2``
 (gradient_accumulation_steps=2, the same global batch per step); ``grpo_*`` modes run ``GradRegGRPOTrainer``; in
-``*_raise`` modes the first replay raises. ``tests/test_deepspeed.py`` judges the run by these files, not by the
+``*_raise`` modes the first replay raises; ``_reuse``: every=2 with the orthogonal reuse; ``_cpp``: the C++ backend;
+``_nan``: a NaN written into one gradient element on rank 1 (DDP: on every rank, as an all-reduce would spread it)
+right after the combine of step 1. Every Trainer run clips with ``max_grad_norm=1.0`` (DeepSpeed: the config's
+``"gradient_clipping": "auto"``), and the loss is scaled so that the clip binds. ``tests/test_deepspeed.py`` judges
+the run by these files, not by the
 exit code: DeepSpeed on CPU aborts at process teardown in about 1 of 20 runs, after the work.
 
-The masters check: ``DeepSpeedGR.perturb`` / ``restore_and_combine`` are wrapped so that the fp32 master partitions
+The masters check: ``DeepSpeedGradReg.perturb`` / ``restore_and_combine`` are wrapped so that the fp32 master partitions
 are snapshotted before the perturbation and compared bitwise right after it (θ' is in place) and after the
 restore, on the Trainer's real path. The combine check: the whole gradients the engine steps with (DeepSpeed's
 ``safe_get_full_grad``) equal g1 + (γ/ε)(s2·g2 − s1·g1) recomputed from the whole g1 and g2 it held before the
@@ -27,10 +31,11 @@ import torch
 from torch import nn
 
 # the DDP runs first: a Trainer with a DeepSpeed config leaves process-wide state behind (ACCELERATE_USE_DEEPSPEED)
-MODES = ("ddp", "ddp_ga2", "grpo_ddp", "grpo_ddp_ga2",
+MODES = ("ddp", "ddp_ga2", "ddp_reuse", "ddp_cpp", "ddp_nan", "grpo_ddp", "grpo_ddp_ga2",
          # a plain Accelerate loop with GradRegWindow (acc_*)
          "acc_ddp", "acc_ddp_ga2", "acc_ddp_central", "acc_ddp_radius", "acc_ddp_raise",
          "zero1", "zero2", "zero3", "zero1_ga2", "zero2_ga2", "zero3_ga2",
+         "zero2_reuse", "zero3_reuse", "zero1_cpp", "zero2_cpp", "zero3_cpp", "zero2_nan", "zero3_nan",
          "zero2_bf16", "zero3_bf16", "zero2_bf16acc", "zero3_bf16acc",
          "grpo_zero1", "grpo_zero2", "grpo_zero3", "grpo_zero1_ga2", "grpo_zero2_ga2", "grpo_zero3_ga2",
          "zero2_raise", "zero3_raise",
@@ -41,9 +46,22 @@ STEPS = 3
 # GRPO runs step with SGD and are compared by their updates. AdamW's first steps move an element by
 # lr·g/(|g| + eps): for the many near-zero gradients of the tiny Llama that turns a 1e-7 rounding difference between
 # engines (amplified by GR's γ/ε = 100) into 1e-4 of lr (measured: single elements 2e-4 apart after one step).
-GRPO_OPT = dict(optim="sgd", learning_rate=0.1)
+GRPO_OPT = dict(optim="sgd", learning_rate=0.1, max_grad_norm=1.0)
+# the torch reference on both sides unless a mode says otherwise: the runs compare the partition step with the
+# full-tensor step, not one backend's rounding with another's
 GR = dict(grad_reg_strength=0.5, grad_reg_eps=1e-2, grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3,
-          grad_reg_exclude=["net.4.bias"])
+          grad_reg_exclude=["net.4.bias"], grad_reg_backend="torch")
+MAX_GRAD_NORM = 1.0
+LOSS_SCALE = 10.0  # ‖GR gradient‖ ≈ 4–5 > MAX_GRAD_NORM: the standard clip binds in every step
+
+
+def _variant(mode: str) -> dict:
+    """The grad_reg_* settings a mode's suffix adds."""
+    if "_reuse" in mode:
+        return {"grad_reg_every": 2, "grad_reg_reuse": "orthogonal"}
+    if "_cpp" in mode:
+        return {"grad_reg_backend": "cpp"}
+    return {}
 
 
 def make_net() -> nn.Module:
@@ -60,7 +78,7 @@ class Reg(nn.Module):
 
     def forward(self, x, y):
         out = self.net(x.to(self.net[0].weight.dtype))
-        return {"loss": nn.functional.mse_loss(out.float(), y.float())}
+        return {"loss": LOSS_SCALE * nn.functional.mse_loss(out.float(), y.float())}
 
 
 class Rows(torch.utils.data.Dataset):
@@ -101,28 +119,50 @@ def _full_grads(gr) -> list[torch.Tensor]:
 
 def _expected_combine(gr, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> list[torch.Tensor]:
     """g1 + (γ/ε)(s2·g2 − s1·g1) on the GR parameters, g1 on the excluded ones, from the whole gradients."""
-    on = [id(p) not in gr._excluded for p in gr.engine.module.parameters()]
+    on = [id(p) not in gr.excluded_ids for p in gr.engine.module.parameters()]
+    cfg = gr.gr.settings
 
     def scale(gs, clip):
         n = torch.stack([g.norm() for g, o in zip(gs, on) if o]).norm()
         return 1.0 if clip is None else min(1.0, clip / (float(n) + 1e-6))
 
-    s1, s2 = scale(g1, gr.g1_clip), scale(g2, gr.g2_clip)
-    return [a + (gr.strength / gr.eps) * (s2 * b - s1 * a) if o else a for a, b, o in zip(g1, g2, on)]
+    s1, s2 = scale(g1, cfg.g1_clip), scale(g2, cfg.g2_clip)
+    return [a + (cfg.strength / cfg.eps) * (s2 * b - s1 * a) if o else a for a, b, o in zip(g1, g2, on)]
+
+
+def _inject_nan(tensors) -> None:
+    """A NaN in the first element of the first non-empty gradient of ``tensors``."""
+    for t in tensors:
+        if t.grad is not None and t.grad.numel():
+            t.grad.view(-1)[0] = float("nan")
+            return
+
+
+NAN_MODE = {"on": False}  # the current mode is a _nan mode
 
 
 def _watch() -> None:
-    """Wrap DeepSpeedGR's perturb / restore_and_combine with the masters check and the combine check."""
-    from grkernels.integrations.deepspeed import DeepSpeedGR
+    """Wrap DeepSpeedGradReg's perturb / restore_and_combine with the masters check and the combine check, and both
+    engines' combine with the NaN injection of the _nan modes."""
+    import torch.distributed as dist
 
-    perturb, combine = DeepSpeedGR.perturb, DeepSpeedGR.restore_and_combine
+    from grkernels import GradReg
+    from grkernels.integrations.deepspeed import DeepSpeedGradReg
+
+    perturb, combine = DeepSpeedGradReg.perturb, DeepSpeedGradReg.restore_and_combine
+    plain_combine = GradReg.restore_and_combine
+
+    def plain_combine_nan(self):
+        plain_combine(self)
+        if NAN_MODE["on"] and self.engine.step_count == 1:
+            _inject_nan(self.gr_parameters())
 
     def perturb_watched(self):
-        if self._point == 0:
+        if self.gr._point == 0:
             self._masters_before = [t.detach().clone() for t in self.master_partitions()]
             self._g1_full = _full_grads(self)
         perturb(self)
-        self._masters_kept = self._masters_kept if self._point > 1 else _same(self._masters_before, self)
+        self._masters_kept = self._masters_kept if self.gr._point > 1 else _same(self._masters_before, self)
 
     def combine_watched(self):
         want = _expected_combine(self, self._g1_full, _full_grads(self))
@@ -132,8 +172,11 @@ def _watch() -> None:
         err = torch.stack([(a - b).norm() for a, b in zip(got, want)]).norm() / torch.stack(
             [b.norm() for b in want]).norm()
         COMBINE_ERRORS.append(float(err))
+        if NAN_MODE["on"] and self.gr.step_count == 1 and dist.get_rank() == 1:
+            _inject_nan(self.source.step_tensors())
 
-    DeepSpeedGR.perturb, DeepSpeedGR.restore_and_combine = perturb_watched, combine_watched
+    DeepSpeedGradReg.perturb, DeepSpeedGradReg.restore_and_combine = perturb_watched, combine_watched
+    GradReg.restore_and_combine = plain_combine_nan
 
 
 def _ds_config(stage: int, fp32_accum: bool = False) -> dict:
@@ -142,20 +185,6 @@ def _ds_config(stage: int, fp32_accum: bool = False) -> dict:
     return {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
             "steps_per_print": 10**9, **({"data_types": {"grad_accum_dtype": "fp32"}} if fp32_accum else {})}
-
-
-def _torch_backend(trainer_cls: type) -> type:
-    """``trainer_cls`` whose DDP ``GradReg`` runs the torch reference backend, the one ``DeepSpeedGR`` runs: the
-    runs compare the partition step with the full-tensor step, not one backend's rounding with another's."""
-
-    class Reference(trainer_cls):
-        def create_optimizer(self, *a, **k):
-            opt = super().create_optimizer(*a, **k)
-            if type(self.grad_reg).__name__ == "GradReg":
-                self.grad_reg.backend = "torch"
-            return opt
-
-    return Reference
 
 
 def train_grpo(mode: str, out: str) -> dict:
@@ -170,11 +199,11 @@ def train_grpo(mode: str, out: str) -> dict:
     args = grpo_args(os.path.join(out, mode), per_device_train_batch_size=4, num_generations=4, max_steps=STEPS,
                      gradient_accumulation_steps=ga, ddp_backend="gloo",
                      deepspeed=_ds_config(int(mode[len("grpo_zero")])) if "zero" in mode else None,
-                     grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3, **GRPO_OPT)
+                     grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3, grad_reg_backend="torch", **GRPO_OPT)
     ds = Dataset.from_dict({"prompt": ["ab", "cd", "ef", "gh", "ha", "bd", "ca", "ge"] * 4})
     model = make_model()
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tr = _torch_backend(GradRegGRPOTrainer)(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds,
+    tr = GradRegGRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds,
                                             processing_class=make_tokenizer())
     tr.train()
     metrics = [{k: v for k, v in h.items() if k.startswith("grad_reg/")} for h in tr.state.log_history]
@@ -208,7 +237,7 @@ def _after_replay_error(tr) -> dict:
     masters = [safe_get_full_fp32_param(p).detach().clone() for p in params]  # = the weights before any step
     out = {"weights_restored": all(torch.equal(w, m) for w, m in zip(weights, masters)),
            "grads_are_g1": all(torch.equal(a, b) for a, b in zip(_full_grads(gr), gr._g1_full)),
-           "masters_untouched": _same(gr._masters_before, gr), "point": gr._point}
+           "masters_untouched": _same(gr._masters_before, gr), "point": gr.gr._point}
     gr.engine.step()  # the held step, with g1
     after = [safe_get_full_fp32_param(p) for p in params]
     out["steps_after"] = all(torch.isfinite(a).all() for a in after) and not all(
@@ -241,7 +270,7 @@ def train_accelerate(mode: str, out: str) -> dict:
     from grkernels.integrations.accelerate import GradRegWindow
 
     ga, extra = _acc_variant(mode)
-    settings = dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, seed=0, **extra)
+    settings = dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, seed=0, backend="torch", **extra)
     plugin = None
     if "zero" in mode:
         stage = int(mode.split("zero")[1][0])
@@ -254,8 +283,7 @@ def train_accelerate(mode: str, out: str) -> dict:
     model = Reg()
     base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)  # the Trainer runs' AdamW
     if plugin is None:
-        opt = GradReg(base, exclude=["net.4.bias"], named_parameters=model.named_parameters(), backend="torch",
-                      **settings)
+        opt = GradReg(base, exclude=["net.4.bias"], named_parameters=model.named_parameters(), **settings)
         model, opt = acc.prepare(model, opt)
         window = GradRegWindow(acc, model, opt)
     else:
@@ -264,7 +292,8 @@ def train_accelerate(mode: str, out: str) -> dict:
     data, rank, failed = Rows(), dist.get_rank(), {"armed": mode.endswith("_raise")}
 
     def loss_fn(m, rows):
-        if failed["armed"] and window.grad_reg.extra_passes and getattr(window.grad_reg, "_point", 1):
+        gr = window.grad_reg
+        if failed["armed"] and (getattr(gr, "gr", None) or gr.engine).phase == "perturbed":
             failed["armed"] = False  # the first replay (θ perturbed) raises
             raise RuntimeError("replay failure")
         return m(data.x[rows], data.y[rows])["loss"]
@@ -321,19 +350,20 @@ def train(mode: str, out: str) -> dict:
         ds = _ds_config(int(mode[4]), fp32_accum=mode.endswith("_bf16acc"))
     args = grad_reg_config(TrainingArguments)(  # the same 8 rows per step whatever ga (2 ranks × 4 // ga × ga)
         output_dir=os.path.join(out, mode), per_device_train_batch_size=4 // ga, gradient_accumulation_steps=ga,
-        max_steps=STEPS, learning_rate=1e-2, optim="adamw_torch", lr_scheduler_type="constant", max_grad_norm=0.0,
+        max_steps=STEPS, learning_rate=1e-2, optim="adamw_torch", lr_scheduler_type="constant",
+        max_grad_norm=MAX_GRAD_NORM,
         use_cpu=True, ddp_backend="gloo", report_to="none", save_strategy="no", dataloader_drop_last=True, seed=0,
-        bf16=bf16, deepspeed=ds, logging_steps=1, **GR,
+        bf16=bf16, deepspeed=ds, logging_steps=1, **{**GR, **_variant(mode)},
     )
     model = Reg()
-    tr = _torch_backend(grad_reg_trainer(SeqTrainer))(model=model, args=args, train_dataset=Rows())
+    tr = grad_reg_trainer(SeqTrainer)(model=model, args=args, train_dataset=Rows())
     metrics: list[dict] = []
 
     orig_log = tr.log
 
     def log(logs, *a, **k):  # the GR metrics as the mixin logs them (global: equal on every rank)
         orig_log(logs, *a, **k)
-        metrics.append({k2: v for k2, v in logs.items() if k2.startswith("grad_reg/")})
+        metrics.append({k2: v for k2, v in logs.items() if k2.startswith("grad_reg/") or k2 == "grad_norm"})
 
     tr.log = log
     if mode.endswith("_raise"):
@@ -364,6 +394,7 @@ def main(out: str) -> int:
         for mode in MODES:
             MASTERS_CHECK.clear()
             COMBINE_ERRORS.clear()
+            NAN_MODE["on"] = mode.endswith("_nan")
             result = train(mode, out)
             result["masters_untouched"] = list(MASTERS_CHECK)
             result["combine_errors"] = list(COMBINE_ERRORS)
