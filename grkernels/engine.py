@@ -114,12 +114,12 @@ class GREngine:
         self._point = 0
         self._finite: torch.Tensor | None = None  # this step's finite flag (device), from the backend
         self._skipped: torch.Tensor | None = None  # device counter of skipped steps
-        self._metrics: dict[str, torch.Tensor] = {}
+        self._metrics: dict[str, torch.Tensor] = {}  # this step's as it goes, then the last step's taken
+        self._taken: dict[str, torch.Tensor] = {}  # the last step taken's: what an abort puts back
         self._last_factor = 0.0
         self._last_gamma = 0.0
         self._observed = -1
         self.reuse = CorrectionReuse()
-        self._reuse_gamma = 1.0  # the global γ multiplier of the full step whose correction is stored
         self._g1_copy: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, g1): reuse/exact combine undo
         self._subset: dict[int, torch.Tensor] | None = None  # position -> g1_S, then D = g1_S − f·g1
         self._subset_fraction = 1.0
@@ -154,6 +154,11 @@ class GREngine:
             return self.strength
         scale = 1.0 if self.controller is None else self.controller.gamma / self.controller.initial
         return entry.gamma * scale
+
+    def _gamma_multiplier(self) -> float:
+        """What multiplies every group's γ at the coming step (the factor, and the adaptive strength's γ_t when
+        on): a stored correction is rescaled by its value now over its value at the full step."""
+        return self.factor() * (1.0 if self.controller is None else self.controller.gamma)
 
     def _regularising(self) -> bool:
         f = self.factor()
@@ -235,6 +240,8 @@ class GREngine:
             self._unstash(check=False)
             if plan is not None:
                 _drop_new_grads(plan)
+            self.reuse.rollback()  # a correction stored at this step's combine, and its transients
+            self._metrics = self._taken  # the diagnostics are the last step taken's again
             self._go_idle()
 
     def _go_idle(self) -> None:
@@ -348,8 +355,7 @@ class GREngine:
         self._subset = None
         if self.settings.reuse != "none":
             self._metrics.update(self.reuse.store(plan.params, self.positions(plan.params), plan.shards,
-                                                  self._finite))
-            self._reuse_gamma = self.factor() * self.strength
+                                                  self._finite, self._gamma_multiplier()))
 
     @transition("combine")
     def combine(self) -> None:
@@ -374,8 +380,7 @@ class GREngine:
     def _apply_reuse(self) -> None:
         have = [t for t in self.candidates() if t.grad is not None]
         shards = self.source.shards(have, self.settings.estimator)
-        scale = self.factor() * self.strength / self._reuse_gamma
-        metrics, self._g1_copy = self.reuse.apply(have, self.positions(have), scale, shards)
+        metrics, self._g1_copy = self.reuse.apply(have, self.positions(have), self._gamma_multiplier(), shards)
         self._metrics.update(metrics)
 
     @torch.no_grad()
@@ -444,6 +449,8 @@ class GREngine:
         else:
             out = base_step()
         self._last_factor, self._last_gamma = self.factor(), self.strength  # the γ this step used: before _adapt
+        self.reuse.commit()
+        self._taken = self._metrics
         if host is not None:
             self._adapt(host)
         self.step_count += 1
@@ -481,7 +488,7 @@ class GREngine:
             return
         if self.controller is not None:
             self.controller.update(host["gr_rel"])
-        self._watch.observe(host, auto=self.auto, eps_mode=self.settings.eps_mode)
+        self._watch.observe(host, auto=self.auto, eps_mode=self.settings.eps_mode, estimator=self.settings.estimator)
 
     # ------------------------------------------------------------------ sub-batch arithmetic
     def _subset_residual(self, plan: StepPlan) -> None:
@@ -537,7 +544,6 @@ class GREngine:
         }
         if self.settings.reuse != "none":
             sd["reuse"] = self.reuse.state()
-            sd["reuse_factor"] = self._reuse_gamma
         if self.controller is not None:
             sd["strength"] = self.controller.state_dict()
         return sd
@@ -549,10 +555,12 @@ class GREngine:
         self._last_factor = float(sd.get("last_factor", 0.0))
         self._last_gamma = float(sd.get("last_gamma", self.strength))
         entries = self.source.entries()
-        self.reuse.load(sd.get("reuse"), [e.tensor for e in entries])
-        self._reuse_gamma = float(sd.get("reuse_factor", 1.0))
         if self.controller is not None and sd.get("strength") is not None:
             self.controller.load_state_dict(sd["strength"])
+        legacy = float(sd.get("reuse_factor", 1.0))  # 0.2.0 kept factor × global γ beside the correction
+        if self.controller is None and self.strength != 0:
+            legacy /= self.strength
+        self.reuse.load(sd.get("reuse"), [e.tensor for e in entries], legacy)
         self.backend = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -61,35 +61,58 @@ class CorrectionReuse:
         self._index: tuple[int, ...] = ()  # positions of the parameters the segments of _c belong to
         self._shapes: list[torch.Size] = []  # local gradient shapes, in the order of the segments
         self._rho: torch.Tensor | None = None
+        self._gamma: torch.Tensor | None = None  # γ multiplier of the full step c belongs to (0-d float64, device)
         self._g1: torch.Tensor | None = None  # g1 of the full step in progress, flat (transient)
         self._pred: torch.Tensor | None = None  # what reuse would have applied at this full step (transient)
+        self._undo: tuple | None = None  # the committed correction while a step's store is pending (transient)
 
     @property
     def ready(self) -> bool:
         """Whether a correction is stored (a full step has happened)."""
         return self._rho is not None
 
-    def state(self) -> dict | None:
-        """The stored correction for a state dict: one tensor per parameter, named by its position."""
-        if not self.ready:
-            return None
-        parts = self._c.split([s.numel() for s in self._shapes])
-        return {"index": list(self._index), "c": [c.view(s).clone() for c, s in zip(parts, self._shapes)],
-                "rho": self._rho.clone()}
+    def _fields(self) -> tuple:
+        return self._c, self._index, self._shapes, self._rho, self._gamma
 
-    def load(self, state: dict | None, params: Sequence[torch.Tensor]) -> None:
-        """Inverse of :meth:`state`; ``params``: the tensors in position order (for device and dtype)."""
+    def commit(self) -> None:
+        """The step whose combine stored a correction was taken (or skipped as non-finite): keep it."""
+        self._undo = None
+
+    def rollback(self) -> None:
+        """The step was aborted: the correction committed before it is back, the step's transients dropped (a
+        step that never happened leaves no trace; idempotent)."""
+        if self._undo is not None:
+            self._c, self._index, self._shapes, self._rho, self._gamma = self._undo
+        self._undo = self._g1 = self._pred = None
+
+    def state(self) -> dict | None:
+        """The committed correction for a state dict: one tensor per parameter, named by its position, with ρ and
+        the γ multiplier of its full step."""
+        c, index, shapes, rho, gamma = self._fields() if self._undo is None else self._undo
+        if rho is None:
+            return None
+        parts = c.split([s.numel() for s in shapes])
+        return {"index": list(index), "c": [x.view(s).clone() for x, s in zip(parts, shapes)], "rho": rho.clone(),
+                "gamma": gamma.clone()}
+
+    def load(self, state: dict | None, params: Sequence[torch.Tensor], gamma: float = 1.0) -> None:
+        """Inverse of :meth:`state`; ``params``: the tensors in position order (for device and dtype); ``gamma``:
+        the γ multiplier when ``state`` has none (a checkpoint written before it was kept there)."""
         self.__init__()
         if state:
             chosen = [params[i] for i in state["index"]]
             like = [p if p.grad is None else p.grad for p in chosen]
+            device = chosen[0].device
             self._index = tuple(state["index"])
             self._shapes = [c.shape for c in state["c"]]
-            self._c = _flat(state["c"], _storage_dtype(like)).to(chosen[0].device)
-            self._rho = state["rho"].to(chosen[0].device)
+            self._c = _flat(state["c"], _storage_dtype(like)).to(device)
+            self._rho = state["rho"].to(device)
+            self._gamma = torch.as_tensor(state.get("gamma", gamma), dtype=torch.float64).to(device)
 
     def extra_bytes(self) -> int:
-        held = (t for t in (self._c, self._g1, self._pred) if t is not None)
+        held = [t for t in (self._c, self._g1, self._pred) if t is not None]
+        if self._undo is not None and self._undo[0] is not None:
+            held.append(self._undo[0])
         return sum(t.numel() * t.element_size() for t in held)
 
     def _segments(self, positions: Sequence[int], g1: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -132,9 +155,11 @@ class CorrectionReuse:
 
     @torch.no_grad()
     def store(self, params: Sequence[torch.Tensor], positions: Sequence[int], shards: Shards,
-              finite: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Full step, after the combine (``.grad`` = GR): c = GR − g1 and ρ, kept only where ``finite`` (a 0-d
-        device flag: a non-finite step leaves the previous correction, or none); returns ``reuse_cos``."""
+              finite: torch.Tensor, gamma: float) -> dict[str, torch.Tensor]:
+        """Full step, after the combine (``.grad`` = GR): c = GR − g1, ρ and ``gamma`` (the step's γ multiplier),
+        kept only where ``finite`` (a 0-d device flag: a non-finite step leaves the previous correction, or none);
+        pending until :meth:`commit` (:meth:`rollback` on an abort). Returns ``reuse_cos``."""
+        self._undo = self._fields()
         grads = [shards.local(p.grad) for p in params]
         g1, self._g1 = self._g1, None
         c_new = _flat(grads, g1.dtype).sub_(g1)
@@ -157,15 +182,18 @@ class CorrectionReuse:
         self._c = torch.where(finite, c_new, torch.zeros_like(c_new) if old is None else old.to(c_new.dtype))
         rho_old = torch.zeros_like(rho_new) if old is None else self._rho.to(rho_new)
         self._rho = torch.where(finite, rho_new, rho_old)
+        gamma_new = torch.tensor(gamma, dtype=torch.float64, device=c_new.device)  # a host-to-device copy: no read
+        self._gamma = gamma_new if self._gamma is None else torch.where(finite, gamma_new, self._gamma)
         self._index, self._shapes = tuple(positions), [g.shape for g in grads]
         return out
 
     @torch.no_grad()
-    def apply(self, params: Sequence[torch.Tensor], positions: Sequence[int], scale: float,
+    def apply(self, params: Sequence[torch.Tensor], positions: Sequence[int], gamma: float,
               shards: Shards) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Step in between: ``.grad`` (= g1) ← g1 + scale·ρ·‖g1‖·d/‖d‖ (``scale``: γ now over γ at the full step)
-        on ``params`` (those with a gradient). Returns ``gr_rel`` of the applied correction, and (gradient, g1)
-        pairs that put g1 back bitwise on an abort. A no-op (``{}, []``) when nothing stored matches."""
+        """Step in between: ``.grad`` (= g1) ← g1 + scale·ρ·‖g1‖·d/‖d‖ (scale: ``gamma``, the γ multiplier now,
+        over that of the full step) on ``params`` (those with a gradient). Returns ``gr_rel`` of the applied
+        correction, and (gradient, g1) pairs that put g1 back bitwise on an abort. A no-op (``{}, []``) when
+        nothing stored matches."""
         g1 = [shards.local(p.grad) for p in params]
         c = self._segments(positions, g1) if g1 else None
         if c is None:
@@ -173,7 +201,7 @@ class CorrectionReuse:
         dtype = accum_dtype(g1)
         flat_g1 = _flat(g1, dtype)  # also the undo copy: g1 in a dtype at least as wide as each gradient's
         corr, g1_sq = self._direction(flat_g1, c, shards)
-        corr.mul_(scale)
+        corr.mul_((gamma / self._gamma).to(dtype))  # on the device: the stored γ was chosen there
         rel = shards.sum_across(torch.dot(corr, corr)).sqrt() / g1_sq.sqrt().clamp_min(torch.finfo(dtype).tiny)
         sizes = [g.numel() for g in g1]
         parts = corr.to(_storage_dtype(g1)).split(sizes)
