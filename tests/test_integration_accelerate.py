@@ -26,7 +26,10 @@ def batches(n: int = 7, size: int = 5):
              dtype=torch.float64)) for _ in range(n)]
 
 
-def run(accumulate: int, clip: float | None, n: int = 6, warmup_steps: int = 0):
+def run(accumulate: int, clip: float | None, n: int = 6, warmup_steps: int = 0, via_settings: bool = False,
+        **settings):
+    """``via_settings``: prepare the plain SGD and give GradRegWindow the settings (grad_reg=...); else prepare a
+    GradReg built by hand. Returns the model, the GradReg, what the base optimizer saw, the data, the loss calls."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
     model = tanh_mlp(seed=0, dropout=0.3)
     seen: list[dict] = []
@@ -34,10 +37,13 @@ def run(accumulate: int, clip: float | None, n: int = 6, warmup_steps: int = 0):
     base.register_step_pre_hook(lambda o, a, k: seen.append({
         "grad": [p.grad.detach().clone() for p in model.parameters()],
         "theta": [p.detach().clone() for p in model.parameters()]}))
-    gr = GradReg(base, strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None, warmup_steps=warmup_steps)
+    settings = {**dict(strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None, warmup_steps=warmup_steps), **settings}
     data = batches(n)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
-    model, opt, loader = accelerator.prepare(model, gr, loader)
+    if via_settings:
+        model, opt, loader = accelerator.prepare(model, base, loader)
+    else:
+        model, opt, loader = accelerator.prepare(model, GradReg(base, **settings), loader)
     calls: list[tuple[int, torch.Tensor]] = []  # (micro-batch index, RNG state) of every loss_fn call
 
     def loss_fn(m, batch):
@@ -46,11 +52,14 @@ def run(accumulate: int, clip: float | None, n: int = 6, warmup_steps: int = 0):
         calls.append((idx, torch.get_rng_state()))
         return nn.functional.mse_loss(m(x), y)
 
-    window = GradRegWindow(accelerator, model, opt, max_grad_norm=clip)
+    window = GradRegWindow(accelerator, model, opt, max_grad_norm=clip,
+                           grad_reg=dict(settings, exclude=[]) if via_settings else None)
     model.train()
     for batch in loader:
         window.step(batch, loss_fn)
-    return accelerator.unwrap_model(model), gr, seen, data, calls
+        if accelerator.sync_gradients:
+            calls.append(("metrics", window.metrics(), window.grad_reg.metrics()))
+    return accelerator.unwrap_model(model), window.grad_reg, seen, data, calls
 
 
 def expected(model, theta, window, rngs, accumulate, clip, gr_on=True):
@@ -75,9 +84,12 @@ def expected(model, theta, window, rngs, accumulate, clip, gr_on=True):
     return out, list(g1)
 
 
-@pytest.mark.parametrize("accumulate,clip,n", [(1, None, 3), (3, None, 6), (3, 0.05, 7)])
-def test_window_gradient_matches_recomputation(accumulate, clip, n):
-    model, gr, seen, data, calls = run(accumulate, clip, n)
+@pytest.mark.parametrize("accumulate,clip,n,via_settings", [(1, None, 3, False), (3, None, 6, False),
+                                                         (3, 0.05, 7, False), (3, 0.05, 7, True)])
+def test_window_gradient_matches_recomputation(accumulate, clip, n, via_settings):
+    model, gr, seen, data, calls = run(accumulate, clip, n, via_settings=via_settings)
+    logged = [c for c in calls if c[0] == "metrics"]
+    calls = [c for c in calls if c[0] != "metrics"]
     windows = [list(range(i, min(i + accumulate, n))) for i in range(0, n, accumulate)]  # the last may be short
     assert len(seen) == len(windows) and gr.metrics()["step"] == len(windows)  # one step per window
     first = {}
@@ -100,47 +112,112 @@ def test_window_gradient_matches_recomputation(accumulate, clip, n):
                 torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
     if clip is not None:
         assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in seen[0]["grad"]]))) < clip + 1e-6
+    # metrics() each step: that step's metrics, with the grad_reg/ prefix (one step per interval here)
+    assert len(logged) == len(windows)
+    for _, got, step in logged:
+        assert got == {f"grad_reg/{k}": v for k, v in step.items()}
+
+
+def test_exact_estimator_in_a_single_process_window():
+    """estimator="exact": the window's backward keeps the graph; the step gets g1 + γ·H·g1 over the whole window
+    (double backprop in float64, each micro-batch with its dropout mask), with no replay."""
+    model, gr, seen, data, calls = run(3, None, 6, via_settings=True, estimator="exact")
+    assert len(calls) == 6 + 2  # no pass at θ' (two metrics entries)
+    first = {c[0]: c[1] for c in calls if c[0] != "metrics"}
+    names = [n for n, _ in model.named_parameters()]
+    for s, idxs in enumerate([[0, 1, 2], [3, 4, 5]]):
+        theta = {n: t.clone().requires_grad_(True) for n, t in zip(names, seen[s]["theta"])}
+        total = 0.0
+        for i in idxs:
+            torch.set_rng_state(first[i])
+            x, y = data[i]
+            total = total + nn.functional.mse_loss(functional_call(model, theta, (x,)), y) / 3
+        g1 = torch.autograd.grad(total, list(theta.values()), create_graph=True)
+        hv = torch.autograd.grad(g1, list(theta.values()), grad_outputs=[g.detach() for g in g1])
+        exp = [a.detach() + GAMMA * h for a, h in zip(g1, hv)]
+        assert rel_err(seen[s]["grad"], exp) < 1e-10
+        assert rel_err([g.detach() for g in g1], exp) > 0.01
+
+
+def test_adaptive_strength_through_the_window_settings():
+    """grad_reg=dict(strength="auto", target_rel=..., strength_init=...): the controller runs in the GradReg the
+    window builds, and the γ in use changes between steps (towards the target)."""
+    model, gr, seen, data, calls = run(2, None, 8, via_settings=True, strength="auto", target_rel=0.05,
+                                       strength_init=3.0)
+    assert gr.engine.controller is not None and gr.engine.controller.updates == 4
+    logged = [c[1] for c in calls if c[0] == "metrics"]
+    gammas = [m["grad_reg/strength"] for m in logged]
+    assert gammas[0] == pytest.approx(3.0) and len(set(gammas)) == 4
+    for g, g_next, m in zip(gammas, gammas[1:], logged):
+        assert (g_next > g) == (m["grad_reg/gr_rel"] < 0.05)
 
 
 def test_warmup_window_is_plain():
     model, gr, seen, data, calls = run(3, 0.05, 6, warmup_steps=1)
+    calls = [c for c in calls if c[0] != "metrics"]
     assert len(calls) == 6 + 3  # no replay in the warmup window
     theta = [p.detach().clone() for p in tanh_mlp(seed=0, dropout=0.3).parameters()]
     exp, _ = expected(model, theta, data[:3], [c[1] for c in calls[:3]], 3, 0.05, gr_on=False)
     assert rel_err(seen[0]["grad"], exp) < 1e-6
 
 
-def test_refuses_a_plain_optimizer():
+def test_refuses_what_it_cannot_run():
     accelerator = Accelerator(cpu=True)
     model = tanh_mlp()
-    with pytest.raises(TypeError, match="GradReg"):
-        GradRegWindow(accelerator, model, torch.optim.SGD(model.parameters(), lr=LR))
+    plain = torch.optim.SGD(model.parameters(), lr=LR)
+    with pytest.raises(TypeError, match="must be a grkernels.GradReg.*grad_reg=dict"):
+        GradRegWindow(accelerator, model, plain)
     gr = GradReg(torch.optim.SGD(model.parameters(), lr=LR), strength=GAMMA, eps=EPS)
     with pytest.raises(ValueError, match="max_grad_norm"):
         GradRegWindow(accelerator, model, gr, max_grad_norm=0.0)
-    with pytest.raises(TypeError, match="grad_reg= is for DeepSpeed"):
+    with pytest.raises(TypeError, match="carries the GR settings"):
         GradRegWindow(accelerator, model, gr, grad_reg={"strength": 1.0, "eps": 1e-3})
+    _, opt = accelerator.prepare(model, plain)
+    with pytest.raises(ValueError, match="GR setting every=0"):  # the schema's message, before anything runs
+        GradRegWindow(accelerator, model, opt, grad_reg={"every": 0})
+    with pytest.raises(TypeError, match="unknown GR setting 'gamma'"):
+        GradRegWindow(accelerator, model, opt, grad_reg={"gamma": 1.0})
+    assert opt.optimizer is plain  # nothing was wrapped
 
 
 def test_deepspeed_set_ups_gr_cannot_run_are_refused():
     """Under DeepSpeed (checked before the engine is touched): a GradReg prepared as the optimizer (ZeRO would step
-    GradReg on its flat partitions), no GR settings, and max_grad_norm (Accelerate leaves clipping to DeepSpeed)."""
+    GradReg on its flat partitions), no GR settings, what DeepSpeed cannot run (the schema's HOST_LIMITS), and a
+    max_grad_norm that differs from the engine's gradient_clipping (Accelerate leaves clipping to DeepSpeed)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
-    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, scaler=None)
+    engine = SimpleNamespace(gradient_clipping=lambda: 1.0)
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, scaler=None, num_processes=2,
+                                  unwrap_model=lambda m: m, deepspeed_engine_wrapped=SimpleNamespace(engine=engine))
     model = tanh_mlp()
     base = torch.optim.SGD(model.parameters(), lr=LR)
     gr = GradReg(base, strength=GAMMA, eps=EPS)
     zero = SimpleNamespace(optimizer=gr)  # what ZeRO's optimizer holds: the client optimizer
     with pytest.raises(TypeError, match="prepare the plain optimizer"):
         GradRegWindow(accelerator, model, SimpleNamespace(optimizer=zero), grad_reg={"strength": 1.0, "eps": 1e-3})
-    with pytest.raises(TypeError, match="needs the GR settings"):
-        GradRegWindow(accelerator, model, SimpleNamespace(optimizer=SimpleNamespace(optimizer=base)))
-    with pytest.raises(NotImplementedError, match="max_grad_norm"):
-        GradRegWindow(accelerator, model, SimpleNamespace(optimizer=SimpleNamespace(optimizer=base)),
-                      grad_reg={"strength": 1.0, "eps": 1e-3}, max_grad_norm=1.0)
+    prepared = SimpleNamespace(optimizer=SimpleNamespace(optimizer=base))
+    with pytest.raises(TypeError, match="grad_reg=dict"):
+        GradRegWindow(accelerator, model, prepared)
+    for bad, match in (({"estimator": "exact"}, "estimator='exact': not supported under deepspeed"),
+                       ({"lean": True}, "lean=True: not supported under deepspeed")):
+        with pytest.raises(ValueError, match=match):
+            GradRegWindow(accelerator, model, prepared, grad_reg=bad)
+    with pytest.raises(ValueError, match=r"max_grad_norm=0.5.*gradient_clipping \(1.0"):
+        GradRegWindow(accelerator, model, prepared, grad_reg={"strength": 1.0}, max_grad_norm=0.5)
+
+
+def test_exact_estimator_is_refused_under_ddp():
+    """Several processes (DDP reduces gradients outside autograd): the exact estimator is refused up front."""
+    from types import SimpleNamespace
+
+    accelerator = SimpleNamespace(distributed_type="MULTI_CPU", scaler=None, num_processes=2,
+                                  unwrap_model=lambda m: m)
+    model = tanh_mlp()
+    gr = GradReg(torch.optim.SGD(model.parameters(), lr=LR), strength=GAMMA, eps=EPS, estimator="exact")
+    with pytest.raises(ValueError, match="estimator='exact': not supported under ddp"):
+        GradRegWindow(accelerator, model, gr)
 
 
 def test_error_in_the_replay_restores_theta_and_the_next_window_works():

@@ -55,7 +55,7 @@ def window_grads(model, step, micro):
 
 
 def test_subset_fraction_replays_part_of_the_window(tmp_path):
-    tr, snaps = train(tmp_path, ga=4, steps=2, grad_reg_subset_fraction=0.5)
+    tr, snaps = train(tmp_path, ga=4, steps=2, grad_reg_subset_fraction=0.5, grad_reg_subset_by="random")
     for step in snaps.steps:
         g1, g1_s, g2_s = window_grads(tr.model, step, [0, 1])  # the first ceil(0.5·4) micro-batches
         exp = {n: g1[n] + (GAMMA / EPS) * (g2_s[n] - g1_s[n]) / 0.5 for n in g1}
@@ -84,6 +84,11 @@ def test_every_2_with_orthogonal_reuse(tmp_path):
 
 
 def test_cheap_settings_are_validated(tmp_path):
-    for bad in (dict(grad_reg_every=0), dict(grad_reg_reuse="x"), dict(grad_reg_subset_fraction=0.0)):
-        with pytest.raises(ValueError):
+    for bad, name in ((dict(grad_reg_every=0), "every"), (dict(grad_reg_reuse="x"), "reuse"),
+                      (dict(grad_reg_subset_fraction=0.0), "subset_fraction")):
+        with pytest.raises(ValueError, match=f"GR setting {name}="):
             train(tmp_path, ga=2, steps=1, **bad)
+    # a plain Trainer has no per-sequence advantages to order the window by: the schema's default rule is refused
+    # when the trainer is built (it would otherwise silently replay the first micro-batches)
+    with pytest.raises(ValueError, match="subset_by='advantage': not supported by GradRegRec"):
+        train(tmp_path, ga=2, steps=1, grad_reg_subset_fraction=0.5)

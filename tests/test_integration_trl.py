@@ -427,25 +427,129 @@ def test_ready_class_is_the_recipe():
         assert hasattr(c(output_dir="x", use_cpu=True, report_to="none"), "grad_reg_strength")
 
 
-def test_config_parses_from_command_line(tmp_path):
+#: a command-line spelling per GR setting (not its default) and the value it must give: every schema setting is a
+#: grad_reg_* field that HfArgumentParser parses (a new setting without a row here fails the test)
+CLI = {
+    "strength": (["auto"], "auto"),
+    "target_rel": (["0.5"], 0.5),
+    "strength_init": (["0.002"], 0.002),
+    "eps": (["0.002"], 0.002),
+    "eps_mode": (["radius"], "radius"),
+    "g1_clip": (["0"], None),
+    "g2_clip": (["2.5"], 2.5),
+    "estimator": (["central"], "central"),
+    "warmup_steps": (["3"], 3),
+    "every": (["2"], 2),
+    "reuse": (["orthogonal"], "orthogonal"),
+    "rounding": (["nearest"], "nearest"),
+    "backend": (["torch"], "torch"),
+    "lean": (["true"], True),
+    "skip_nonfinite": (["false"], False),
+    "seed": (["7"], 7),
+    "exclude": (["embed", "lm_head"], ["embed", "lm_head"]),
+    "subset_fraction": (["0.5"], 0.5),
+    "subset_by": (["random"], "random"),
+}
+
+
+@pytest.mark.parametrize("config", ["grpo", "training_arguments"])
+def test_every_setting_parses_from_the_command_line(tmp_path, config):
+    """Each field of the schema, spelled as on a command line, reaches the config and the resolved settings."""
+    from transformers import TrainingArguments
+
+    from grkernels.settings import SETTINGS
+
+    assert sorted(CLI) == sorted(s.name for s in SETTINGS)
+    cls = GradRegGRPOConfig if config == "grpo" else grad_reg_config(TrainingArguments)
+    parser = HfArgumentParser(cls)
+    base = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"]
+    for name, (words, value) in CLI.items():
+        (args,) = parser.parse_args_into_dataclasses([*base, f"--grad_reg_{name}", *words])
+        assert getattr(args, f"grad_reg_{name}") == value, name
+        assert grad_reg_settings(args).values[name] == value, name
+    (args,) = parser.parse_args_into_dataclasses([*base, "--grad_reg_exclude", "none"])
+    assert args.grad_reg_exclude == [] and grad_reg_settings(args).exclude == []  # GR on every parameter
+    (args,) = parser.parse_args_into_dataclasses([*base, "--grad_reg_strength", "0.25"])
+    assert args.grad_reg_strength == 0.25  # a number, not the string the parser saw
+
+
+def test_config_values_are_validated_with_the_schemas_messages(tmp_path):
+    from transformers import TrainingArguments
+
     (args,) = HfArgumentParser(GradRegGRPOConfig).parse_args_into_dataclasses([
-        "--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
-        "--grad_reg_strength", "0.25", "--grad_reg_eps", "0.002", "--grad_reg_g1_clip", "0",
-        "--grad_reg_exclude", "embed", "lm_head", "--grad_reg_warmup_steps", "3", "--grad_reg_eps_mode", "radius",
-    ])
-    assert args.grad_reg_strength == 0.25 and args.grad_reg_eps == 0.002 and args.grad_reg_warmup_steps == 3
-    s = grad_reg_settings(args)
-    assert s["grad_reg_g1_clip"] is None and s["grad_reg_g2_clip"] == 10.0  # <= 0 disables, default kept
-    assert s["grad_reg_exclude"] == ["embed", "lm_head"]
-    assert s["grad_reg_eps_mode"] == "radius"
-    with pytest.raises(ValueError, match="grad_reg_eps_mode"):
+        "--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none", "--grad_reg_eps_mode", "radius"])
+    with pytest.raises(ValueError, match="GR setting eps_mode='relative': must be one of"):
         grad_reg_settings(args, {"eps_mode": "relative"})
-    with pytest.raises(ValueError, match="grad_reg_eps"):
-        GradRegGRPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", grad_reg_eps=0.0)
-    with pytest.raises(ValueError, match="grad_reg_strength"):
-        grad_reg_settings(args, {"strength": -1.0})
-    with pytest.raises(TypeError, match="unknown GradReg setting"):
+    with pytest.raises(ValueError, match="GR setting strength=-1.0"):
+        grad_reg_settings(args, {"grad_reg_strength": -1.0})
+    with pytest.raises(TypeError, match="unknown GR setting 'grad_reg_stength'"):
         grad_reg_settings(args, {"stength": 1.0})
+    kw = dict(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    for cls in (GradRegGRPOConfig, grad_reg_config(TrainingArguments)):
+        with pytest.raises(ValueError, match="GR setting eps=0.0"):
+            cls(**kw, grad_reg_eps=0.0)
+        with pytest.raises(ValueError, match="GR setting strength='autox'"):
+            cls(**kw, grad_reg_strength="autox")
+        # a value the Trainer cannot run is refused when the config is built, not inside train()
+        with pytest.raises(ValueError, match="estimator='exact': not supported under hf"):
+            cls(**kw, grad_reg_estimator="exact")
+        with pytest.raises(ValueError, match="subset_by='loss'"):
+            cls(**kw, grad_reg_subset_by="loss")
+    # under DeepSpeed also what DeepSpeed cannot run (checked before any engine exists)
+    with pytest.raises(ValueError, match="lean=True: not supported under deepspeed"):
+        grad_reg_config(TrainingArguments)(**kw, deepspeed={"zero_optimization": {"stage": 2}}, grad_reg_lean=True)
+
+
+def test_gradreg_gets_every_engine_setting(tmp_path):
+    """The optimizer the Trainer builds carries each engine setting of the config (none dropped)."""
+    from transformers import TrainingArguments
+
+    from grkernels.settings import SETTINGS
+
+    chosen = {"strength": "auto", "target_rel": 0.5, "strength_init": 0.002, "eps": 0.02, "eps_mode": "radius",
+              "g1_clip": 3.0, "g2_clip": 3.0, "estimator": "central", "warmup_steps": 2, "every": 3,
+              "reuse": "orthogonal", "rounding": "nearest", "backend": "torch", "lean": True,
+              "skip_nonfinite": False, "seed": 11}
+    assert sorted(chosen) == sorted(s.name for s in SETTINGS if s.scope == "engine")
+    args = grad_reg_config(TrainingArguments)(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                              **{f"grad_reg_{k}": v for k, v in chosen.items()})
+    tr = grad_reg_trainer(Trainer)(model=make_model(), args=args, train_dataset=LMData())
+    tr.create_optimizer()
+    assert tr.grad_reg.engine.settings.as_dict("engine") == chosen
+    assert tr.grad_reg.engine.controller is not None  # strength="auto" reached the engine
+
+
+# ---------------------------------------------------------------- a GR config handed to a trainer without GR
+def test_gr_config_in_a_plain_trainer_is_refused(tmp_path):
+    """A GradRegGRPOConfig given to the plain trl.GRPOTrainer (or a GR TrainingArguments to the plain Trainer) would
+    train without GR: refused when the trainer is built, naming the GR trainer to use. With GR off it is fine."""
+    from transformers import TrainingArguments
+
+    ds = Dataset.from_dict({"prompt": ["ab", "cd"] * 4})
+    with pytest.raises(TypeError, match="GRPOTrainer is not a GR trainer.*GradRegGRPOTrainer"):
+        GRPOTrainer(model=make_model(), reward_funcs=reward_fn, args=grpo_args(tmp_path), train_dataset=ds,
+                    processing_class=make_tokenizer())
+    GRPOTrainer(model=make_model(), reward_funcs=reward_fn, args=grpo_args(tmp_path, grad_reg_strength=0.0),
+                train_dataset=ds, processing_class=make_tokenizer())
+    args = grad_reg_config(TrainingArguments)(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(TypeError, match=r"grad_reg_trainer\(Trainer\)"):
+        Trainer(model=make_model(), args=args, train_dataset=LMData())
+    grad_reg_trainer(Trainer)(model=make_model(), args=args, train_dataset=LMData())  # the GR trainer takes it
+
+
+# ---------------------------------------------------------------- the adaptive strength through the config
+def test_grpo_adaptive_strength_reaches_the_engine(tmp_path):
+    """grad_reg_strength="auto", grad_reg_target_rel: the engine runs the controller; γ starts at strength_init
+    and moves after each GR step (logged per step: logging_steps=1, so each log is that step's γ)."""
+    tr, snaps = run_grpo(tmp_path, gradient_accumulation_steps=2, max_steps=3, grad_reg_strength="auto",
+                         grad_reg_target_rel=0.5, grad_reg_strength_init=0.2)
+    assert tr.grad_reg.engine.controller is not None and tr.grad_reg.engine.controller.updates == 3
+    gammas = [h["grad_reg/strength"] for h in tr.state.log_history if "grad_reg/strength" in h]
+    assert len(gammas) == 3 and gammas[0] == pytest.approx(0.2)
+    assert len(set(gammas)) == 3  # γ changed between steps
+    rels = [h["grad_reg/gr_rel"] for h in tr.state.log_history if "grad_reg/gr_rel" in h]
+    for g, g_next, r in zip(gammas, gammas[1:], rels):  # moved towards the target: up when gr_rel was below it
+        assert (g_next > g) == (r < 0.5)
 
 
 # ---------------------------------------------------------------- any transformers.Trainer

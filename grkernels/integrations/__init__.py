@@ -1,7 +1,13 @@
-"""Host integrations: any ``transformers.Trainer`` (:mod:`.hf`), TRL 1.x (:mod:`.trl`), Lightning
-(:mod:`.lightning`, ``GradRegCallback``), Accelerate loops (:mod:`.accelerate`, ``GradRegWindow``), reference resets
-for plain loops (:mod:`.reference_reset`), verl's FSDP engines (:mod:`.verl`; :mod:`.verl_cpu` runs them on CPU);
-:mod:`.window` is the accumulation-window replay they share.
+"""Host integrations, each a thin module over :mod:`.common` (what they share, once: the settings from the schema,
+the micro-batch record and RNG replay, the fp16 refusal, metric logging with one averaging rule, the gradient-sync
+switch of a replay):
+
+- :mod:`.hf`: any ``transformers.Trainer`` (``grad_reg_trainer``, ``grad_reg_config``); :mod:`.trl`: TRL 1.x
+  (``GradRegGRPOTrainer``, ``GradRegGRPOConfig``, the GRPO pinning and the sub-batch pass by |advantage|);
+- :mod:`.lightning`: ``GradRegCallback``; :mod:`.accelerate`: ``GradRegWindow``;
+- :mod:`.verl`: verl's FSDP engines (``optim.grad_reg``); :mod:`.verl_cpu` runs them on CPU;
+- :mod:`.deepspeed`: the ZeRO-1/2/3 parameter source the Trainer and Accelerate integrations drive;
+- :mod:`.reference_reset`: reference resets (the KL baseline) for plain loops.
 
 The submodules import their frameworks (transformers, TRL, lightning, accelerate, verl) on import; this package
 imports none of them.
@@ -9,4 +15,4 @@ imports none of them.
 
 from __future__ import annotations
 
-__all__ = ["accelerate", "hf", "lightning", "reference_reset", "trl", "verl", "verl_cpu", "window"]
+__all__ = ["accelerate", "common", "deepspeed", "hf", "lightning", "reference_reset", "trl", "verl", "verl_cpu"]

@@ -23,37 +23,43 @@ kept micro-batch again at θ' = θ + ε·clip(g1) with its RNG state (same dropo
 the LR scheduler if given, ``optimizer.zero_grad()``. One optimizer step per window. A replay that raises voids
 the window (θ back, gradients dropped, no step) before the error propagates.
 
-Under DeepSpeed ZeRO-1/2/3 prepare the plain optimizer and pass the GR settings as ``grad_reg=dict(...)``: the
-window drives a :class:`grkernels.integrations.deepspeed.DeepSpeedGR` on the engine's partitions and holds the
-engine's step (which Accelerate runs inside ``accelerator.backward`` at the window's end) until GR has combined;
-the replay marks the accumulation boundary as the first pass did instead of ``no_sync``.
+The GR settings: either prepare a ``GradReg`` as the optimizer (it carries them), or prepare the plain optimizer and
+pass the schema's settings as ``grad_reg=dict(...)`` (``grkernels.settings``; e.g. ``strength="auto"``,
+``target_rel=0.3``, ``exclude=None`` for the paper's embeddings and head): the window then wraps the prepared
+optimizer's base in ``GradReg`` itself. Under DeepSpeed ZeRO-1/2/3 only the second way exists (DeepSpeed's ZeRO
+optimizer wraps the plain optimizer and steps on its partitions): the window drives the GR object of
+:mod:`grkernels.integrations.deepspeed` on the engine's partitions and holds the engine's step (which Accelerate runs
+inside ``accelerator.backward`` at the window's end) until GR has combined; the replay marks the accumulation
+boundary as the first pass did instead of ``no_sync``; DeepSpeed's ``gradient_clipping`` clips the combined gradient.
+
+Metrics: :meth:`GradRegWindow.metrics` returns the GR metrics since its last call (``grad_reg/<name>``, the
+integrations' one averaging rule: ``grkernels.integrations.common.MetricsLog``), e.g. for ``accelerator.log``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 
-from grkernels.integrations.window import accelerate_sync_context, replay_window
+from grkernels.integrations.common import (
+    MetricsLog,
+    MicroBatch,
+    Window,
+    build_grad_reg,
+    end_window,
+    exclusions,
+    host_settings,
+    refuse_loss_scaling,
+    sync_context,
+)
+from grkernels.integrations.deepspeed import engine_grad_reg
 from grkernels.optim import GradReg
-from grkernels.rng import RNGState
-
-if TYPE_CHECKING:
-    from grkernels.integrations.deepspeed import DeepSpeedGR
 
 __all__ = ["GradRegWindow"]
-
-
-@dataclass
-class _MicroBatch:
-    batch: Any
-    rng: RNGState  # before the forward at θ
 
 
 class GradRegWindow:
@@ -62,57 +68,72 @@ class GradRegWindow:
     Args:
         accelerator: the ``Accelerator`` (its ``gradient_accumulation_steps`` sets the window).
         model: the prepared model (under DeepSpeed: the engine ``prepare`` returned).
-        optimizer: the prepared optimizer around a :class:`grkernels.GradReg` (or the ``GradReg`` itself); under
-            DeepSpeed the prepared plain optimizer, with the GR settings in ``grad_reg``.
-        max_grad_norm: clip the combined gradient to this norm before the step (``None``: no clipping; not
-            offered under DeepSpeed, whose step does no clipping GR can allow).
+        optimizer: the prepared optimizer: around a :class:`grkernels.GradReg`, or around the plain optimizer with
+            the GR settings in ``grad_reg``.
+        max_grad_norm: clip the combined gradient to this norm before the step (``None``: no clipping). Under
+            DeepSpeed the engine clips (its config's ``gradient_clipping``), so this must be None or that value.
         lr_scheduler: stepped after each optimizer step (optional).
-        grad_reg: DeepSpeed only: the settings of :class:`grkernels.integrations.deepspeed.DeepSpeedGR`
-            (``strength``, ``eps``, ``g1_clip``, ``g2_clip``, ``exclude`` as tensors or name substrings,
-            ``estimator``, ``eps_mode``, ``rounding``, ``seed``, ``warmup_steps``).
+        grad_reg: the GR settings (``grkernels.settings``: ``strength``, ``eps``, ``exclude`` as name substrings,
+            ``None`` for the paper's ...), when the prepared optimizer is a plain one.
     """
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, *,
                  max_grad_norm: float | None = None, lr_scheduler: Any = None,
-                 grad_reg: dict[str, Any] | None = None) -> None:
+                 grad_reg: Mapping[str, Any] | None = None) -> None:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"GradRegWindow: max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        if getattr(accelerator, "scaler", None) is not None:
-            raise NotImplementedError("GradRegWindow: fp16 with a gradient scaler is not supported (the scaled g1 "
-                                      "would set the perturbation); use mixed_precision='bf16' or 'no'")
-        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        if self.deepspeed:
-            gr = self._deepspeed_grad_reg(accelerator, optimizer, grad_reg, max_grad_norm)
-        else:
-            gr = optimizer if isinstance(optimizer, GradReg) else getattr(optimizer, "optimizer", None)  # prepared
-            if not isinstance(gr, GradReg):
-                raise TypeError(f"GradRegWindow: the optimizer must be a grkernels.GradReg (as prepared), "
-                                f"got {type(gr).__name__}")
+        refuse_loss_scaling("Accelerate", getattr(accelerator, "scaler", None) is not None,
+                            "Use mixed_precision='bf16' or 'no'.")
+        self.deepspeed = accelerator.distributed_type == "DEEPSPEED"
+        base = getattr(optimizer, "optimizer", None)  # what Accelerate's AcceleratedOptimizer wraps
+        if isinstance(optimizer, GradReg) or isinstance(base, GradReg) or (
+                self.deepspeed and isinstance(getattr(base, "optimizer", None), GradReg)):
+            if self.deepspeed:
+                raise TypeError("GradRegWindow under DeepSpeed: prepare the plain optimizer (DeepSpeed's ZeRO "
+                                "optimizer wraps it and steps on its partitions) and pass the GR settings as "
+                                "grad_reg=dict(...)")
             if grad_reg is not None:
-                raise TypeError("GradRegWindow: grad_reg= is for DeepSpeed, where GR cannot wrap the optimizer; "
-                                "here the GradReg optimizer carries the settings")
+                raise TypeError("GradRegWindow: the prepared optimizer is a GradReg, which carries the GR settings; "
+                                "do not pass grad_reg= as well")
+            gr = optimizer if isinstance(optimizer, GradReg) else base
+            settings = host_settings(gr.engine.settings, host=self._hosts(accelerator))
+        else:
+            if grad_reg is None:
+                raise TypeError(
+                    f"GradRegWindow: the optimizer must be a grkernels.GradReg (as prepared), got "
+                    f"{type(base or optimizer).__name__}; or prepare the plain optimizer and pass the GR settings as "
+                    "grad_reg=dict(strength=..., eps=..., ...)")
+            settings = host_settings(grad_reg, host=self._hosts(accelerator))
+            unwrapped = accelerator.unwrap_model(model)
+            if self.deepspeed:
+                engine = accelerator.deepspeed_engine_wrapped.engine
+                clip = float(engine.gradient_clipping() or 0.0)
+                if max_grad_norm is not None and max_grad_norm != clip:
+                    raise ValueError(
+                        f"GradRegWindow under DeepSpeed: max_grad_norm={max_grad_norm}, but the engine clips to its "
+                        f"config's gradient_clipping ({clip}; Accelerate leaves clipping to DeepSpeed). Set "
+                        "gradient_clipping in the DeepSpeed config (it clips the combined GR gradient) and "
+                        "max_grad_norm=None")
+                gr = engine_grad_reg(engine, settings, exclude=exclusions(settings, unwrapped))
+            else:
+                if not isinstance(base, torch.optim.Optimizer):
+                    raise TypeError(f"GradRegWindow: prepare the optimizer with accelerator.prepare first (got "
+                                    f"{type(optimizer).__name__})")
+                gr = build_grad_reg(base, settings, unwrapped)
+                optimizer.optimizer = gr  # AcceleratedOptimizer now steps (and checkpoints) the GradReg
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
-        self.grad_reg: GradReg | DeepSpeedGR = gr
+        self.grad_reg = gr
+        self.settings = settings
         self.max_grad_norm, self.lr_scheduler = max_grad_norm, lr_scheduler
-        self._window: list[_MicroBatch] = []
+        self._window = Window()
+        self._log = MetricsLog()
 
     @staticmethod
-    def _deepspeed_grad_reg(accelerator: Accelerator, optimizer: Any, settings: dict[str, Any] | None,
-                            max_grad_norm: float | None) -> DeepSpeedGR:
-        from grkernels.integrations.deepspeed import engine_grad_reg
-
-        base = getattr(getattr(optimizer, "optimizer", None), "optimizer", None)  # Accelerate's -> ZeRO's -> client
-        if isinstance(base, GradReg) or isinstance(optimizer, GradReg):
-            raise TypeError("GradRegWindow under DeepSpeed: prepare the plain optimizer (DeepSpeed's ZeRO optimizer "
-                            "wraps it and steps on its partitions) and pass the GR settings as grad_reg=dict(...)")
-        if settings is None:
-            raise TypeError("GradRegWindow under DeepSpeed needs the GR settings: grad_reg=dict(strength=..., "
-                            "eps=..., ...)")
-        if max_grad_norm is not None:
-            raise NotImplementedError(
-                "GradRegWindow under DeepSpeed: max_grad_norm is not offered (Accelerate leaves clipping to the "
-                "DeepSpeed config, whose gradient_clipping GR refuses); use grad_reg g1_clip / g2_clip")
-        return engine_grad_reg(accelerator.deepspeed_engine_wrapped.engine, **settings)
+    def _hosts(accelerator: Accelerator) -> tuple[str, ...]:
+        """Whose limits apply: DeepSpeed's; DDP's with several processes (gradients reduced outside autograd)."""
+        if accelerator.distributed_type == "DEEPSPEED":
+            return ("deepspeed",)
+        return ("ddp",) if accelerator.num_processes > 1 else ("accelerate",)
 
     def step(self, batch: Any, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]) -> torch.Tensor:
         """One micro-batch: backward at θ; at the end of the window also the pass at θ' and the optimizer step.
@@ -122,46 +143,38 @@ class GradRegWindow:
         """
         acc, gr = self.accelerator, self.grad_reg
         with acc.accumulate(self.model):
-            rng = RNGState()
+            if gr.active:
+                self._window.record(batch)  # with the RNG state before the forward at θ
             loss = loss_fn(self.model, batch)
             # DeepSpeed steps inside the backward at the window's end: hold that step until the GR passes are done
             held = self.deepspeed and gr.active and acc.sync_gradients
             with gr.hold_step() if held else contextlib.nullcontext():
-                acc.backward(loss)
-                if gr.active:
-                    self._window.append(_MicroBatch(batch, rng))
+                self._backward(loss)
                 if acc.sync_gradients:
-                    window, self._window = self._window, []
-                    self._second_pass(window, loss_fn)
+                    self._end_window(self._window.take(), loss_fn)
             if acc.sync_gradients:
                 self._step()
         return loss.detach()
 
-    def _second_pass(self, window: list[_MicroBatch], loss_fn: Callable) -> None:
-        acc, gr = self.accelerator, self.grad_reg
-        if not gr.active:
-            gr.combine()  # g1 diagnostics, the reused correction (every > 1): before the clip, as in a GR step
-            return
+    def _backward(self, loss: torch.Tensor) -> None:
+        if not self.deepspeed and self.grad_reg.needs_graph:  # the exact estimator differentiates the gradient
+            self.accelerator.backward(loss, create_graph=True)
+        else:
+            self.accelerator.backward(loss)
 
-        def replay_one(mb: _MicroBatch, last: bool) -> None:
-            with self._sync_context(last):
-                acc.backward(loss_fn(self.model, mb.batch))
+    def _end_window(self, window: list[MicroBatch], loss_fn: Callable) -> None:
+        def replay_one(mb: MicroBatch, last: bool) -> None:
+            with sync_context(self.accelerator, self.model, last):
+                self.accelerator.backward(loss_fn(self.model, *mb.args))
 
         try:
-            replay_window(gr, window, replay_one)
+            end_window(self.grad_reg, window, replay_one)  # before the clip: the GR (or reused) gradient
         except BaseException:  # θ is back; the window is void, the next one starts clean
             if self.deepspeed:
-                gr.discard_gradients()  # the engine's step stays held: nothing steps
+                self.grad_reg.discard_gradients()  # the engine's step stays held: nothing steps
             else:
                 self.optimizer.zero_grad()
             raise
-
-    def _sync_context(self, last: bool) -> contextlib.AbstractContextManager:
-        if self.deepspeed:  # the engine reduces per its accumulation-boundary mark, not per no_sync
-            from grkernels.integrations.deepspeed import accumulation_boundary
-
-            return accumulation_boundary(self.accelerator, last)
-        return accelerate_sync_context(self.accelerator, self.model, last)
 
     def _step(self) -> None:
         if self.max_grad_norm is not None:
@@ -170,3 +183,10 @@ class GradRegWindow:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad()
+        self._log.record(self.grad_reg)
+
+    def metrics(self, sync: bool = True) -> dict[str, Any]:
+        """The GR metrics of the optimizer steps since the last call, as ``{"grad_reg/<name>": value}`` (values
+        averaged over those steps, ``step`` and ``skipped`` as after the last; one host read, none with
+        ``sync=False``). Empty before the first step."""
+        return {f"grad_reg/{k}": v for k, v in self._log.flush(sync).items()}

@@ -25,16 +25,26 @@ and leave the weights perturbed).
 Usage::
 
     import lightning as L
-    from grkernels import GradReg
     from grkernels.integrations.lightning import GradRegCallback
 
     class Module(L.LightningModule):
         def training_step(self, batch, batch_idx):
             return loss                                    # as usual: no GR code here
         def configure_optimizers(self):
-            return GradReg(torch.optim.AdamW(self.parameters(), lr=1e-4), strength=1e-2, eps=1e-3)
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
-    L.Trainer(accumulate_grad_batches=4, gradient_clip_val=1.0, callbacks=[GradRegCallback()]).fit(Module(), dl)
+    L.Trainer(accumulate_grad_batches=4, gradient_clip_val=1.0, precision="bf16-mixed",
+              callbacks=[GradRegCallback(strength="auto", target_rel=0.3)]).fit(Module(), dl)
+
+The callback takes the schema's GR settings (``grkernels.settings``; ``exclude=None``: the paper's embeddings and
+output head) and wraps the optimizer ``configure_optimizers`` returns; or ``configure_optimizers`` returns a
+``grkernels.GradReg``, which carries its own settings (then the callback takes none). The exact estimator works:
+the callback makes Lightning's backward keep the graph (``create_graph=True``) on the steps that need it.
+
+Metrics: ``grad_reg/<name>`` after every optimizer step, by the integrations' one averaging rule
+(``grkernels.integrations.common.MetricsLog``): what the logger writes every ``log_every_n_steps`` is the mean of each
+value over the steps since its previous write (``step`` and ``skipped``: after the last of them); device tensors,
+no host read in the step.
 
 Not supported (refused at fit start): more than one optimizer, multi-process strategies (untested), fp16 with a
 gradient scaler (``precision="16-mixed"``: use ``"bf16-mixed"``). Replayed ``training_step`` calls may change
@@ -49,7 +59,6 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -58,9 +67,16 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.loops.utilities import _block_parallel_sync_behavior
 
-from grkernels.integrations.window import replay_window
+from grkernels.integrations.common import (
+    MetricsLog,
+    MicroBatch,
+    Window,
+    build_grad_reg,
+    end_window,
+    host_settings,
+    refuse_loss_scaling,
+)
 from grkernels.optim import GradReg
-from grkernels.rng import RNGState
 
 __all__ = ["GradRegCallback", "LightningGradReg", "guard_callbacks"]
 
@@ -76,6 +92,11 @@ class LightningGradReg(torch.optim.Optimizer):
     Every method reads ``self.grad_reg`` and writes nothing on ``self``: Lightning's ``LightningOptimizer``
     proxy calls them with itself as ``self`` and forwards missing attributes, so they reach the real GradReg.
     """
+
+    #: Lightning's mixed-precision plugin refuses gradient clipping for optimizers that unscale gradients inside
+    #: ``step`` (fused optimizers). GR's step never touches a loss scale (fp16 scaling is refused), so Lightning
+    #: clips the combined gradient itself: bf16-mixed with ``gradient_clip_val`` works.
+    _step_supports_amp_scaling = False
 
     def __init__(self, grad_reg: GradReg) -> None:  # no super().__init__: the groups are the GradReg's
         if not isinstance(grad_reg, GradReg):
@@ -118,15 +139,6 @@ class LightningGradReg(torch.optim.Optimizer):
         return f"LightningGradReg({self.grad_reg!r})"
 
 
-@dataclass
-class _MicroBatch:
-    """One micro-batch of the current window: the arguments of its ``training_step`` and the RNG before it."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    rng: RNGState
-
-
 def _grad_reg_of(opt: Any) -> GradReg | None:
     opt = opt.optimizer if isinstance(opt, LightningOptimizer) else opt
     if isinstance(opt, LightningGradReg):
@@ -138,14 +150,19 @@ class GradRegCallback(pl.Callback):
     """GR over whole accumulation windows in Lightning's automatic optimization (see the module docstring).
 
     Args:
-        log_metrics: log ``GradReg.metrics()`` as ``grad_reg/<name>`` after every optimizer step (device
-            tensors: no host read in the step).
+        log_metrics: log GR's metrics as ``grad_reg/<name>`` after every optimizer step (device tensors: no host
+            read in the step).
+        **settings: the GR settings (``grkernels.settings.SETTINGS``, e.g. ``strength="auto"``, ``eps=1e-3``,
+            ``exclude=["lm_head"]``), validated here; used when ``configure_optimizers`` returns a plain optimizer.
     """
 
-    def __init__(self, log_metrics: bool = True) -> None:
+    def __init__(self, log_metrics: bool = True, **settings: Any) -> None:
         self.log_metrics = log_metrics
+        self.settings = host_settings(settings, host="lightning")
+        self._settings_given = bool(settings)
         self.grad_reg: GradReg | None = None
-        self._window: list[_MicroBatch] = []
+        self._window = Window()
+        self._log = MetricsLog()
         self._replaying = False
         self._stepped = False
         self._module: pl.LightningModule | None = None
@@ -153,52 +170,64 @@ class GradRegCallback(pl.Callback):
     # ------------------------------------------------------------------ set-up
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = list(trainer.strategy.optimizers)
-        found = [i for i, o in enumerate(optimizers) if _grad_reg_of(o) is not None]
-        if len(optimizers) != 1 or len(found) != 1:
-            raise TypeError(
-                "GradRegCallback: configure_optimizers must return exactly one optimizer, a grkernels.GradReg "
-                f"(got {[type(o).__name__ for o in optimizers]})"
-            )
+        if len(optimizers) != 1:
+            raise TypeError("GradRegCallback: configure_optimizers must return exactly one optimizer (got "
+                            f"{[type(o).__name__ for o in optimizers]})")
         if trainer.world_size > 1:
             raise NotImplementedError(
                 "GradRegCallback is tested on a single device only; for DDP write the loop with the two-phase "
                 "API (examples/accelerate_loop.py) or use the Hugging Face Trainer integration"
             )
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise NotImplementedError(
-                "GradRegCallback: fp16 with a gradient scaler (precision='16-mixed') is not supported: the scaled "
-                "g1 would set the perturbation. Use precision='bf16-mixed' (or 32)."
-            )
-        self.grad_reg = _grad_reg_of(optimizers[0])
-        trainer.strategy.optimizers = [LightningGradReg(self.grad_reg)]
-        self._window, self._replaying, self._stepped = [], False, False
-        if pl_module.automatic_optimization:
-            self._install_capture(pl_module)
+        refuse_loss_scaling("Lightning", getattr(trainer.precision_plugin, "scaler", None) is not None,
+                            "Use precision='bf16-mixed' (or 32).")
+        gr = _grad_reg_of(optimizers[0])
+        if gr is not None and self._settings_given:
+            raise TypeError("GradRegCallback: configure_optimizers returned a GradReg, which carries its own GR "
+                            "settings; give the callback none (or return the plain optimizer)")
+        if gr is None:
+            base = optimizers[0].optimizer if isinstance(optimizers[0], LightningOptimizer) else optimizers[0]
+            if not isinstance(base, torch.optim.Optimizer):
+                raise TypeError(f"GradRegCallback: cannot wrap {type(base).__name__} in GradReg")
+            gr = build_grad_reg(base, self.settings, pl_module)
+        host_settings(gr.engine.settings, host="lightning")
+        self.grad_reg = gr
+        trainer.strategy.optimizers = [LightningGradReg(gr)]
+        self._window.take()
+        self._replaying, self._stepped, self._log = False, False, MetricsLog()
+        self._install(pl_module)
 
-    def _install_capture(self, pl_module: pl.LightningModule) -> None:
-        """Record each first-pass ``training_step`` call: an instance attribute over the bound method, so that
-        Lightning's own call (through the strategy, the precision context and any wrapper) is the one seen."""
-        original = type(pl_module).training_step.__get__(pl_module)
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        """Instance attributes over two bound methods of the module, so that Lightning's own calls (through the
+        strategy, the precision context and any wrapper) are the ones seen: ``training_step`` records each
+        first-pass call (automatic optimization), ``backward`` keeps the graph on steps of the exact estimator."""
+        step = type(pl_module).training_step.__get__(pl_module)
+        backward = type(pl_module).backward.__get__(pl_module)
 
-        @functools.wraps(original)
+        @functools.wraps(step)
         def training_step(*args: Any, **kwargs: Any) -> Any:
             gr = self.grad_reg
-            if self._replaying or gr is None or not gr.active:
-                return original(*args, **kwargs)
-            rng = RNGState()  # right before the user's forward: the replay draws the same dropout masks
-            out = original(*args, **kwargs)
-            self._window.append(_MicroBatch(args, kwargs, rng))
-            return out
+            if not self._replaying and gr is not None and gr.active:
+                self._window.record(*args, **kwargs)  # with the RNG state right before the user's forward
+            return step(*args, **kwargs)
 
-        pl_module.training_step = training_step
+        @functools.wraps(backward)
+        def keep_graph(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.grad_reg is not None and self.grad_reg.needs_graph:
+                kwargs.setdefault("create_graph", True)
+            return backward(loss, *args, **kwargs)
+
+        if pl_module.automatic_optimization:
+            pl_module.training_step = training_step
+        pl_module.backward = keep_graph
         self._module = pl_module
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Take the capture off the module again (also after an exception: :meth:`on_exception`)."""
-        if self._module is not None and "training_step" in self._module.__dict__:
-            del self._module.__dict__["training_step"]
+        """Take the wrappers off the module again (also after an exception: :meth:`on_exception`)."""
+        if self._module is not None:
+            for name in ("training_step", "backward"):
+                self._module.__dict__.pop(name, None)
         self._module = None
-        self._window = []
+        self._window.take()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
@@ -206,21 +235,16 @@ class GradRegCallback(pl.Callback):
     # ------------------------------------------------------------------ the pass at θ'
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         gr = self.grad_reg
-        if gr is None or not pl_module.automatic_optimization:
-            return  # manual optimization: the user's two-phase code did the passes
-        window, self._window = self._window, []
-        self._stepped = True
-        if not gr.active:
-            gr.observe_g1()  # before Lightning's clipping, as GR steps record g1_norm
+        if gr is None:
             return
-        if not window:
-            raise RuntimeError(
-                "GradRegCallback: no training_step was recorded in this accumulation window (was the callback "
-                "added after fit started, or training_step bypassed?); GR cannot replay the window"
-            )
-        replay_window(gr, window, lambda mb, last: self._replay(trainer, pl_module, optimizer, mb, last))
+        self._stepped = True
+        if not pl_module.automatic_optimization:
+            return  # manual optimization: the user's two-phase code did the passes
+        # after the window's last backward, before Lightning's clip: the GR gradient (or the exact / reused one, or
+        # g1 with its diagnostics)
+        end_window(gr, self._window.take(), lambda mb, last: self._replay(trainer, pl_module, optimizer, mb, last))
 
-    def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, mb: _MicroBatch,
+    def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, mb: MicroBatch,
                 last: bool) -> None:
         """One micro-batch at θ': Lightning's training_step call, loss scaling and backward, logging muted."""
         with self._muted(pl_module), _block_parallel_sync_behavior(trainer.strategy, block=not last):
@@ -246,9 +270,12 @@ class GradRegCallback(pl.Callback):
         stepped, self._stepped = self._stepped, False
         if not (self.log_metrics and stepped and self.grad_reg is not None):
             return
-        m = self.grad_reg.metrics(sync=False)
-        logs = {f"grad_reg/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in m.items()}
+        self._log.record(self.grad_reg)
+        # the mean since the logger's last write (Lightning writes the latest logged value when it logs)
+        logs = {f"grad_reg/{k}": v for k, v in self._log.summary(sync=False).items()}
         pl_module.log_dict(logs, on_step=True, on_epoch=False, batch_size=1)
+        if trainer._logger_connector.should_update_logs:  # as Lightning's LearningRateMonitor asks
+            self._log.flush(sync=False)
 
 
 class _GradRegGuard(pl.Callback):

@@ -33,11 +33,12 @@ import trl
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_tensor_dict
 
+from grkernels.integrations.common import MicroBatch
 from grkernels.integrations.hf import (
     GradRegArguments,
+    GradRegConfigMixin,
     GradRegTrainerMixin,
     grad_reg_config,
-    grad_reg_settings,
     grad_reg_trainer,
     register_trainer_mixin,
 )
@@ -61,9 +62,15 @@ if not str(getattr(trl, "__version__", "1")).startswith("1."):
 
 
 @dataclass
-class GradRegGRPOConfig(GRPOConfig, GradRegArguments):
-    """``trl.GRPOConfig`` plus the ``grad_reg_*`` fields of :class:`GradRegArguments` (CLI-parsable), and
-    ``grad_reg_fused_loss``."""
+class GradRegGRPOConfig(GradRegConfigMixin, GRPOConfig, GradRegArguments):
+    """``trl.GRPOConfig`` plus the schema's ``grad_reg_*`` fields (:data:`~grkernels.integrations.hf.GradRegArguments`,
+    CLI-parsable, validated when the config is built) and ``grad_reg_fused_loss`` (TRL only).
+
+    With ``grad_reg_subset_fraction < 1``, ``grad_reg_subset_by="advantage"`` (the default) orders each accumulation
+    window's sequences by |advantage| (largest first) before TRL splits them into micro-batches, so the replayed
+    micro-batches hold the largest ones, and the estimate divides by their share of the window's Σ|advantage|;
+    ``"random"`` keeps TRL's shuffled order and divides by the count share. Handed to a plain ``trl.GRPOTrainer``
+    (not :class:`GradRegGRPOTrainer`) with GR on, it raises a TypeError instead of training without GR."""
 
     grad_reg_fused_loss: bool = field(
         default=False,
@@ -72,28 +79,19 @@ class GradRegGRPOConfig(GRPOConfig, GradRegArguments):
                   "dapo, luspo, token/sequence importance sampling, beta (k3 KL) and delta; refuses the rest."},
     )
 
-    grad_reg_subset_by: str = field(
-        default="advantage",
-        metadata={"help": "With grad_reg_subset_fraction < 1: which sequences the second pass replays. 'advantage': "
-                  "each accumulation window's sequences are ordered by |advantage| (largest first) before TRL "
-                  "splits them into micro-batches, so the replayed micro-batches hold the largest ones, and the "
-                  "estimate divides by their share of the window's Σ|advantage|; 'random': TRL's shuffled order, "
-                  "divided by their count share."},
-    )
-
     def __post_init__(self) -> None:
         super().__post_init__()
-        grad_reg_settings(self)  # raises on bad values
-        if self.grad_reg_subset_by not in ("advantage", "random"):
-            raise ValueError(f"grad_reg_subset_by must be 'advantage' or 'random', got {self.grad_reg_subset_by!r}")
+        self.grad_reg_validate()  # raises on bad values, with the schema's messages
 
 
 _FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 class GradRegGRPOMixin:
-    """GRPO-specific pinning for the replay at θ' (put before :class:`GradRegTrainerMixin`), and the optional
-    fused loss (``grad_reg_fused_loss``)."""
+    """GRPO-specific pinning for the replay at θ' (put before :class:`GradRegTrainerMixin`), the sub-batch pass
+    by |advantage|, and the optional fused loss (``grad_reg_fused_loss``)."""
+
+    grad_reg_subset_rules = ("advantage", "random")
 
     _gr_logps_sink: list[torch.Tensor] | None = None
     _gr_entropy_mask_sink: list[torch.Tensor] | None = None
@@ -107,9 +105,8 @@ class GradRegGRPOMixin:
 
     # ------------------------------------------------------------------ sub-batch GR by |advantage|
     def _gr_orders_by_advantage(self) -> bool:
-        cfg = self.grad_reg_settings_for_optimizer()
-        return (float(cfg["grad_reg_subset_fraction"]) < 1.0 and float(cfg["grad_reg_strength"]) > 0.0
-                and getattr(self.args, "grad_reg_subset_by", "advantage") == "advantage")
+        cfg = self._grad_reg_settings()
+        return cfg.subset_fraction < 1.0 and cfg.strength != 0.0 and cfg.subset_by == "advantage"
 
     @property
     def _buffered_inputs(self) -> list[dict] | None:
@@ -123,10 +120,10 @@ class GradRegGRPOMixin:
             batches = _order_windows_by_advantage(batches, self.args.gradient_accumulation_steps)
         self.__dict__["_gr_buffered_inputs"] = batches
 
-    def _grad_reg_subset_share(self, window: list, subset: int) -> float:
+    def _grad_reg_subset_share(self, window: list[MicroBatch], subset: int) -> float:
         if not self._gr_orders_by_advantage():
             return super()._grad_reg_subset_share(window, subset)
-        mass = torch.stack([entry.prepared["advantages"].abs().sum() for entry in window]).tolist()  # one host read
+        mass = torch.stack([entry.inputs["advantages"].abs().sum() for entry in window]).tolist()  # one host read
         return sum(mass[:subset]) / sum(mass) if sum(mass) > 0 else subset / len(window)
 
     def _grad_reg_check_fused(self) -> None:
@@ -203,10 +200,10 @@ class GradRegGRPOMixin:
             return self._grad_reg_fused_loss(model, inputs)
         return super()._compute_loss(model, inputs)
 
-    def _gr_current_entry(self, inputs: Any):
-        window = self._gr_window
-        if self._gr_capturing and window and window[-1].prepared is inputs:
-            return window[-1]
+    def _gr_current_entry(self, inputs: Any) -> MicroBatch | None:
+        items = self._gr_window.items
+        if self._gr_capturing and items and items[-1].inputs is inputs:
+            return items[-1]
         return None
 
     def _compute_loss(self, model, inputs):

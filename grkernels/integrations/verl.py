@@ -33,22 +33,28 @@ verl's ``EngineRegistry`` under vendor-specific keys (("cuda", "nvidia"), ("cuda
 which verl looks up before its device-wide default: every FSDP engine of the process is then a GR engine, which
 behaves exactly like verl's own (bitwise) when its optimizer config has no ``grad_reg`` or γ = 0.
 
+Settings: ``optim.grad_reg`` holds the schema's settings (``grkernels.settings``, no prefix: ``strength`` (a
+number, or ``auto`` with ``target_rel``), ``eps``, ``eps_mode``, ``every``, ``reuse``, ``exclude``,
+``subset_fraction``, ``subset_by`` ...), validated when the config is built (``HOST_LIMITS["verl"]``: no exact
+estimator); the ``GradReg`` gets every engine setting.
+
 Metrics: ``grad_reg/g1_norm``, ``grad_reg/g2_norm``, ``grad_reg/gr_rel`` (= ‖GR − g1‖/‖g1‖),
-``grad_reg/perturb_ratio``, ``grad_reg/skipped``, ``grad_reg/strength``, ``grad_reg/step`` in the engine's
-metrics dict (``actor/grad_reg/...`` in the trainer's logs). State: GR's step counter (warmup, schedule,
+``grad_reg/perturb_ratio``, ``grad_reg/skipped``, ``grad_reg/strength``, ``grad_reg/step`` in the metrics of the
+update's last mini-batch (``actor/grad_reg/...`` in the trainer's logs), by the integrations' one averaging rule
+(``grkernels.integrations.common.MetricsLog``): values averaged over the update's optimizer steps (its mini-batches),
+``step`` and ``skipped`` as after the last. State: GR's step counter (warmup, schedule,
 stochastic-rounding seeds) is part of the optimizer's state dict, which verl's FSDP checkpoints save and load.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from verl.base_config import BaseConfig
 from verl.utils import tensordict_utils as tu
 from verl.utils.py_functional import append_to_dict
@@ -57,9 +63,11 @@ from verl.workers.config import FSDPOptimizerConfig
 from verl.workers.engine import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
+from grkernels.distributed import _fsdp2_params
+from grkernels.integrations.common import MetricsLog, Window, build_grad_reg, host_settings, refuse_loss_scaling
 from grkernels.optim import GradReg
-from grkernels.params import paper_exclude
 from grkernels.rng import RNGState
+from grkernels.settings import GRSettings, prefixed_fields
 
 __all__ = [
     "GradRegConfig",
@@ -71,91 +79,35 @@ __all__ = [
 ]
 
 
-SUBSET_RULES = ("advantage", "random")
+def _post_init(self: Any) -> None:
+    """Validate with the schema (and what verl's FSDP engines cannot run), then keep the parsed values (a clip
+    ``<= 0`` → None, ``exclude`` "none" → [], "1e-3" → 0.001)."""
+    values = {name: _plain(getattr(self, name)) for name in _NAMES}
+    parsed = host_settings(values, host="verl").values
+    for name in _NAMES:
+        object.__setattr__(self, name, parsed[name])  # BaseConfig fields are frozen once set
 
 
-@dataclass
-class GradRegConfig(BaseConfig):
-    """GR settings (``optim.grad_reg``), the knobs of :class:`grkernels.GradReg`.
+def _plain(value: Any) -> Any:
+    """Hydra hands lists and mappings over as OmegaConf containers: the schema checks plain ones."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
-    Args:
-        strength: γ, weight of the penalty (γ/2)·‖∇L‖² (1/loss units). 0 turns GR off: no second pass, verl's
-            own update bitwise.
-        eps: ε, the finite-difference step: θ' = θ + ε·clip(g1) (``eps_mode="absolute"``), or the norm of the
-            perturbation (``"radius"``: θ' = θ + ε·v/‖v‖).
-        eps_mode: "absolute" (paper) or "radius".
-        g1_clip, g2_clip: max norms of g1 (the perturbation direction) and g2 inside GR; None (``null``) or
-            <= 0 disables a clip. verl's ``optim.clip_grad`` then clips the combined gradient.
-        exclude: parameter-name substrings left out of GR (they get g1). None (default): the embeddings and the
-            output head, as in the paper (``grkernels.paper_exclude``); ``[]``: GR on every parameter.
-        estimator: "forward" (1 extra forward/backward per mini-batch) or "central" (2). The exact
-            (double-backprop) estimator cannot run under FSDP2 and is refused.
-        warmup_steps: optimizer steps without GR first.
-        every, reuse: the full GR step only every k-th step; in between the plain gradient (``reuse="none"``)
-            or the last correction made orthogonal to g1 (``"orthogonal"``), see ``grkernels.reuse``.
-        subset_fraction: the sub-batch second pass (``GradReg.mark_subset``): the pass at θ' runs on this share
-            of each rank's mini-batch only (rounded up to whole micro-batches), and GR uses the whole-batch estimate
-            g2 ≈ g1 + (g2_S − g1_S)/f. 1: every sequence (full GR).
-        subset_by: which sequences: "advantage" (the largest Σ_t |A_t| over the response tokens; f = their share
-            of the global Σ|A|) or "random" (f = their share of the sequences).
-        rounding: "stochastic" or "nearest": how θ' is rounded onto the grid the model computes on (bf16 under
-            verl's default mixed precision; fp32 shards computing in fp32 always round to nearest).
-        backend: "auto" (Triton on CUDA when installed), "torch" or "triton".
-        lean: Triton backend: keep g1 in bf16 (less memory).
-        seed: seed of the stochastic rounding.
-    """
 
-    strength: float = 1e-3
-    eps: float = 1e-3
-    eps_mode: str = "absolute"
-    g1_clip: float | None = 10.0
-    g2_clip: float | None = 10.0
-    exclude: list[str] | None = None
-    estimator: str = "forward"
-    warmup_steps: int = 0
-    every: int = 1
-    reuse: str = "none"
-    rounding: str = "stochastic"
-    backend: str = "auto"
-    lean: bool = False
-    seed: int = 0
-    subset_fraction: float = 1.0
-    subset_by: str = "advantage"
+def _settings(self: Any) -> GRSettings:
+    """The validated settings (``grkernels.settings.GRSettings``)."""
+    return host_settings({name: getattr(self, name) for name in _NAMES}, host="verl")
 
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.strength) and self.strength >= 0):
-            raise ValueError(f"grad_reg.strength must be a finite number >= 0, got {self.strength}")
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"grad_reg.eps must be a finite number > 0, got {self.eps}")
-        if self.estimator == "exact":
-            raise ValueError(
-                "grad_reg.estimator='exact' cannot run in verl's FSDP engines: FSDP2 reduces gradients outside "
-                "autograd, so there is no graph to differentiate again. Use 'forward' or 'central'."
-            )
-        for name in ("g1_clip", "g2_clip"):  # the command line cannot write None everywhere: <= 0 means off
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                object.__setattr__(self, name, None)
-        if isinstance(self.exclude, str):
-            object.__setattr__(self, "exclude", [self.exclude])
-        if not 0.0 < self.subset_fraction <= 1.0:
-            raise ValueError(f"grad_reg.subset_fraction must be in (0, 1], got {self.subset_fraction}")
-        if self.subset_by not in SUBSET_RULES:
-            raise ValueError(f"grad_reg.subset_by must be one of {SUBSET_RULES}, got {self.subset_by!r}")
-        if self.subset_fraction < 1.0 and self.lean:
-            raise ValueError("grad_reg.subset_fraction < 1 needs lean=False (lean buffers carry g − g1)")
-        # the remaining checks are GradReg's own: fail when the config is built, not at the first step (its
-        # warnings, e.g. on mismatched clips, come once, when the engine builds the real one)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            GradReg(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), **self.gradreg_kwargs())
 
-    def gradreg_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`grkernels.GradReg` (all but ``exclude``)."""
-        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
-        for name in ("exclude", "subset_fraction", "subset_by"):  # the engine's, not GradReg's
-            kwargs.pop(name)
-        return kwargs
+#: GR settings (``optim.grad_reg``): the schema's (``grkernels.settings.SETTINGS``) as fields of a verl config
+#: dataclass, with their defaults and help; validated when built (``HOST_LIMITS["verl"]``: no exact estimator, FSDP2
+#: reduces gradients outside autograd). ``strength: 0`` is verl's own update, bitwise; a clip ``null`` or ``<= 0``
+#: is no clip; ``exclude: null`` the paper's embeddings and output head, ``[]`` none; verl's ``optim.clip_grad``
+#: clips the combined gradient.
+GradRegConfig = make_dataclass(
+    "GradRegConfig", prefixed_fields(""), bases=(BaseConfig,),
+    namespace={"__module__": __name__, "__post_init__": _post_init, "settings": _settings,
+               "__doc__": "GR settings of verl's optim.grad_reg: the fields of grkernels.settings.SETTINGS."})
+_NAMES = tuple(name for name, _, _ in prefixed_fields(""))
 
 
 @dataclass
@@ -175,52 +127,21 @@ class GradRegFSDPOptimizerConfig(FSDPOptimizerConfig):
         if gr is None:
             gr = GradRegConfig(strength=0.0)
         elif isinstance(gr, Mapping) and not isinstance(gr, GradRegConfig):
-            gr = GradRegConfig(**{k: v for k, v in dict(gr).items() if k != "_target_"})
+            values = {k: _plain(v) for k, v in dict(gr).items() if k != "_target_"}
+            host_settings(values, host="verl")  # unknown keys: the schema's TypeError, naming the known ones
+            gr = GradRegConfig(**values)
         if not isinstance(gr, GradRegConfig):
             raise TypeError(f"optim.grad_reg must be a GradRegConfig or a mapping of its fields, got {type(gr)}")
         object.__setattr__(self, "grad_reg", gr)  # BaseConfig fields are frozen once set
 
 
-def grad_reg_config(optimizer_config: Any) -> GradRegConfig | None:
-    """The GR settings of a verl optimizer config, or None when GR is off (no ``grad_reg``, or γ = 0)."""
+def grad_reg_config(optimizer_config: Any) -> Any:
+    """The GR settings (a :class:`GradRegConfig`) of a verl optimizer config, or None when GR is off (no
+    ``grad_reg``, or ``strength: 0``)."""
     gr = getattr(optimizer_config, "grad_reg", None)
     if gr is None or gr.strength == 0.0:
         return None
     return gr
-
-
-class _MicroBatchRNG:
-    """RNG state before each micro-batch's forward in the pass at θ, replayed before the same micro-batch in the
-    pass(es) at θ' (same dropout masks)."""
-
-    def __init__(self) -> None:
-        self.states: list[RNGState] = []
-        self.replaying = False
-        self.index = 0
-        self.expected = 0
-
-    def at_micro_batch(self) -> None:
-        if not self.replaying:
-            self.states.append(RNGState())
-            return
-        if self.index >= len(self.states):
-            raise RuntimeError(
-                f"GR in verl: the pass at θ' ran more micro-batches than the pass at θ ({len(self.states)}); the "
-                "micro-batch split must not depend on the parameters"
-            )
-        self.states[self.index].replay()
-        self.index += 1
-
-    def rewind(self, count: int | None = None) -> None:
-        """Replay from the first micro-batch; the pass at θ' runs the first ``count`` (default: all) again."""
-        self.replaying, self.index = True, 0
-        self.expected = len(self.states) if count is None else count
-
-    def check_complete(self) -> None:
-        if self.index != self.expected:
-            raise RuntimeError(
-                f"GR in verl: the pass at θ' ran {self.index} micro-batches, the pass at θ {self.expected}"
-            )
 
 
 class GradRegEngineMixin:
@@ -233,8 +154,9 @@ class GradRegEngineMixin:
     """
 
     _grad_reg: GradReg | None = None
-    _gr_rng: _MicroBatchRNG | None = None
+    _gr_rng: Window | None = None
     _gr_split: _Split | None = None
+    _gr_log: MetricsLog | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -257,15 +179,10 @@ class GradRegEngineMixin:
         self._grad_reg = None
         if cfg is None:
             return optimizer
-        if getattr(self, "scaler", None) is not None:
-            raise NotImplementedError(
-                "GR in verl does not support fp16 mixed precision with loss scaling (ShardedGradScaler): g1 would "
-                "be the scaled gradient. Use mixed_precision.param_dtype=bf16 (or fp32)."
-            )
-        exclude = paper_exclude(module) if cfg.exclude is None else (list(cfg.exclude) or None)
-        self._grad_reg = GradReg(
-            optimizer, exclude=exclude, named_parameters=list(module.named_parameters()), **cfg.gradreg_kwargs()
-        )
+        refuse_loss_scaling("verl (ShardedGradScaler)", getattr(self, "scaler", None) is not None,
+                            "Use mixed_precision.param_dtype=bf16 (or fp32).")
+        self._grad_reg = build_grad_reg(optimizer, cfg.settings(), module)
+        self._gr_log = MetricsLog()
         return self._grad_reg
 
     def forward_step(self, micro_batch: Any, loss_function: Any, forward_only: bool) -> Any:
@@ -284,7 +201,7 @@ class GradRegEngineMixin:
         maybe_fix_3d_position_ids(data)
         self.optimizer_zero_grad()
         passes = gr.extra_passes
-        rng = self._gr_rng = _MicroBatchRNG() if passes else None
+        rng = self._gr_rng = Window() if passes else None
         rng_after = None
         try:
             split = self._gr_split = self._split_for_subset(data) if passes else None
@@ -292,7 +209,7 @@ class GradRegEngineMixin:
                 outputs = self.forward_backward_batch(data, loss_function, forward_only=False)
             else:  # the subset first, its gradient synchronised at its end; then the rest
                 outputs = self.forward_backward_batch(split.subset, loss_function, forward_only=False)
-                subset_micro_batches = len(rng.states)
+                subset_micro_batches = len(rng)
                 gr.mark_subset(split.fraction)
                 outputs = _merge_outputs(outputs, self.forward_backward_batch(split.rest, loss_function,
                                                                               forward_only=False))
@@ -316,12 +233,17 @@ class GradRegEngineMixin:
             if rng_after is not None:
                 rng_after.replay()  # the RNG continues from where the pass at θ left it
         grad_norm = self.optimizer_step()
+        self._gr_log.record(gr)
+        # GR's metrics once per update, on its last mini-batch (verl marks it for the LR scheduler): verl averages
+        # each metric's list over the update, so a single entry is logged as it is (the one rule: MetricsLog)
+        last = tu.get_non_tensor_data(data, "update_lr_scheduler", True) is not False
+        summary = self._gr_log.flush() if last else {}
         if self.is_mp_src_rank_with_outputs():
             assert "grad_norm" not in outputs["metrics"]
             outputs["metrics"]["grad_norm"] = grad_norm
-            # one value per mini-batch, as a list like verl's per-micro-batch metrics (the worker gathers lists
-            # over data-parallel ranks; GR's metrics are global, the same on every rank)
-            outputs["metrics"].update({f"grad_reg/{k}": [v] for k, v in gr.metrics(sync=True).items()})
+            # a list, like verl's per-micro-batch metrics (the worker gathers lists over data-parallel ranks; GR's
+            # metrics are global, the same on every rank)
+            outputs["metrics"].update({f"grad_reg/{k}": [v] for k, v in summary.items()})
         return outputs
 
     def _split_for_subset(self, data: Any) -> _Split | None:
@@ -330,7 +252,7 @@ class GradRegEngineMixin:
         if cfg.subset_fraction >= 1.0:
             return None
         return split_mini_batch(data, cfg.subset_fraction, cfg.subset_by, group=self.get_data_parallel_group(),
-                                seed=(cfg.seed, self._grad_reg.metrics(sync=False)["step"]))
+                                seed=(cfg.seed, self._grad_reg.engine.step_count))
 
     def optimizer_step(self) -> float:
         try:
@@ -421,8 +343,6 @@ def _drop_pending_fsdp2_grads(module: torch.nn.Module) -> None:
     """Forget the unsharded gradients FSDP2 accumulates on micro-batches without gradient sync. After an exception
     in the middle of an accumulation window they would otherwise be reduced into the next step's gradient
     (``zero_grad`` only clears the sharded ``.grad``). Reaches FSDP2's ``FSDPParam`` (torch >= 2.6 internals)."""
-    from grkernels.distributed import _fsdp2_params
-
     mine = {id(p) for p in module.parameters()}
     for key, (fsdp_param, _) in _fsdp2_params().items():
         if key not in mine:
