@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -13,16 +14,34 @@ from torch import nn
 PAPER_EXCLUDE_NAMES: tuple[str, ...] = ("embed", "wte", "wpe", "lm_head")
 
 
+#: Names (the last part of a module's name) of output heads in hand-written models.
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "out", "output", "output_layer", "unembed")
+
+
+def _in_layer_stack(name: str) -> bool:
+    """Whether a module sits inside a numbered block (``blocks.3.attn.out``): an attention's ``out`` projection
+    there is not the model's head. The last part may be a number (``net.4``: the last layer of a Sequential)."""
+    return any(part.isdigit() for part in name.split(".")[:-1])
+
+
 def paper_exclude(model: nn.Module) -> list[torch.Tensor]:
-    """Parameters the GR paper leaves out of GR: every ``nn.Embedding`` (token, position, type embeddings), the
-    model's output embeddings (``get_output_embeddings()`` on Hugging Face models) and parameters named ``lm_head``.
+    """Parameters the GR paper leaves out of GR: the input embeddings and the output head.
+
+    Found as: every ``nn.Embedding`` (token, position, type embeddings); the model's output embeddings
+    (``get_output_embeddings()`` on Hugging Face models) and parameters named ``lm_head``; and in other models the
+    output head, an ``nn.Linear`` outside the numbered blocks that is named like one (the last part of its name in
+    :data:`HEAD_NAMES`: ``head``, ``out``, ``output`` ...) or that projects onto the vocabulary (``out_features``
+    equal to an embedding's ``num_embeddings``). Warns when it finds nothing at all to exclude (GR then covers
+    every parameter, the head included): pass ``exclude=`` explicitly.
 
     Including them can make the GR correction dominate the gradient: in a toy GRPO run measured while planning at
     γ = 100, the output head's curvature made ‖GR − g1‖ 80–120× ‖g1‖ and training broke down.
     """
     found: dict[int, torch.Tensor] = {}
+    vocab: set[int] = set()
     for module in model.modules():
         if isinstance(module, nn.Embedding):
+            vocab.add(module.num_embeddings)
             for p in module.parameters(recurse=False):
                 found[id(p)] = p
     get_out = getattr(model, "get_output_embeddings", None)
@@ -33,6 +52,17 @@ def paper_exclude(model: nn.Module) -> list[torch.Tensor]:
     for name, p in model.named_parameters():
         if "lm_head" in name:
             found[id(p)] = p
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Linear) and not _in_layer_stack(name)
+                and (name.rsplit(".", 1)[-1] in HEAD_NAMES or module.out_features in vocab)):
+            for p in module.parameters(recurse=False):
+                found[id(p)] = p
+    if not found:
+        warnings.warn(
+            f"paper_exclude({type(model).__name__}): found no embedding and no output head (no nn.Embedding, no "
+            f"get_output_embeddings(), no nn.Linear named {'/'.join(HEAD_NAMES)} outside the numbered blocks), so "
+            "it excludes nothing and GR covers every parameter, the output layer included. Pass exclude= the "
+            "output layer's parameters (GR on the head can break training)", UserWarning, stacklevel=2)
     return list(found.values())
 
 
