@@ -341,3 +341,92 @@ def test_no_host_sync_on_cuda(isl):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.device.type == "cuda" for v in metrics.values())
+
+
+# ---------------------------------------------------------------------------------------- num_items (N)
+def _n_inputs(B=3, T=5, V=23, seed=21):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g) * 2
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[0, 0] = True
+    adv = torch.randn(B, generator=g)
+    old = (torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
+           + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()  # fmt: skip
+    return logits, ids, mask, adv, old
+
+
+def _entry_points(logits, ids, mask, adv, old, backend, importance_sampling="token"):
+    """{name: call(num_items)} of policy_loss, fused_linear_policy_loss (logits = hidden @ W^T) and
+    policy_loss_from_logp (the log-probs computed once, by ``backend``)."""
+    kw = dict(loss_agg="dapo", importance_sampling=importance_sampling)
+    V = logits.shape[-1]
+    hidden = logits[..., :7]
+    weight = torch.eye(7, device=logits.device).repeat(4, 1)[:V].contiguous()  # [V, 7]: logits' first 7 columns
+    lp, h = ops.logp_and_entropy(logits, ids, active=mask, backend=backend)
+    return {
+        "policy_loss": lambda n: ops.policy_loss(logits, ids, adv, mask, old, num_items=n, backend=backend, **kw),
+        "fused_linear_policy_loss": lambda n: ops.fused_linear_policy_loss(
+            hidden, weight, None, ids, adv, mask, old, chunk_size=4, num_items=n, backend=backend, **kw
+        ),
+        "policy_loss_from_logp": lambda n: ops.policy_loss_from_logp(lp, h, adv, mask, old, num_items=n, **kw),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_items_must_be_finite_and_positive(backend, device):
+    """num_items <= 0 used to flip the loss's sign (-3) or divide by zero (0): every op refuses it by name."""
+    logits, ids, mask, adv, old = _to(device, *_n_inputs())
+    bad = [-3.0, 0, 0.0, -0.0, float("nan"), float("inf"), -float("inf"), True, "40", [40.0]]
+    if device == "cpu":  # a tensor's value is checked on the host on CPU (a device-side assert on CUDA)
+        bad += [torch.tensor(-3.0), torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor(0.0),
+                torch.tensor(0)]  # fmt: skip
+    bad += [torch.tensor([40.0, 40.0], device=device), torch.tensor(True, device=device)]
+    for isl in ("token", "sequence"):
+        for name, call in _entry_points(logits, ids, mask, adv, old, backend, isl).items():
+            for n in bad:
+                with pytest.raises(ValueError, match="num_items"):
+                    call(n)
+                    raise AssertionError(f"{name} accepted num_items={n!r}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+def test_num_items_tensor_equals_the_number_and_float64(backend, importance_sampling, device):
+    """A tensor N (0-d, [1], integer) gives the float64 loss sum(l m) / N and its gradient, as the number does."""
+    logits, ids, mask, adv, old = _n_inputs(seed=22)
+    xr = logits.double().requires_grad_()
+    want, _ = _trl_loss(xr, ids, adv.double(), mask, old.double(), None, 0.0, 0.2, 0.2, "dapo", importance_sampling,
+                        1.0, 0.0, num_items=37.0)  # fmt: skip
+    want.backward()
+    for n in (37.0, torch.tensor(37.0), torch.tensor([37.0]), torch.tensor(37)):
+        x = logits.clone().to(device).requires_grad_()
+        n = n.to(device) if isinstance(n, torch.Tensor) else n
+        loss, _ = ops.policy_loss(x, *_to(device, ids, adv, mask, old), loss_agg="dapo",
+                                  importance_sampling=importance_sampling, num_items=n, backend=backend)  # fmt: skip
+        assert loss.dim() == 0
+        torch.testing.assert_close(loss.detach().cpu().double(), want.detach(), atol=1e-6, rtol=1e-5)
+        loss.backward()
+        scale = xr.grad.abs().max().item()
+        torch.testing.assert_close(x.grad.cpu().double(), xr.grad, atol=2e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_items_zero_tensor_of_an_all_masked_batch_is_zero_on_every_backend(backend, device):
+    """A device-computed count of an all-padding batch is 0: the loss is 0 with zero gradient everywhere (it was
+    0/0 = NaN on torch and NaN gradients on C++), while a 0 with active tokens is refused."""
+    logits, ids, mask, adv, old = _to(device, *_n_inputs(seed=23))
+    none = torch.zeros_like(mask)
+    zero = torch.tensor(0.0, device=device)
+    for isl in ("token", "sequence"):
+        x = logits.clone().requires_grad_()
+        for name, call in _entry_points(x, ids, none, adv, old, backend, isl).items():
+            loss, metrics = call(zero)
+            assert loss.item() == 0.0, name
+            assert all(torch.isfinite(v) for v in metrics.values()), name
+            loss.backward()
+            assert x.grad is None or (x.grad == 0).all(), name
+        if device == "cpu":
+            with pytest.raises(ValueError, match="num_items"):
+                ops.policy_loss(logits, ids, adv, mask, old, loss_agg="dapo", importance_sampling=isl,
+                                num_items=zero, backend=backend)  # fmt: skip

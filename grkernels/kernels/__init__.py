@@ -1,13 +1,15 @@
 """Kernels of grkernels, and the one place that says which implementation runs and why.
 
-Implementations of an op: ``"torch"`` (the plain-PyTorch specification in ``grkernels/ops/losses.py`` and
+Implementations of an op: ``"torch"`` (the plain-PyTorch specifications in ``grkernels/ops/spec.py`` and
 ``grkernels/backends/reference.py``), ``"cpp"`` (the C++ CPU kernels of the extension ``grkernels._C``, built from
 ``csrc/``) and ``"triton"`` (the Triton kernels in this package). :func:`select_backend` is the one rule for
 the loss ops, :func:`resolve_backend` the same rule for the GR step (``GradReg``'s backends:
 ``backends.reference.TorchGRStep``, ``backends.cpp.CppGRStep``, ``backends.triton.TritonGRStep``).
 Triton runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 triton was imported (that is how CI checks every kernel without a GPU). A kernel file holds the kernel and
-its launcher; the ops are registered with ``torch.library`` in :mod:`grkernels.library`.
+its launcher (``cpp_losses.py`` and ``cpp_gr_step.py``: the launchers of the C++ kernels); nothing here imports
+the layers above (the loss ops are registered with ``torch.library`` in :mod:`grkernels.ops.custom_ops`, the GR
+step's backends live in :mod:`grkernels.backends`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ _PROBES: dict[str, object] = {}
 
 
 def triton_installed() -> bool:
+    """Whether triton imports (probed once per process; ``grkernels.ops`` then imports the Triton kernels)."""
     if "triton" not in _PROBES:
         try:
             import triton  # noqa: F401
-        except ImportError:
+        except Exception:  # not installed, or a broken install: run without it rather than fail on import
             _PROBES["triton"] = False
         else:
             _PROBES["triton"] = True

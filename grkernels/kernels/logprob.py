@@ -13,8 +13,8 @@ exp(-inf) = 0 and are kept out of ``a`` (0 * -inf would be NaN). One exp per ele
 being the limit at H100 bandwidth, so per-lane running maxima, which cost two, are not used): the max is one
 block reduction per slice, while ``s`` and ``a`` are per-lane vectors rescaled by the shared factor and summed
 once at the end. Compiled for sm_90 (bf16, BLOCK_V 4096, 8 warps): 64 registers, no spills, 128-bit loads.
-Saved for backward (by the op's autograd in ``grkernels/library.py``, where these launchers are registered as
-the CUDA kernels of ``torch.ops.grkernels``): the logits themselves plus ``m``, ``log s`` and ``H``, fp32
+Saved for backward (by the op's autograd in ``grkernels/ops/custom_ops.py``, where these launchers are registered
+as the CUDA kernels of ``torch.ops.grkernels``): the logits themselves plus ``m``, ``log s`` and ``H``, fp32
 ``[tokens]`` (O(tokens)).
 
 Backward, one pass reading the logits and writing their gradient (optionally into the logits buffer):
@@ -23,7 +23,9 @@ Backward, one pass reading the logits and writing their gradient (optionally int
     dL/dlogits_j = inv_temp * ( g_lp (1[j = y] - p_j) - g_H p_j (log p_j + H) )
 
 where ``g_lp``, ``g_H`` are the upstream gradients of logp and H. Tokens that are inactive, or whose
-upstream gradients are both zero (masked tokens of a policy loss), load no logits and store zeros.
+upstream gradients are both zero (masked tokens of a policy loss), load no logits and store zeros; except that
+a row whose saved log-sum-exp is not finite (its logits hold a NaN or +inf, or are -inf everywhere) stores NaN
+whatever the upstream gradient (p_j is NaN: the rule for non-finite rows of ``grkernels/ops/spec.py``).
 The chosen id is clamped into [0, V) inside the kernel: ids are range-checked by the caller (a host check on
 CPU, ``torch._assert_async`` on CUDA, which does not synchronise), and padding ids of masked tokens must
 never address memory.

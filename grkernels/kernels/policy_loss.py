@@ -18,8 +18,8 @@ autograd's through the reference expression exactly, and writes five per-token v
 masked entropy, KL, low/high clip indicators) that a single ``sum`` reduces to the loss and the metrics.
 Backward is ``logprob.py``'s single pass over the logits with ``g_lp = w l' * dL`` and ``g_H = -c u * dL``.
 Saved: the logits and five fp32 ``[tokens]`` vectors. The launcher below is the CUDA (and interpreted CPU)
-kernel of ``torch.ops.grkernels.policy_loss_terms`` (``grkernels/library.py``: autograd, fake, the C++ twin);
-``grkernels.kernels.fused_linear.FusedLinearPolicyLossFunction`` applies the op to ``hidden @ W^T`` chunk by
+kernel of ``torch.ops.grkernels.policy_loss_terms`` (``grkernels/ops/custom_ops.py``: autograd, fake, the C++
+twin); ``grkernels.ops.fused_linear.FusedLinearPolicyLossFunction`` applies the op to ``hidden @ W^T`` chunk by
 chunk and forms the parameter gradients in the forward pass.
 GSPO's sequence-level ratios need the whole sequence's log-probs before any token's loss: that case uses
 the generic path (log-prob/entropy kernel + torch epilogue).
