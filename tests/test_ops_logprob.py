@@ -250,6 +250,18 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
 
 
 @requires_triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter is a CPU matter")
+def test_triton_kernels_built_without_the_interpreter_are_refused_on_cpu(monkeypatch):
+    """TRITON_INTERPRET=1 set only after grkernels imported the Triton kernels (they were then built for the GPU):
+    a clear error naming the fix, not a failure inside triton."""
+    from grkernels.ops import custom_ops
+
+    monkeypatch.setattr(custom_ops.triton_logprob, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 before grkernels"):
+        ops.selective_log_softmax(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="triton")
+
+
+@requires_triton
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     b=st.integers(1, 3),

@@ -430,3 +430,16 @@ def test_num_items_zero_tensor_of_an_all_masked_batch_is_zero_on_every_backend(b
             with pytest.raises(ValueError, match="num_items"):
                 ops.policy_loss(logits, ids, adv, mask, old, loss_agg="dapo", importance_sampling=isl,
                                 num_items=zero, backend=backend)  # fmt: skip
+
+
+def test_num_items_tensor_is_checked_without_a_host_read_where_one_would_sync(monkeypatch):
+    """On CUDA and under torch.compile a tensor N is checked by torch._assert_async (a device-side assertion, no
+    host read); stood in for here by making the ops believe they are being compiled (on CPU it raises at once)."""
+    logits, ids, mask, adv, old = _n_inputs(seed=24)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for n in (torch.tensor(-3.0), torch.tensor(float("nan"))):
+        with pytest.raises(RuntimeError, match="num_items"):
+            ops.policy_loss(logits, ids, adv, mask, old, loss_agg="dapo", num_items=n, backend="torch")
+    loss, _ = ops.policy_loss(logits, ids, adv, mask, old, loss_agg="dapo", num_items=torch.tensor(7.0),
+                              backend="torch")  # fmt: skip
+    assert torch.isfinite(loss)
