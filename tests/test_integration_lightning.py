@@ -24,21 +24,23 @@ GAMMA, EPS, LR = 0.5, 1e-3, 0.05
 N_SAMPLES, MICRO = 5 * 6, 5  # 6 micro-batches of 5
 
 
-def data() -> torch.utils.data.DataLoader:
+def data(dtype: torch.dtype = torch.float64) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(N_SAMPLES, 5, generator=g, dtype=torch.float64)
-    y = torch.randn(N_SAMPLES, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(N_SAMPLES, 5, generator=g, dtype=dtype)
+    y = torch.randn(N_SAMPLES, 3, generator=g, dtype=dtype)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=MICRO, shuffle=False)
 
 
 class Module(L.LightningModule):
     """A float64 tanh MLP with dropout; records the gradient and θ the base optimizer sees."""
 
-    def __init__(self, manual: bool = False, warmup_steps: int = 0, dropout: float = 0.3):
+    def __init__(self, manual: bool = False, warmup_steps: int = 0, dropout: float = 0.3,
+                 dtype: torch.dtype = torch.float64, plain: bool = False):
         super().__init__()
-        self.net = tanh_mlp(seed=0, dropout=dropout)
+        self.net = tanh_mlp(seed=0, dropout=dropout, dtype=dtype)
         self.automatic_optimization = not manual
         self.warmup_steps = warmup_steps
+        self.plain = plain  # configure_optimizers returns the plain SGD (the callback wraps it with its settings)
         self.seen: list[dict] = []
         self.logged = 0
 
@@ -74,6 +76,8 @@ class Module(L.LightningModule):
             "grad": [p.grad.detach().clone() for p in self.parameters()],
             "theta": [p.detach().clone() for p in self.parameters()],
         }))
+        if self.plain:
+            return base
         return GradReg(base, strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None, exclude=[self.net[-1].bias],
                        warmup_steps=self.warmup_steps)
 
@@ -88,22 +92,26 @@ class Recorder(L.Callback):
         self.batches.append((batch, torch.get_rng_state(), [p.detach().clone() for p in pl_module.parameters()]))
 
 
-def fit(accumulate: int, clip: float | None, manual: bool = False, warmup_steps: int = 0, steps: int = 2):
-    module, rec = Module(manual=manual, warmup_steps=warmup_steps), Recorder()
+def fit(accumulate: int, clip: float | None, manual: bool = False, warmup_steps: int = 0, steps: int = 2,
+        precision: str = "64-true", callback: GradRegCallback | None = None, **module_kw):
+    module, rec = Module(manual=manual, warmup_steps=warmup_steps, **module_kw), Recorder()
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
-        precision="64-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[rec, GradRegCallback()],
+        precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[rec, callback or GradRegCallback()],
     )
-    trainer.fit(module, data())
+    trainer.fit(module, data(module_kw.get("dtype", torch.float64)))
     return trainer, module, rec
 
 
-def expected(module: Module, window: list[tuple], accumulate: int, clip: float | None, gr_on: bool = True):
-    """GR over the window at θ (the window's first θ), then torch's norm clipping (max_norm / (‖g‖ + 1e-6))."""
+def expected(module: Module, window: list[tuple], accumulate: int, clip: float | None, gr_on: bool = True,
+             eps: float = EPS, autocast: bool = False, excluded: set[str] | None = None):
+    """GR over the window at θ (the window's first θ), then torch's norm clipping (max_norm / (‖g‖ + 1e-6)).
+    ``autocast``: each forward under CPU bf16 autocast, as Lightning's "bf16-mixed" runs it."""
     names = [n for n, _ in module.net.named_parameters()]
     theta = dict(zip(names, window[0][2]))
-    excluded = {n for n, p in module.net.named_parameters() if p is module.net[-1].bias}  # as configured
+    if excluded is None:  # as configured
+        excluded = {n for n, p in module.net.named_parameters() if p is module.net[-1].bias}
     module.net.train()
 
     def grad(params):
@@ -111,16 +119,18 @@ def expected(module: Module, window: list[tuple], accumulate: int, clip: float |
         for batch, rng, _ in window:
             torch.set_rng_state(rng)
             x, y = batch
-            total = total + nn.functional.mse_loss(functional_call(module.net, params, (x,)), y) / accumulate
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = nn.functional.mse_loss(functional_call(module.net, params, (x,)), y)
+            total = total + loss / accumulate
         ps = [params[n] for n in names]
         return dict(zip(names, torch.autograd.grad(total, ps)))
 
     t1 = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
     g1 = grad(t1)
     if gr_on:
-        t2 = {n: (t + (0 if n in excluded else EPS) * g1[n]).detach().requires_grad_(True) for n, t in theta.items()}
+        t2 = {n: (t + (0 if n in excluded else eps) * g1[n]).detach().requires_grad_(True) for n, t in theta.items()}
         g2 = grad(t2)
-        out = [g1[n] if n in excluded else g1[n] + (GAMMA / EPS) * (g2[n] - g1[n]) for n in names]
+        out = [g1[n] if n in excluded else g1[n] + (GAMMA / eps) * (g2[n] - g1[n]) for n in names]
     else:
         out = [g1[n] for n in names]
     if clip is not None:
@@ -146,6 +156,122 @@ def test_gradient_over_the_window_matches_recomputation(accumulate, clip):
         assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in module.seen[0]["grad"]]))) < clip + 1e-6
     m = trainer.callback_metrics
     assert float(m["grad_reg/step"]) == steps and float(m["grad_reg/gr_rel"]) > 0
+
+
+def test_bf16_mixed_with_gradient_clipping_matches_recomputation():
+    """The documented recipe: precision="bf16-mixed" with gradient_clip_val and GradRegCallback (CPU autocast over
+    fp32 weights). Lightning clips the combined GR gradient (LightningGradReg does not unscale, so the plugin allows
+    the clip). The stepped gradient equals the same GR recomputed with each forward under bf16 autocast, to the
+    reduction-order noise that the finite difference amplifies; the clip binds; GR changes the gradient. (With the
+    core's former ``_step_supports_amp_scaling`` flag Lightning refused the clip: "does not allow for gradient
+    clipping because it performs unscaling".)"""
+    eps = 0.05  # the perturbation ε·g1 is many bf16 ulps of the weights, so it survives the autocast
+    callback = GradRegCallback(strength=GAMMA, eps=eps, g1_clip=None, g2_clip=None, exclude=["net.5.bias"])
+    clip, steps = 0.05, 2
+    trainer, module, rec = fit(3, clip, steps=steps, precision="bf16-mixed", callback=callback,
+                               dtype=torch.float32, plain=True)
+    assert trainer.global_step == steps and len(module.seen) == steps
+    for s, seen in enumerate(module.seen):
+        window = rec.batches[s * 3:(s + 1) * 3]
+        assert bitwise_equal(seen["theta"], window[0][2])
+        exp, g1 = expected(module, window, 3, clip, eps=eps, autocast=True)
+        assert rel_err(seen["grad"], exp) < 1e-5  # measured: 0 and 8.6e-8
+        assert rel_err(g1, exp) > 0.05
+        unclipped, _ = expected(module, window, 3, None, eps=eps, autocast=True)
+        assert float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in unclipped]))) > 2 * clip
+        # and the bf16 forward's error against an fp32 computation is far below the GR correction
+        fp32, _ = expected(module, window, 3, clip, eps=eps)
+        assert rel_err(seen["grad"], fp32) < 0.2 * rel_err(g1, exp)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])
+def test_settings_on_the_callback_wrap_the_plain_optimizer(precision):
+    """GradRegCallback(**settings) with a plain optimizer from configure_optimizers: the same GR gradient."""
+    dtype = torch.float64 if precision == "64-true" else torch.float32
+    callback = GradRegCallback(strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None, exclude=["net.5.bias"])
+    trainer, module, rec = fit(3, 0.05, precision=precision, callback=callback, dtype=dtype, plain=True)
+    assert isinstance(callback.grad_reg, GradReg) and callback.grad_reg.eps == EPS
+    for s, seen in enumerate(module.seen):
+        exp, g1 = expected(module, rec.batches[s * 3:(s + 1) * 3], 3, 0.05)
+        assert rel_err(seen["grad"], exp) < (1e-6 if dtype == torch.float64 else 2e-3)
+        assert rel_err(g1, exp) > 0.01
+
+
+def test_callback_settings_are_validated_and_not_given_twice():
+    with pytest.raises(ValueError, match="GR setting eps=-1"):
+        GradRegCallback(eps=-1)
+    with pytest.raises(TypeError, match="unknown GR setting 'gamma'"):
+        GradRegCallback(gamma=1.0)
+    with pytest.raises(TypeError, match="carries its own GR settings"):
+        fit(1, None, callback=GradRegCallback(strength=1.0))  # configure_optimizers returns a GradReg
+
+
+class StepMetrics(L.Callback):
+    """GR's metrics after each optimizer step (what the log interval averages)."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        gr = trainer.strategy.optimizers[0].grad_reg
+        if gr.metrics()["step"] > len(self.steps):
+            self.steps.append(gr.metrics())
+
+
+def test_adaptive_strength_and_the_logged_interval_mean():
+    """strength="auto" on the callback reaches the engine (γ moves towards the target each step); with
+    log_every_n_steps=2 the logger writes each value's mean over the two steps since its last write."""
+    from lightning.pytorch.loggers import Logger
+
+    class Capture(Logger):
+        name, version, experiment = "capture", 0, None
+        writes: list[dict] = []
+
+        def log_metrics(self, metrics, step=None):
+            Capture.writes.append(dict(metrics))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    callback = GradRegCallback(strength="auto", target_rel=0.05, strength_init=3.0, eps=EPS, exclude=[])
+    per_step = StepMetrics()
+    module = Module(plain=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=1, precision="64-true",
+                        logger=Capture(), log_every_n_steps=2, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, per_step])
+    trainer.fit(module, data())
+    assert callback.grad_reg.engine.controller is not None and callback.grad_reg.engine.controller.updates == 4
+    gammas = [m["strength"] for m in per_step.steps]
+    assert gammas[0] == pytest.approx(3.0) and len(set(gammas)) == 4
+    for g, g_next, m in zip(gammas, gammas[1:], per_step.steps):
+        assert (g_next > g) == (m["gr_rel"] < 0.05)
+    writes = [w for w in Capture.writes if "grad_reg/gr_rel" in w]
+    assert len(writes) == 2
+    for k, w in enumerate(writes):
+        pair = per_step.steps[2 * k: 2 * k + 2]
+        for key in ("gr_rel", "g1_norm", "strength"):
+            assert w[f"grad_reg/{key}"] == pytest.approx(sum(m[key] for m in pair) / 2, rel=1e-5), key
+        assert w["grad_reg/step"] == 2 * k + 2
+
+
+def test_exact_estimator_keeps_lightnings_graph():
+    """estimator="exact": the callback makes Lightning's backward keep the graph, and the step gets g1 + γ·H·g1
+    over the whole window (float64 double backprop with each micro-batch's dropout mask), no replay."""
+    callback = GradRegCallback(strength=GAMMA, estimator="exact", g1_clip=None, g2_clip=None, exclude=[])
+    trainer, module, rec = fit(3, None, callback=callback, plain=True)
+    assert module.logged == 2 * 3  # no replayed training_step
+    names = [n for n, _ in module.net.named_parameters()]
+    for s, seen in enumerate(module.seen):
+        window = rec.batches[s * 3:(s + 1) * 3]
+        theta = {n: t.clone().requires_grad_(True) for n, t in zip(names, window[0][2])}
+        total = 0.0
+        for (x, y), rng, _ in window:
+            torch.set_rng_state(rng)
+            total = total + nn.functional.mse_loss(functional_call(module.net, theta, (x,)), y) / 3
+        g1 = torch.autograd.grad(total, list(theta.values()), create_graph=True)
+        hv = torch.autograd.grad(g1, list(theta.values()), grad_outputs=[g.detach() for g in g1])
+        exp = [a.detach() + GAMMA * h for a, h in zip(g1, hv)]
+        assert rel_err(seen["grad"], exp) < 1e-10 and rel_err([g.detach() for g in g1], exp) > 0.01
 
 
 def test_warmup_step_is_plain_then_gr():
