@@ -1,12 +1,11 @@
-"""``grkernels.info()`` and ``python -m grkernels info``: which implementation each op runs here, and why.
+"""``grkernels.info()``: which implementation each op runs here, and why (``grkernels info`` prints it, with
+the package versions, through :mod:`grkernels.about`).
 
 The answer comes from the one dispatch rule, :func:`grkernels.kernels.auto_backend`. The loss ops themselves
 are registered with ``torch.library`` in :mod:`grkernels.ops.custom_ops`.
 """
 
 from __future__ import annotations
-
-import argparse
 
 import torch
 
@@ -18,7 +17,7 @@ def info(device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
 
     ``device``: "cpu", "cuda", ... (default: CPU, plus CUDA when available). Returns
     ``{"<op> [<device>]": {"implementation": ..., "reason": ...}, "grkernels._C": {...}, "triton": {...}}``.
-    ``python -m grkernels info`` prints the same.
+    ``grkernels info`` prints the same table.
     """
     devices = [torch.device(device)] if device is not None else [torch.device("cpu")]
     if device is None and torch.cuda.is_available():
@@ -41,24 +40,4 @@ def info(device: str | torch.device | None = None) -> dict[str, dict[str, str]]:
     return out
 
 
-def format_info(table: dict[str, dict[str, str]] | None = None) -> str:
-    """:func:`info` as aligned text lines."""
-    table = info() if table is None else table
-    width = max(len(k) for k in table)
-    return "\n".join(f"{k:<{width}}  {v['implementation']:<16} {v['reason']}" for k, v in table.items())
-
-
-def info_main(argv: list[str]) -> int:
-    """``python -m grkernels info [--device DEV]``: print :func:`info`."""
-    parser = argparse.ArgumentParser(prog="grkernels info", description="which implementation each op uses")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu, plus cuda when available)")
-    args = parser.parse_args(argv)
-    try:
-        table = info(args.device)
-    except RuntimeError as err:  # e.g. an unknown device string
-        parser.error(str(err))
-    print(format_info(table))
-    return 0
-
-
-__all__ = ["format_info", "info", "info_main"]
+__all__ = ["info"]
