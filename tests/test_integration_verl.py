@@ -380,6 +380,19 @@ def test_faults_in_the_pass_at_theta_prime(run, name):
         assert _equal(f["after_nan_step"]["params"], clean["params"])
 
 
+def test_adaptive_strength_from_verls_config(run):
+    """``optim.grad_reg.strength: auto``: step 1 runs at strength_init (the fixed-γ recomputation), and after it γ
+    moves towards ``target_rel`` (up when gr_rel was below it); the γ in use is the logged grad_reg/strength."""
+    case = W.CASES["auto_strength"]
+    first_ref = reference_step(run["dir"], run["batch"], dict(case, grad_reg=dict(W.GR)))
+    for rank in run["results"]["auto_strength"]:
+        first, second = rank["steps"]
+        g_first, g_second = first["metrics"]["grad_reg/strength"][0], second["metrics"]["grad_reg/strength"][0]
+        assert g_first == pytest.approx(W.GR["strength"]) and g_second != g_first
+        assert (g_second > g_first) == (first["metrics"]["grad_reg/gr_rel"][0] < W.AUTO_TARGET)
+        assert rel_error(first["grad"], first_ref["grad"]) < 1e-5
+
+
 def test_dropout_masks_are_replayed_per_micro_batch(run):
     """With attention dropout, GR's correction (γ/ε)(g2 − g1) estimates γ·H·v only if g2 sees g1's masks: then it
     does not change when ε shrinks 10×; with the replay switched off it grows like 1/ε (different masks)."""
@@ -425,22 +438,55 @@ def test_config_in_verls_style(cpu_verl):
 
 
 @pytest.mark.parametrize(("settings", "error", "match"), [
-    (dict(estimator="exact"), ValueError, "cannot run in verl"),
-    (dict(strength=-1.0), ValueError, "strength"),
-    (dict(eps=0.0), ValueError, "eps"),
-    (dict(eps_mode="relative"), ValueError, "eps_mode"),
-    (dict(warmup_steps=-2), ValueError, "warmup_steps"),
-    (dict(gamma=0.1), TypeError, "gamma"),
-    (dict(subset_fraction=0.0), ValueError, "subset_fraction"),
-    (dict(subset_fraction=1.5), ValueError, "subset_fraction"),
-    (dict(subset_by="loss"), ValueError, "subset_by"),
+    (dict(estimator="exact"), ValueError, "GR setting estimator='exact': not supported under verl: FSDP2"),
+    (dict(strength=-1.0), ValueError, "GR setting strength=-1.0"),
+    (dict(strength="atuo"), ValueError, "GR setting strength='atuo'"),
+    (dict(eps=0.0), ValueError, "GR setting eps=0.0"),
+    (dict(eps_mode="relative"), ValueError, "GR setting eps_mode='relative'"),
+    (dict(warmup_steps=-2), ValueError, "GR setting warmup_steps=-2"),
+    (dict(gamma=0.1), TypeError, "unknown GR setting 'gamma'"),
+    (dict(subset_fraction=0.0), ValueError, "GR setting subset_fraction=0.0"),
+    (dict(subset_fraction=1.5), ValueError, "GR setting subset_fraction=1.5"),
+    (dict(subset_by="loss"), ValueError, "GR setting subset_by='loss'"),
     (dict(subset_fraction=0.5, lean=True), ValueError, "lean"),
+    (dict(lean="yes"), TypeError, "GR setting lean='yes'"),
 ])
 def test_bad_settings_fail_at_config_time(cpu_verl, settings, error, match):
-    from grkernels.integrations.verl import GradRegFSDPOptimizerConfig
+    """Every bad value fails when verl builds the config, with the schema's message (grkernels.settings), whether
+    the config comes as a mapping or as GradRegConfig itself."""
+    from grkernels.integrations.verl import GradRegConfig, GradRegFSDPOptimizerConfig
 
     with pytest.raises(error, match=match):
         GradRegFSDPOptimizerConfig(grad_reg=settings)
+    if error is ValueError:
+        with pytest.raises(error, match=match):
+            GradRegConfig(**settings)
+
+
+def test_config_is_the_schema(cpu_verl):
+    """GradRegConfig's fields are the schema's settings with its defaults; every engine setting reaches the
+    settings the engine's GradReg is built from; strength "auto" (as a Hydra override gives it) is the adaptive
+    strength."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from grkernels.integrations.verl import GradRegConfig, GradRegFSDPOptimizerConfig, grad_reg_config
+    from grkernels.settings import SETTINGS
+
+    fields = {f.name: f.default for f in dataclasses.fields(GradRegConfig) if f.name != "_target_"}
+    assert fields == {s.name: s.default for s in SETTINGS}
+    chosen = {"strength": "auto", "target_rel": 0.5, "strength_init": 0.002, "eps": 0.02, "eps_mode": "radius",
+              "g1_clip": 3.0, "g2_clip": 3.0, "estimator": "central", "warmup_steps": 2, "every": 3,
+              "reuse": "orthogonal", "rounding": "nearest", "backend": "torch", "lean": True,
+              "skip_nonfinite": False, "seed": 11}
+    assert sorted(chosen) == sorted(s.name for s in SETTINGS if s.scope == "engine")
+    raw = OmegaConf.create({"_target_": "grkernels.integrations.verl.GradRegFSDPOptimizerConfig", "lr": 1e-6,
+                            "grad_reg": {**chosen, "exclude": "none"}})
+    cfg = omega_conf_to_dataclass(raw)
+    assert isinstance(cfg, GradRegFSDPOptimizerConfig) and grad_reg_config(cfg) is cfg.grad_reg
+    assert cfg.grad_reg.settings().as_dict("engine") == chosen and cfg.grad_reg.exclude == []
 
 
 def test_engine_registration(cpu_verl, monkeypatch):

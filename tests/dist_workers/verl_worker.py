@@ -30,6 +30,7 @@ CLIP_GRAD = 0.5  # verl's optim.clip_grad, on the combined gradient
 #: case -> settings: "engine" ("verl": verl's own FSDPEngineWithLMHead; "gr": grkernels' engine), "grad_reg"
 #: (GradRegConfig fields, None: plain FSDPOptimizerConfig), "loss" (ActorConfig loss fields), "steps".
 GR = dict(strength=15.0, eps=5e-2, g1_clip=0.05, g2_clip=0.05)
+AUTO_TARGET = 0.05  # the adaptive strength's target gr_rel
 KL = dict(loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="low_var_kl")
 CASES: dict[str, dict[str, Any]] = {
     "verl": dict(engine="verl", grad_reg=None, loss=KL),
@@ -57,6 +58,9 @@ CHEAP: dict[str, dict[str, Any]] = {
     "subset_random": dict(engine="gr", grad_reg=dict(GR, subset_fraction=0.5, subset_by="random"),
                           loss=dict(loss_agg_mode="seq-mean-token-mean", use_kl_loss=False)),
     "every_orth": dict(engine="gr", grad_reg=dict(GR, every=2, reuse="orthogonal"), loss=KL, steps=2),
+    # the adaptive strength from verl's config: γ starts at strength_init and moves towards target_rel after step 1
+    "auto_strength": dict(engine="gr", grad_reg=dict(GR, strength="auto", target_rel=AUTO_TARGET,
+                                                     strength_init=GR["strength"]), loss=KL, steps=2),
 }
 CASES.update(CHEAP)
 #: verl's dynamic batch size (micro-batches packed up to a token budget, rearranged by length): full GR, and the
@@ -235,16 +239,24 @@ def dropout_runs(model_dir: str, td) -> dict[str, dict[str, list[float]]]:
     from grkernels.integrations import verl as gr_verl
 
     out = {}
+    window = gr_verl.Window  # the micro-batch record verl's GR engine uses (grkernels.integrations.common)
+
+    def no_replay(self) -> None:  # record and count, but never set the RNG back before a micro-batch at θ'
+        if self.replaying:
+            self.index += 1
+        else:
+            self.record()
+
     for name, eps in DROPOUT.items():
-        replay = gr_verl._MicroBatchRNG.at_micro_batch
+        replay = window.at_micro_batch
         if name.startswith("no_replay"):
-            gr_verl._MicroBatchRNG.at_micro_batch = lambda self: None
+            window.at_micro_batch = no_replay
         try:
             worker = make_worker(model_dir, dict(CASES["gr_kl"], grad_reg=dict(GR, eps=eps)), dropout=0.3)
             torch.manual_seed(1234)  # the same masks at θ in every run: only ε and the replay differ
             out[name] = run_step(worker, td)["metrics"]
         finally:
-            gr_verl._MicroBatchRNG.at_micro_batch = replay
+            window.at_micro_batch = replay
     return out
 
 
