@@ -592,3 +592,46 @@ def test_gr_head_is_gr_on_the_head_from_cached_hidden_states(tiny_setup, monkeyp
     spec = cli.parse_sweep("gr_head:1,10")
     assert [(lab, v.method, v.gamma) for lab, v in tiny_config(sweep=spec).variants()][1:] == [
         ("gr_head@1", "gr_head", 1.0), ("gr_head@10", "gr_head", 10.0)]
+
+
+# ------------------------------------------------------------------------------------------ adaptive strength
+def test_gr_auto_follows_the_controller_rule_and_records_the_strength(tiny_setup):
+    """gr_auto: the recorded γ starts at strength_init and each next γ is the documented rule applied to the
+    recorded gr_rel (recomputed here from the curves); gr records its fixed γ, none 0."""
+    init, target = 0.5, 2.0
+    a = _run(tiny_setup, method="gr_auto", target_rel=target, strength_init=init)
+    gam, rel = a["curves"]["gr_strength"], a["curves"]["gr_rel"]
+    assert gam[0] == init and all(r > 0 for r in rel)
+    for g0, g1, r in zip(gam, gam[1:], rel):
+        step = max(-math.log(2), min(math.log(2), 0.5 * (math.log(target) - math.log(r))))
+        assert g1 == pytest.approx(g0 * math.exp(step), rel=1e-12)
+    assert _run(tiny_setup, method="gr", gamma=3.0)["curves"]["gr_strength"] == [3.0] * 4
+    assert _run(tiny_setup, method="none")["curves"]["gr_strength"] == [0.0] * 4
+    # a target in reach from the first step (γ moves by less than x2) gives a different run than fixed γ = init
+    fixed = _run(tiny_setup, method="gr", gamma=init)
+    assert fixed["curves"]["gold"][0] == a["curves"]["gold"][0] and fixed["final"] != a["final"]
+    with pytest.raises(ValueError, match="target_rel"):
+        RLConfig(method="gr_auto", target_rel=0.0)
+
+
+def test_gr_auto_sweep_labels_tracking_table_and_strength_plot(tmp_path):
+    from grkernels.demo.report import load_results, tracking_stats, tracking_table
+
+    spec = cli.parse_sweep("gr_auto:0.3,3")
+    assert [(lab, v.method, v.target_rel) for lab, v in tiny_config(sweep=spec).variants()][1:] == [
+        ("gr_auto@0.3", "gr_auto", 0.3), ("gr_auto@3", "gr_auto", 3.0)]
+    with pytest.raises(ValueError, match="target"):
+        cli.parse_sweep("gr_auto:0,1")
+    out = tmp_path / "auto"
+    assert cli.main(TINY_ARGS + ["--out", str(out), "--sweep", "gr_auto:0.3,3"]) == 0
+    assert (out / "strength.png").stat().st_size > 0 and (out / "frontier.png").exists()
+    res = load_results(str(out / "results.json"))
+    table = tracking_table(res)
+    assert "gr_auto@0.3" in table and "gr_auto@3" in table and "gr_auto@0.3" in (out / "table.txt").read_text()
+    # the tracking statistics against a hand computation: gr_rel/target = 2, 0.5, 2, 0.5 after settling
+    st = tracking_stats([9.0, 2.0, 0.5, 2.0, 0.5], [1.0, 2.0, 4.0, 2.0, 4.0], 1.0, settle=1)
+    assert st["bias"] == pytest.approx(1.0) and st["scatter"] == pytest.approx(2.0)
+    assert st["within"] == 0.0 and math.isnan(st["first"]) and st["gamma_med"] == 4.0
+    lr = [math.log(2 / 2), math.log(0.5 / 4), math.log(2 / 2), math.log(0.5 / 4)]  # log r = log(gr_rel/γ)
+    d = [b - a for a, b in zip(lr, lr[1:])]
+    assert st["noise"] == pytest.approx(math.exp(math.sqrt(0.5 * sum(v * v for v in d) / len(d))))

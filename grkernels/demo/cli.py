@@ -7,8 +7,12 @@ import os
 import sys
 import time
 
+import torch
+
+from grkernels.demo.experiment import SWEEP_PARAMS, ExperimentConfig, canonical_world, run_experiment
 from grkernels.demo.grpo import DEFAULT_METHODS, METHODS, RLConfig
 from grkernels.demo.language import Language
+from grkernels.demo.report import full_table, load_results, merge_results, write_results
 from grkernels.demo.worlds import WORLDS, Sizes
 
 # What --quick changes (each still overridable by its own flag).
@@ -29,8 +33,6 @@ def _csv(kind):
 
 def parse_sweep(text: str) -> tuple[tuple[str, tuple[float, ...]], ...]:
     """``"kl:0.03,0.1;gr:1,10"`` → ``(("kl", (0.03, 0.1)), ("gr", (1.0, 10.0)))`` (validated)."""
-    from grkernels.demo.experiment import SWEEP_PARAMS
-
     out = []
     for part in (p.strip() for p in text.split(";") if p.strip()):
         method, sep, values = part.partition(":")
@@ -46,6 +48,8 @@ def parse_sweep(text: str) -> tuple[tuple[str, tuple[float, ...]], ...]:
             raise ValueError(f"--sweep: {method} needs one or more strengths >= 0, got {values!r}")
         if SWEEP_PARAMS[method] == "reset_interval" and any(v < 1 or v != int(v) for v in vals):
             raise ValueError(f"--sweep: kl_reset strengths are reset periods in steps (integers >= 1), got {values!r}")
+        if SWEEP_PARAMS[method] == "target_rel" and any(v <= 0 for v in vals):
+            raise ValueError(f"--sweep: gr_auto strengths are target ‖GR − g1‖/‖g1‖ values > 0, got {values!r}")
         out.append((method, vals))
     if not out:
         raise ValueError("--sweep: empty specification")
@@ -85,14 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--methods", type=_csv(str), default=DEFAULT_METHODS,
                    help=f"comma list from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; none_lowlr is "
                    "the 'smaller step' control: no regularisation, lr × --lowlr-scale; gr_head: GR on the output head "
-                   "only, its perturbed pass from the cached hidden states)")
+                   "only, its perturbed pass from the cached hidden states; gr_auto: GR with the adaptive strength "
+                   "at --target-rel)")
     g.add_argument("--worlds", "--world", type=_csv(str), default=WORLDS,
                    help="comma list from collapse (world 0), rare (world B), format (a verifiable task whose "
                    "reward adds a format term), judge (a learned judge with a spurious feature)")
     g.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="SPEC",
                    help="frontier mode: runs none plus each METHOD at each strength, SPEC = "
                    "'METHOD:V1,V2;...' (strength = β for kl, reset period for kl_reset, γ for gr, gr_kl, "
-                   f"gr_all, gr_every, gr_subset, gr_head, lr scale for none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. "
+                   f"gr_all, gr_every, gr_subset, gr_head, target ‖GR − g1‖/‖g1‖ for gr_auto, lr scale for "
+                   f"none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. "
                    "Replaces --methods, --gamma")
     g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
     g.add_argument("--seed", type=int, default=0, help="first seed")
@@ -117,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gr_every: the extra pass on every k-th step only (orthogonal reuse in between)")
     g.add_argument("--gr-subset", type=float, default=d.gr_subset,
                    help="gr_subset: share of the sequences (largest |advantage|) in the extra pass, in (0, 1]")
+    g.add_argument("--target-rel", type=float, default=d.target_rel,
+                   help="gr_auto: the ‖GR − g1‖/‖g1‖ the adaptive strength holds (GradReg(strength='auto', "
+                   "target_rel=...)); in --sweep, gr_auto's strengths are targets")
+    g.add_argument("--strength-init", type=float, default=None,
+                   help="gr_auto: γ of the first GR step (default: the library's, 1e-2)")
     g.add_argument("--gr-lr-scale", type=float, default=d.gr_lr_scale,
                    help="learning-rate multiplier for GR methods (the paper's runs used ~1.67)")
     g = p.add_argument_group("GRPO")
@@ -162,12 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     """Turn parsed arguments into an :class:`~grkernels.demo.experiment.ExperimentConfig` (validating them)."""
-    import torch
-
-    from grkernels.demo.experiment import ExperimentConfig, canonical_world
-
     base = QUICK if args.quick else DEFAULTS
     seeds = args.seeds if args.seeds is not None else base["seeds"]
     steps = args.steps if args.steps is not None else base["steps"]
@@ -205,6 +212,7 @@ def config_from_args(args: argparse.Namespace):
                   reset_interval=args.reset_interval, reset_alpha=args.reset_alpha, gamma=args.gamma[0],
                   eps=args.eps, g1_clip=args.g1_clip, g2_clip=args.g2_clip, gr_exclude=args.gr_exclude,
                   gr_estimator=args.gr_estimator, gr_every=args.gr_every, gr_subset=args.gr_subset,
+                  target_rel=args.target_rel, strength_init=args.strength_init,
                   adv_std=args.adv_std,
                   clip_eps=args.clip_eps,
                   loss_agg=args.loss_agg, max_grad_norm=args.max_grad_norm, eval_samples=args.eval_samples)
@@ -228,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.from_results is not None:
-        from grkernels.demo.report import full_table, load_results, merge_results, write_results
-
         try:
             results = merge_results([load_results(p) for p in args.from_results])
         except (OSError, ValueError) as err:
@@ -242,9 +248,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
-    from grkernels.demo.experiment import run_experiment
-    from grkernels.demo.report import full_table, write_results
-
     n_runs = len(cfg.worlds) * len(cfg.seeds) * len(cfg.variants())
     print(f"grkernels demo: {len(cfg.worlds)} world(s) x {len(cfg.variants())} method(s) x {len(cfg.seeds)} "
           f"seed(s) = {n_runs} runs of {cfg.rl.steps} steps on {cfg.device} with {cfg.workers} worker(s)",

@@ -50,7 +50,8 @@ from grkernels.demo.worlds import WORLD_ALIASES, WORLDS, Sizes, make_base, make_
 ALL_WORLDS = (*WORLDS, *TASK_WORLDS)
 # What a sweep varies per method (``--sweep kl:0.1,0.3``): the method's strength knob in RLConfig.
 SWEEP_PARAMS = {"kl": "beta", "kl_reset": "reset_interval", "gr": "gamma", "gr_kl": "gamma", "gr_all": "gamma",
-                "gr_every": "gamma", "gr_subset": "gamma", "gr_head": "gamma", "none_lowlr": "lowlr_scale"}
+                "gr_every": "gamma", "gr_subset": "gamma", "gr_head": "gamma", "none_lowlr": "lowlr_scale",
+                "gr_auto": "target_rel"}
 
 SCHEMA = "grkernels.demo/v1"
 
@@ -97,7 +98,7 @@ class ExperimentConfig:
             return out
         out = []
         for m in self.methods:
-            if m in GR_METHODS:
+            if m in GR_METHODS and m != "gr_auto":  # gr_auto has no γ: its knob is rl.target_rel
                 for g in self.gammas:
                     label = m if len(self.gammas) == 1 else f"{m}@{g:g}"
                     out.append((label, replace(self.rl, method=m, gamma=g)))

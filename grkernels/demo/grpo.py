@@ -21,12 +21,16 @@ Methods:
     ``gr_head``   head-only GR: GR on ``lm_head`` only (everything else plain g1), its perturbed pass from the
                   cached final hidden states (``ln_f``'s output) of the pass at θ: no second trunk pass
                   (``grkernels.head``; exact, the same g2 as rerunning the model)
+    ``gr_auto``   ``gr`` with the adaptive strength (``GradReg(strength="auto", target_rel=ρ*)``): γ moved after
+                  each step so that ‖GR − g1‖/‖g1‖ tracks ``target_rel`` (``grkernels.strength``), from
+                  ``strength_init`` (None: the library's default)
 
 Metrics per step describe the policy that produced the step's samples (before its update):
 proxy and gold reward (means, gold units), KL(π‖π_init) per sequence (exact sum over positions of
 the per-position KL on the sampled prefixes, nats), entropy (mean per token, nats), the proxy's
 pairwise accuracy against gold within each group, ‖g1‖ (norm of the loss gradient over all
-parameters), ‖GR − g1‖/‖g1‖ (0 without GR) and ``hack``, the mean of the world's :meth:`hack` feature (what its
+parameters), ‖GR − g1‖/‖g1‖ (0 without GR), ``gr_strength`` (the γ that step applied: ``metrics()["strength"]``,
+0 without GR) and ``hack``, the mean of the world's :meth:`hack` feature (what its
 proxy over-rewards).
 """
 
@@ -43,17 +47,23 @@ import torch.nn.functional as F
 from grkernels.demo.policy import TinyTransformer, completion_logits, sample, sample_with_logits
 from grkernels.demo.reward_model import RewardModel, group_pair_accuracy
 from grkernels.demo.worlds import World, repetition_penalty
-from grkernels.head import head_perturbed_pass
+from grkernels.head import head_param_groups, head_perturbed_pass
 from grkernels.integrations.reference_reset import mix_into_reference
+from grkernels.ops import policy_loss
+from grkernels.optim import GradReg
+from grkernels.params import paper_exclude
 
 DEFAULT_METHODS = ("none", "kl", "kl_reset", "gr", "gr_kl")
 # none_lowlr: the control for "is GR more than a smaller step?" (no regularisation, lr × lowlr_scale); opt-in,
 # as gr_all (GR on embeddings and head too), gr_every (GR's extra pass every k-th step only) and gr_subset (the
 # extra pass on the sequences with the largest |advantage| only) and gr_head (GR on the output head only, from the
-# cached hidden states).
-METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_all", "gr_every", "gr_subset", "gr_head")
-GR_METHODS = ("gr", "gr_kl", "gr_all", "gr_every", "gr_subset", "gr_head")  # the methods that wrap Adam in GradReg
-METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "hack", "loss")
+# cached hidden states) and gr_auto (gr with the adaptive strength).
+METHODS = (*DEFAULT_METHODS, "none_lowlr", "gr_all", "gr_every", "gr_subset", "gr_head", "gr_auto")
+GR_METHODS = ("gr", "gr_kl", "gr_all", "gr_every", "gr_subset", "gr_head", "gr_auto")  # those wrapping Adam in GradReg
+# Per-step metrics: those computed on the device (stacked, one transfer after the loop), then gr_strength (a host
+# float from GradReg.metrics).
+DEVICE_METRICS = ("proxy", "gold", "kl", "entropy", "rm_acc", "g1_norm", "gr_rel", "rep", "frac_rare", "hack", "loss")
+METRICS = (*DEVICE_METRICS, "gr_strength")
 
 
 @dataclass
@@ -79,6 +89,8 @@ class RLConfig:
     gr_estimator: str = "forward"
     gr_every: int = 4              # gr_every: steps per full GR step (the extra pass)
     gr_subset: float = 0.25        # gr_subset: share of the sequences in the extra pass (largest |advantage|)
+    target_rel: float = 1.0        # gr_auto: the ‖GR − g1‖/‖g1‖ the adaptive strength holds
+    strength_init: float | None = None  # gr_auto: the first step's γ (None: the library's default)
     adv_std: bool = False
     clip_eps: float = 0.2
     loss_agg: str = "token_mean"
@@ -91,6 +103,8 @@ class RLConfig:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if not 0.0 < self.gr_subset <= 1.0:
             raise ValueError(f"gr_subset must be in (0, 1], got {self.gr_subset!r}")
+        if not (math.isfinite(self.target_rel) and self.target_rel > 0):
+            raise ValueError(f"target_rel must be a finite number > 0, got {self.target_rel!r}")
 
     @property
     def uses_kl(self) -> bool:
@@ -156,20 +170,20 @@ def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
     """Adam (lr scaled by ``gr_lr_scale`` for GR methods), wrapped in ``grkernels.GradReg`` for GR methods."""
     lr = cfg.lr * (cfg.gr_lr_scale if cfg.uses_gr else cfg.lowlr_scale if cfg.method == "none_lowlr" else 1.0)
     if cfg.method == "gr_head":  # GR on lm_head only: the head's group has γ, every other gr_enabled=False
-        from grkernels import GradReg, head_param_groups
-
         base = torch.optim.Adam(head_param_groups(policy, cfg.gamma, head=policy.lm_head), lr=lr)
         return GradReg(base, strength=cfg.gamma, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
                        estimator=cfg.gr_estimator, seed=seed)
     base = torch.optim.Adam(policy.parameters(), lr=lr)
     if not cfg.uses_gr:
         return base
-    from grkernels import GradReg, paper_exclude
-
     exclude = paper_exclude(policy) if cfg.gr_exclude == "paper" and cfg.method != "gr_all" else None
-    cheap = {"every": cfg.gr_every, "reuse": "orthogonal"} if cfg.method == "gr_every" else {}
-    return GradReg(base, strength=cfg.gamma, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
-                   exclude=exclude, estimator=cfg.gr_estimator, seed=seed, **cheap)
+    extra = {"every": cfg.gr_every, "reuse": "orthogonal"} if cfg.method == "gr_every" else {}
+    if cfg.method == "gr_auto":
+        extra.update(strength="auto", target_rel=cfg.target_rel, strength_init=cfg.strength_init)
+    else:
+        extra.update(strength=cfg.gamma)
+    return GradReg(base, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
+                   exclude=exclude, estimator=cfg.gr_estimator, seed=seed, **extra)
 
 
 def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLConfig, seed: int,
@@ -187,8 +201,6 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
     every method sees the same prompt sequence; sampling uses a second generator.
     Returns ``{"curves": {metric: [per-step floats]}, "final": {...}, "gr_skipped": int}``.
     """
-    from grkernels.ops import policy_loss
-
     s = world.sizes
     P, T = s.prompt_len, s.completion_len
     policy = copy.deepcopy(init_policy).to(device)
@@ -203,6 +215,7 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
     mask = torch.ones(n, T, dtype=torch.bool, device=device)
     beta = cfg.beta if cfg.uses_kl else 0.0
     rows = []
+    strengths: list[float] = []  # gr_strength per step (host floats, exact)
 
     def loss_fn(seqs, comps, adv, old_logp, ref_logp, rows=None, hidden=None):
         """The batch's loss, or with ``rows`` the share of it those sequences carry: every completion has T
@@ -219,6 +232,7 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
         return loss if rows is None else loss * (len(rows) / n)
 
     for step in range(cfg.steps):
+        strengths.append(0.0)
         prompts = world.prompts(cfg.prompts_per_step, g_prompt, device).repeat_interleave(cfg.group, 0)
         policy.eval()
         # logits0: what each token was drawn from (KV-cached path; equals a fresh forward up to rounding).
@@ -276,7 +290,9 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         if cfg.uses_gr:
-            rel = opt.metrics(sync=False).get("gr_rel")
+            m = opt.metrics(sync=False)  # device tensors and host floats: no read here
+            rel = m.get("gr_rel")
+            strengths[-1] = float(m["strength"])  # a host float: the γ this step applied
             if rel is not None:
                 gr_rel = torch.as_tensor(rel, device=device).detach().float()
         if cfg.method == "kl_reset" and cfg.reset_interval > 0 and (step + 1) % cfg.reset_interval == 0:
@@ -291,7 +307,8 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
             progress(1)
 
     curves_t = torch.stack(rows).double().cpu()
-    curves = {k: curves_t[:, i].tolist() for i, k in enumerate(METRICS)}
+    curves = {k: curves_t[:, i].tolist() for i, k in enumerate(DEVICE_METRICS)}
+    curves["gr_strength"] = strengths
     final = evaluate(world, policy, init, rm, cfg.eval_samples, seed, device)
     skipped = 0
     if cfg.uses_gr:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grkernels.demo.worlds import markov_batch
+
 
 class Block(nn.Module):
     """One pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); causal attention."""
@@ -154,8 +156,6 @@ def pretrain_policy(base, seed: int, steps: int = 300, batch: int = 64, lr: floa
     Gives the RL phase a non-uniform, seed-dependent starting policy. Returns the policy and
     ``{"sft_loss": final loss (nats/token), "chain_entropy": the chain's mean row entropy (nats)}``.
     """
-    from grkernels.demo.worlds import markov_batch
-
     torch.manual_seed(7919 * seed + 3)
     sizes = base.sizes
     policy = make_policy(sizes).to(device)

@@ -12,6 +12,9 @@ results.json (schema ``grkernels.demo/v1``; NaN written as null)::
                                                       "curves": {metric: [per step]}}]}},
                         "frontier": {...}}}}        (sweeps only: see grkernels.demo.frontier)
 
+Runs of ``gr_auto`` (the adaptive strength) also get a tracking table (:func:`tracking_table`) and ``strength.png``
+(γ and gr_rel per step, :func:`plot_strength`), both computed from the curves (so ``--from-results`` redraws them).
+
 The format world has no reward model (no ``rm_acc_*`` in its setup); task worlds' setups carry the
 pretraining diagnostics (``pretrain_loss``, ``init_correct``, ``init_format``, ``init_sure``, ``cached``).
 """
@@ -22,8 +25,9 @@ import json
 import math
 import os
 
-from grkernels.demo.experiment import SCHEMA
-from grkernels.demo.frontier import format_frontier_table, plot_frontiers
+from grkernels.demo.experiment import SCHEMA, _stats
+from grkernels.demo.frontier import format_frontier_table, frontier_summary, plot_frontiers
+from grkernels.demo.smoothing import smooth
 
 # Columns of the table: (summary key, header, format).
 COLUMNS = (
@@ -107,8 +111,6 @@ def plot(results: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from grkernels.demo.experiment import smooth
-
     window = results.get("smoothing_window", 10)
     worlds = list(results["worlds"].items())
     fig, axes = plt.subplots(len(worlds), 3, figsize=(15, 4.2 * len(worlds)), squeeze=False)
@@ -188,9 +190,6 @@ def merge_results(parts: list[dict]) -> dict:
     does), its other seeds are added; the initial gold of each (world, seed) must agree. The per-method tables'
     columns stay as computed within each part; the frontier (K*, envelopes) is recomputed over all methods.
     """
-    from grkernels.demo.experiment import _stats
-    from grkernels.demo.frontier import frontier_summary
-
     out = json.loads(json.dumps(parts[0]))  # deep copy
     out["merged_from"] = [p["config"] for p in parts]
     for part in parts[1:]:
@@ -226,9 +225,123 @@ def merge_results(parts: list[dict]) -> dict:
 
 
 def full_table(results: dict) -> str:
-    """The per-method table, then the frontier tables when the run was a sweep."""
+    """The per-method table, then the frontier tables when the run was a sweep, then the adaptive strength's
+    tracking when there are gr_auto runs."""
     frontier = format_frontier_table(results)
-    return format_table(results) + ("\n\n" + frontier if frontier else "")
+    tracking = tracking_table(results)
+    return (format_table(results) + ("\n\n" + frontier if frontier else "")
+            + ("\n\n" + tracking if tracking else ""))
+
+
+SETTLE = 25  # steps the tracking statistics skip: from γ_0 = 1e-2 to γ* ~ 10 takes ~10 steps of ×2
+
+
+def _target(label: str, m: dict) -> float:
+    return float(m.get("config", {}).get("target_rel") or label.split("@")[1])
+
+
+def tracking_stats(gr_rel: list[float], gamma: list[float], target: float, settle: int = SETTLE) -> dict:
+    """How one run's measured gr_rel follows ``target`` after ``settle`` steps: the geometric mean of gr_rel/ρ*
+    (bias), exp of the RMS of log(gr_rel/ρ*) (scatter, a factor), the share of steps within ×/÷1.5, the first step
+    within ×/÷1.5, γ's median and 10th/90th percentiles over the same steps (1/loss units), and ``noise``: exp(σ)
+    with σ² = ½·var(log r_{t+1} − log r_t), r_t = gr_rel_t/γ_t the step's own relative curvature: its step-to-step
+    noise, which no controller acting on past steps can remove (for i.i.d. noise in log r the rule with gain k
+    leaves a scatter of σ·√(2/(2 − k)) in log gr_rel: ×1.15 σ at k = 0.5)."""
+    logs = [math.log(r / target) for r in gr_rel[settle:] if r > 0 and math.isfinite(r)]
+    lr = [math.log(r / g) for r, g in zip(gr_rel[settle:], gamma[settle:]) if r > 0 and g > 0 and math.isfinite(r)]
+    d = [b - a for a, b in zip(lr, lr[1:])]
+    noise = math.exp(math.sqrt(0.5 * sum(v * v for v in d) / len(d))) if d else math.nan
+    near = math.log(1.5)
+    first = next((i for i, r in enumerate(gr_rel) if r > 0 and abs(math.log(r / target)) <= near), math.nan)
+    gs = sorted(g for g in gamma[settle:] if math.isfinite(g))
+
+    def pct(q: float) -> float:
+        return gs[min(len(gs) - 1, int(q * len(gs)))] if gs else math.nan
+
+    if not logs:
+        return {"bias": math.nan, "scatter": math.nan, "within": math.nan, "first": first,
+                "gamma_med": pct(0.5), "gamma_p10": pct(0.1), "gamma_p90": pct(0.9), "noise": noise}
+    mean = sum(logs) / len(logs)
+    return {"bias": math.exp(mean), "scatter": math.exp(math.sqrt(sum(v * v for v in logs) / len(logs))),
+            "within": sum(abs(v) <= near for v in logs) / len(logs), "first": float(first),
+            "gamma_med": pct(0.5), "gamma_p10": pct(0.1), "gamma_p90": pct(0.9), "noise": noise}
+
+
+def tracking_table(results: dict) -> str:
+    """Per world and gr_auto target, mean over seeds: how closely the measured gr_rel tracked the target (after
+    the first SETTLE steps) and which γ the controller held."""
+    rows = [["world", "variant", "gr_rel/target", "scatter ×/÷", "r noise ×/÷", "within ×1.5", "first within",
+             "γ median", "γ p10..p90"]]
+    for wname, w in results["worlds"].items():
+        for label, m in w["methods"].items():
+            if not label.startswith("gr_auto") or not m["runs"]:
+                continue
+            target = _target(label, m)
+            per = [tracking_stats(r["curves"]["gr_rel"], r["curves"].get("gr_strength", []), target)
+                   for r in m["runs"]]
+
+            def avg(key: str, per=per) -> float:
+                v = [p[key] for p in per if math.isfinite(p[key])]
+                return sum(v) / len(v) if v else math.nan
+
+            rows.append([wname, label, f"{avg('bias'):.3f}", f"{avg('scatter'):.2f}", f"{avg('noise'):.2f}",
+                         f"{avg('within'):.0%}",
+                         f"{avg('first'):.0f}", f"{avg('gamma_med'):.3g}",
+                         f"{avg('gamma_p10'):.3g}..{avg('gamma_p90'):.3g}"])
+    if len(rows) == 1:
+        return ""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"adaptive strength (gr_auto): measured gr_rel = ‖GR − g1‖/‖g1‖ against its target after step {SETTLE} "
+             f"(mean over seeds)"]
+    for j, r in enumerate(rows):
+        lines.append("  " + "  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(r)))
+        if j == 0:
+            lines.append("  " + "  ".join("-" * wd for wd in widths))
+    lines.append("gr_rel/target: geometric mean of the ratio (1 = no bias); scatter: exp(RMS of log(gr_rel/target)); "
+                 "r noise: exp(σ), σ the step-to-step noise of log(gr_rel/γ) (what no controller removes; gain 0.5 "
+                 "leaves ≈ σ·1.15); within ×1.5: share of steps with gr_rel in [target/1.5, 1.5·target]; first "
+                 "within: first step there; γ: the strength the controller applied (1/loss units).")
+    return "\n".join(lines)
+
+
+def plot_strength(results: dict, path: str, seed: int | None = None) -> str:
+    """The adaptive strength's trace: one row per world with gr_auto runs, γ per step (left) and the measured gr_rel
+    per step with its target (right, dashed), one run (``seed``; default: the lowest) per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = [(n, w) for n, w in results["worlds"].items() if any(lab.startswith("gr_auto") and m["runs"]
+                                                                   for lab, m in w["methods"].items())]
+    fig, axes = plt.subplots(len(worlds), 2, figsize=(13, 3.6 * len(worlds)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (wname, w) in enumerate(worlds):
+        autos = [(lab, m) for lab, m in w["methods"].items() if lab.startswith("gr_auto") and m["runs"]]
+        for j, (label, m) in enumerate(autos):
+            seeds = sorted(r["seed"] for r in m["runs"])
+            pick = seed if seed in seeds else seeds[0]
+            run = next(r for r in m["runs"] if r["seed"] == pick)
+            target, col = _target(label, m), colors[j % len(colors)]
+            gamma = run["curves"].get("gr_strength", [])
+            axes[row][0].plot(range(len(gamma)), gamma, color=col, label=f"{label} (seed {pick})")
+            rel = run["curves"]["gr_rel"]
+            axes[row][1].plot(range(len(rel)), rel, color=col, linewidth=0.8, label=f"{label} (seed {pick})")
+            axes[row][1].axhline(target, color=col, linestyle="--", linewidth=1)
+        axes[row][0].set_title(f"{wname}: γ applied per step (strength='auto', from γ_0 = 1e-2)")
+        axes[row][1].set_title(f"{wname}: measured ‖GR − g1‖/‖g1‖ per step (dashed: target)")
+        for ax in axes[row]:
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3, which="both")
+        axes[row][0].set_ylabel("γ [1/loss units]")
+        axes[row][1].set_ylabel("gr_rel")
+        axes[row][0].legend(fontsize=8)
+    fig.suptitle("grkernels demo: the adaptive strength's trace, one run per target and world")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_results(results: dict, out_dir: str, make_plot: bool = True) -> dict[str, str]:
@@ -244,4 +357,7 @@ def write_results(results: dict, out_dir: str, make_plot: bool = True) -> dict[s
         paths["plot"] = plot(results, os.path.join(out_dir, "demo.png"))
         if any(w.get("frontier") for w in results["worlds"].values()):
             paths["frontier"] = plot_frontiers(results, os.path.join(out_dir, "frontier.png"))
+        if any(lab.startswith("gr_auto") and m["runs"] for w in results["worlds"].values()
+               for lab, m in w["methods"].items()):
+            paths["strength"] = plot_strength(results, os.path.join(out_dir, "strength.png"))
     return paths
