@@ -8,7 +8,9 @@ window: ``opt.step(closure)`` there would give GR of the last micro-batch only. 
 loss_fn)`` is called once per micro-batch instead: it runs the backward at θ inside ``accelerator.accumulate``,
 and at the end of each window replays the window's micro-batches at θ + ε·clip(g1) with their RNG states (all but
 the last under ``no_sync``, so g1 and g2 are each all-reduced once), restores θ, clips the combined gradient and
-steps once (grkernels.integrations.accelerate).
+steps once (grkernels.integrations.accelerate). The GR settings go to the window (``grad_reg=dict(...)``, the
+schema's: ``grkernels.settings``; ``--strength auto`` holds gr_rel at ``--target-rel``), which wraps the prepared
+AdamW in ``GradReg``; ``window.metrics()`` gives the logged values (means over the steps since its last call).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grkernels import GradReg, paper_exclude
 from grkernels.integrations.accelerate import GradRegWindow
 
 VOCAB = 16
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--strength", type=float, default=1e-2)
+    ap.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default=1e-2,
+                    help='γ, or "auto" (held at --target-rel)')
+    ap.add_argument("--target-rel", type=float, default=0.3)
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the combined gradient")
     ap.add_argument("--seed", type=int, default=0)
@@ -59,15 +62,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
     model = tiny_lm(args.seed)
-    gr = GradReg(torch.optim.AdamW(model.parameters(), lr=args.lr), strength=args.strength, eps=args.eps,
-                 exclude=paper_exclude(model))  # exclude the tensors before prepare() may wrap the model
     data = cyclic_data(args.steps * args.grad_accum * args.micro_batch * accelerator.num_processes, seed=args.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=args.micro_batch, shuffle=False)
-    model, opt, loader = accelerator.prepare(model, gr, loader)  # opt: AcceleratedOptimizer around gr
+    model, opt, loader = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=args.lr), loader)
     model.train()
 
-    window = GradRegWindow(accelerator, model, opt, max_grad_norm=args.max_grad_norm)
-    history: dict[str, list[float]] = {"loss": [], "gr_rel": []}
+    # exclude=None: the paper's exclusion (embeddings and output head get the plain gradient)
+    window = GradRegWindow(accelerator, model, opt, max_grad_norm=args.max_grad_norm,
+                           grad_reg=dict(strength=args.strength, target_rel=args.target_rel, eps=args.eps,
+                                         exclude=None))
+    history: dict[str, list[float]] = {"loss": [], "gr_rel": [], "strength": []}
     total = 0.0
     for k, ids in enumerate(loader):
         total += window.step(ids, nll) / args.grad_accum  # backward at θ; at a window's end also θ' and the step
@@ -75,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         step = (k + 1) // args.grad_accum - 1
         history["loss"].append(float(accelerator.reduce(total, reduction="mean")))
-        history["gr_rel"].append(gr.metrics().get("gr_rel", 0.0))
+        logged = window.metrics()  # this step's (one step since the last call)
+        history["gr_rel"].append(logged["grad_reg/gr_rel"])
+        history["strength"].append(logged["grad_reg/strength"])
         total = 0.0
         if accelerator.is_main_process and not args.quiet and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {history['loss'][-1]:.4f}  |GR-g1|/|g1| {history['gr_rel'][-1]:.3g}")

@@ -2,11 +2,12 @@
 
     python examples/lightning_loop.py --epochs 5 --accumulate 3 --clip 1.0
 
-``configure_optimizers`` returns a ``GradReg``; the callback (grkernels.integrations.lightning) replays every
-micro-batch of each accumulation window at θ + ε·clip(g1) with its RNG state (same dropout masks), restores θ
-bitwise and hands Lightning g1 + (γ/ε)(g2 − g1): Lightning then clips that combined gradient
+``configure_optimizers`` returns a plain AdamW and the callback (grkernels.integrations.lightning) gets the GR
+settings (``grkernels.settings``; ``--strength auto`` holds gr_rel at ``--target-rel``). It wraps the optimizer,
+replays every micro-batch of each accumulation window at θ + ε·clip(g1) with its RNG state (same dropout masks),
+restores θ bitwise and hands Lightning g1 + (γ/ε)(g2 − g1): Lightning then clips that combined gradient
 (``gradient_clip_val``) and steps once per window (``global_step`` counts optimizer steps). ``training_step`` is
-plain Lightning. Use ``precision="bf16-mixed"`` (or 32), not ``"16-mixed"`` (GradReg refuses a GradScaler).
+plain Lightning. Use ``--precision bf16-mixed`` (or 32), not ``"16-mixed"`` (GR refuses a GradScaler).
 """
 
 from __future__ import annotations
@@ -17,16 +18,15 @@ import lightning as L
 import torch
 from torch import nn
 
-from grkernels import GradReg
 from grkernels.integrations.lightning import GradRegCallback
 
 
 class Regressor(L.LightningModule):
-    def __init__(self, strength: float = 1e-1, eps: float = 1e-3, lr: float = 1e-2, seed: int = 0) -> None:
+    def __init__(self, lr: float = 1e-2, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
-        self.strength, self.eps, self.lr = strength, eps, lr
+        self.lr = lr
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -34,9 +34,8 @@ class Regressor(L.LightningModule):
         self.log("train_loss", loss, on_step=False, on_epoch=True)
         return loss
 
-    def configure_optimizers(self) -> GradReg:
-        return GradReg(torch.optim.AdamW(self.parameters(), lr=self.lr), strength=self.strength, eps=self.eps,
-                       exclude=[self.net[-1].weight, self.net[-1].bias])  # the output layer gets plain g1
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)  # GradRegCallback wraps it in GradReg
 
 
 def make_loader(n: int = 240, batch: int = 16, seed: int = 0) -> torch.utils.data.DataLoader:
@@ -52,23 +51,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--accumulate", type=int, default=3)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient_clip_val (on the combined gradient)")
-    ap.add_argument("--strength", type=float, default=1e-1)
+    ap.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default=1e-1,
+                    help='γ, or "auto" (held at --target-rel)')
+    ap.add_argument("--target-rel", type=float, default=0.3)
+    ap.add_argument("--precision", default="32-true", help='"32-true" or "bf16-mixed"')
     args = ap.parse_args(argv)
-    module, losses = Regressor(strength=args.strength), []
+    module, losses = Regressor(), []
 
     class EpochLoss(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             losses.append(float(trainer.callback_metrics["train_loss"]))
 
+    # the output layer ("net.3") gets the plain gradient, as the paper leaves the head out of GR
+    gr = GradRegCallback(strength=args.strength, target_rel=args.target_rel, eps=1e-3, exclude=["net.3"])
     trainer = L.Trainer(max_epochs=args.epochs, accumulate_grad_batches=args.accumulate,
-                        gradient_clip_val=args.clip, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[GradRegCallback(), EpochLoss()])
+                        gradient_clip_val=args.clip, precision=args.precision, accelerator="cpu", devices=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[gr, EpochLoss()])
     trainer.fit(module, make_loader())
     gr_rel = float(trainer.callback_metrics["grad_reg/gr_rel"])
     print(f"epoch loss {losses[0]:.4f} -> {losses[-1]:.4f}; {trainer.global_step} optimizer steps; "
           f"last |GR-g1|/|g1| {gr_rel:.3g}")
-    return {"losses": losses, "global_step": trainer.global_step, "gr_rel": gr_rel}
+    return {"losses": losses, "global_step": trainer.global_step, "gr_rel": gr_rel,
+            "strength": float(trainer.callback_metrics["grad_reg/strength"])}
 
 
 if __name__ == "__main__":

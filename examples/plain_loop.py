@@ -48,13 +48,19 @@ def lm_loss(model, ref, ids: torch.Tensor, beta: float) -> torch.Tensor:
     return nll + beta * kl
 
 
+def strength(text: str) -> float | str:
+    """``--strength``: a number (γ) or "auto" (the adaptive strength, holding gr_rel at ``--target-rel``)."""
+    return text if text == "auto" else float(text)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (1: closure API)")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--strength", type=float, default=1e-2, help="GR strength gamma")
+    ap.add_argument("--strength", type=strength, default=1e-2, help='GR strength gamma, or "auto"')
+    ap.add_argument("--target-rel", type=float, default=0.3, help='--strength auto: the gr_rel to hold')
     ap.add_argument("--eps", type=float, default=1e-3, help="GR finite-difference step epsilon")
     ap.add_argument("--beta", type=float, default=0.05, help="KL penalty weight (0: no reference model)")
     ap.add_argument("--reset-every", type=int, default=10, help="reference reset period in steps")
@@ -66,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     model = tiny_lm(args.seed)
     ref = copy.deepcopy(model).requires_grad_(False).eval()
     resetter = ReferenceReset(ref, model, every=args.reset_every, alpha=args.alpha)
+    # embeddings and output head get the plain gradient (paper_exclude)
     opt = GradReg(torch.optim.AdamW(model.parameters(), lr=args.lr), strength=args.strength, eps=args.eps,
-                  exclude=paper_exclude(model))  # embeddings and output head get the plain gradient
+                  target_rel=args.target_rel, exclude=paper_exclude(model))
     gen = torch.Generator().manual_seed(args.seed)
     history: dict[str, list[float]] = {"loss": [], "gr_rel": []}
     for step in range(args.steps):

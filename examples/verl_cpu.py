@@ -82,7 +82,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=4)
-    parser.add_argument("--strength", type=float, default=0.05, help="γ (0: verl's own update)")
+    parser.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default=0.05,
+                        help="γ (0: verl's own update), or auto (held at --target-rel)")
+    parser.add_argument("--target-rel", type=float, default=0.3, help="strength auto: the gr_rel to hold")
     parser.add_argument("--eps", type=float, default=1e-2, help="ε")
     args = parser.parse_args()
 
@@ -122,7 +124,8 @@ def main() -> None:
                                            mixed_precision={"param_dtype": "fp32"}),
             optimizer_config=GradRegFSDPOptimizerConfig(
                 lr=3e-3, clip_grad=1.0, total_training_steps=args.steps,
-                grad_reg=dict(strength=args.strength, eps=args.eps, g1_clip=10.0, g2_clip=10.0)),
+                grad_reg=dict(strength=args.strength, target_rel=args.target_rel, eps=args.eps, g1_clip=10.0,
+                              g2_clip=10.0)),
             checkpoint_config=CheckpointConfig()))
         worker.reset()
         worker.set_loss_fn(partial(ppo_loss, config=actor))
@@ -144,7 +147,8 @@ def main() -> None:
                 gr = {k.split("/")[-1]: v[0] for k, v in metrics.items() if k.startswith("grad_reg/")}
                 print(f"step {step}: reward {float(batch['reward']):.3f}  loss {metrics['loss'][0]:+.4f}  "
                       f"grad_norm {metrics['grad_norm'][0]:.3f}  g1_norm {gr['g1_norm']:.3f}  "
-                      f"gr_rel {gr['gr_rel']:.3f}  perturb_ratio {gr['perturb_ratio']:.3f}", flush=True)
+                      f"gr_rel {gr['gr_rel']:.3f}  perturb_ratio {gr['perturb_ratio']:.3f}  γ {gr['strength']:.3g}",
+                      flush=True)
     finally:
         dist.barrier()
         if rank == 0:

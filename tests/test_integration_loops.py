@@ -49,6 +49,15 @@ def test_accelerate_loop_accumulation_matches_single_batch():
     assert all(r > 0 for r in a["gr_rel"])
 
 
+def test_accelerate_loop_adaptive_strength():
+    """--strength auto: the window's settings reach the engine; the logged γ moves between steps."""
+    pytest.importorskip("accelerate")
+    ex = load_example("accelerate_loop")
+    out = ex.main(["--steps", "3", "--micro-batch", "4", "--grad-accum", "2", "--quiet", "--strength", "auto",
+                   "--target-rel", "0.3"])
+    assert out["strength"][0] == pytest.approx(1e-2) and len(set(out["strength"])) == 3  # strength_init: 1e-2
+
+
 # ---------------------------------------------------------------- Lightning (the gradient: test_integration_lightning)
 def test_lightning_example_trains_with_accumulation():
     pytest.importorskip("lightning")
@@ -56,6 +65,9 @@ def test_lightning_example_trains_with_accumulation():
     out = ex.main(["--epochs", "2", "--accumulate", "3", "--clip", "1.0"])
     assert out["global_step"] == 2 * 5  # 15 micro-batches per epoch, windows of 3: one optimizer step each
     assert out["gr_rel"] > 0 and out["losses"][-1] < out["losses"][0]
+    bf16 = ex.main(["--epochs", "1", "--accumulate", "3", "--clip", "1.0", "--precision", "bf16-mixed",
+                    "--strength", "auto"])  # the documented recipe: bf16-mixed, clipping, the adaptive strength
+    assert bf16["global_step"] == 5 and bf16["gr_rel"] > 0 and bf16["strength"] != pytest.approx(1e-2)
 
 
 # ---------------------------------------------------------------- reference resets
