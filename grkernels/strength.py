@@ -9,9 +9,13 @@ Why it is stable: the finite-difference correction is linear in γ — GR − g1
 does not depend on γ — so ρ_t = γ_t·r_t with r_t = ‖(clip(g2) − clip(g1))/ε‖/‖g1‖ the step's own relative
 curvature. Substituting, the error e_t = log γ_t − log(ρ*/r_t) obeys e_{t+1} = (1 − k)·e_t + (log r_t − log
 r_{t+1}): for 0 < k < 2 it contracts by |1 − k| per step towards γ* = ρ*/r, and the gain k = 0.5 averages the
-step-to-step noise of r over about two steps. The clip bounds any one change to ×2 (a gradient spike, an outlier
-batch), and the bounds keep γ finite when gr_rel is zero for many steps (no update at all then: a zero, NaN or
-infinite ρ carries no information about r). Units: γ in 1/loss units, ρ dimensionless.
+step-to-step noise of r over about two steps. What no rule acting on past steps removes is that noise itself: γ_t
+is set before r_t is measured, so with i.i.d. noise of σ in log r the measured log gr_rel scatters by σ·√(2/(2 − k))
+around log ρ* (k = 0.5: 1.15·σ; k → 0 would reach σ only, at the price of lagging a drifting r by drift/k). In
+the demo's worlds that prediction matches the measured scatter (grkernels/demo/README.md, "Adaptive strength").
+The clip bounds any one change to ×2 (a gradient spike, an outlier batch), and the bounds keep γ finite when
+gr_rel is zero for many steps (no update at all then: a zero, NaN or infinite ρ carries no information about r).
+Units: γ in 1/loss units, ρ dimensionless.
 
 One controller for the whole model, not one per param group: gr_rel is one global measurement (the norm of the whole
 correction against the whole g1), and groups with their own ``gr_strength`` keep their ratio to the global γ (they
@@ -45,6 +49,8 @@ class StrengthController:
             raise ValueError(f"StrengthController: target must be a finite number > 0, got {target!r}")
         if not 0.0 < gain < 2.0:
             raise ValueError(f"StrengthController: gain must be in (0, 2) for the update to contract, got {gain!r}")
+        if not (math.isfinite(max_step) and max_step > 0):
+            raise ValueError(f"StrengthController: max_step must be a finite number > 0, got {max_step!r}")
         self.target = float(target)
         self.initial = float(DEFAULT_INIT if init is None else init)
         self.gain, self.max_step = float(gain), float(max_step)
@@ -74,4 +80,8 @@ class StrengthController:
                 "initial": self.initial}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Resume: γ, the update count and γ_0 (groups with ``gr_strength`` scale by γ/γ_0, so a resumed run keeps
+        their γ whatever ``strength_init`` it was built with). The target stays the one this controller was built
+        with: a resumed run may hold a new target."""
         self.log_gamma, self.updates = float(sd["log_gamma"]), int(sd["updates"])
+        self.initial = float(sd.get("initial", self.initial))

@@ -117,6 +117,8 @@ def test_controller_refuses_bad_settings():
         StrengthController(math.nan)
     with pytest.raises(ValueError, match="gain"):
         StrengthController(0.3, gain=2.0)
+    with pytest.raises(ValueError, match="max_step"):
+        StrengthController(0.3, max_step=0.0)
     with pytest.raises(ValueError, match="bounds"):
         StrengthController(0.3, init=1e9)
     assert StrengthController(0.3).gamma == pytest.approx(DEFAULT_INIT)
@@ -323,6 +325,29 @@ def test_state_dict_resume_is_bitwise(extra):
     assert opt2.engine.controller.state_dict() == opt_ref.engine.controller.state_dict()
     assert opt2.metrics()["strength"] == opt_ref.metrics()["strength"]
     assert opt_ref.engine.controller.updates == (12 if not extra.get("every") else 6)
+
+
+def test_resume_keeps_group_strengths_whatever_the_new_strength_init():
+    """Groups with gr_strength scale by γ/γ_0: a resumed run takes γ_0 from the checkpoint, so their γ is the
+    uninterrupted run's even when the resuming optimizer is built with another strength_init."""
+    q = Quadratic(sizes=(6, 5), seed=23, block=True)
+
+    def make(init):
+        base = torch.optim.SGD([{"params": [q.params[0]]}, {"params": [q.params[1]], "gr_strength": 0.3}], lr=0.0)
+        return GradReg(base, strength="auto", target_rel=0.4, strength_init=init, exclude=[], backend="torch")
+
+    opt = make(0.02)
+    for _ in range(4):
+        opt.step(q.closure())
+    sd = copy.deepcopy(opt.state_dict())
+    other = make(5.0)
+    other.load_state_dict(sd)
+    entries = opt.engine.source.entries()
+    assert [opt.engine.gamma_of(e) for e in entries] == [other.engine.gamma_of(e) for e in
+                                                          other.engine.source.entries()]
+    for o in (opt, other):
+        o.step(q.closure())
+    assert opt.metrics() == other.metrics()
 
 
 # ---------------------------------------------------------------------------------------------- host reads
