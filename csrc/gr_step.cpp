@@ -16,8 +16,11 @@
 // Arithmetic: the element-wise expressions of the torch reference in the same order (no FMA contraction:
 // -ffp-contract=off), in float32 (float64 for float64 tensors), so θ', the combined gradient and the saved copies
 // equal the reference bitwise when rounding to nearest and the clip factors are exact. Sums: per work item (a
-// chunk of at most kChunk elements of one tensor) in 16 independent lanes, lanes summed in a fixed order, items
-// summed in a fixed order in float64: deterministic, independent of the thread count.
+// chunk of at most kChunk elements of one tensor) in 16 independent double lanes (float values widened before
+// squaring: no overflow or underflow for 32-bit and narrower values, elements of 3e19 or 1e-25 included; the
+// plain fp32/bf16 sum of squares runs in float lanes and is redone in double for a chunk outside float's safe
+// range), lanes summed in a fixed order, items summed in a fixed order in float64 and returned as a float64
+// tensor: deterministic, independent of the thread count.
 //
 // Stochastic rounding (bf16/fp16 targets): the Triton kernel's random stream, bit for bit: Philox4x32-10 keyed
 // by the step seed, counter (element / 4 (64 bit), tensor index, point), one call per 4 elements; bf16 adds 16
@@ -171,20 +174,18 @@ void check_same_numel(const at::TensorList& a, const at::TensorList& b, const ch
                 " elements, expected ", a[i].numel());
 }
 
-// Run fn(item) -> partial sum on every item in parallel; the partials summed in item order (float64).
+// Run fn(item) -> partial sum on every item in parallel; the partials summed in item order, returned as a 0-d
+// float64 tensor (a float32 result would overflow for squares of elements beyond 1.8e19).
 template <typename F>
-at::Tensor run_items(const std::vector<Item>& items, ScalarType out_dtype, F fn) {
+at::Tensor run_items(const std::vector<Item>& items, F fn) {
   std::vector<double> part(items.size(), 0.0);
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) part[k] = fn(items[k]);
   });
   double total = 0.0;
   for (double p : part) total += p;
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(out_dtype));
-  if (out_dtype == ScalarType::Double)
-    *out.data_ptr<double>() = total;
-  else
-    *out.data_ptr<float>() = static_cast<float>(total);
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(ScalarType::Double));
+  *out.data_ptr<double>() = total;
   return out;
 }
 
@@ -200,8 +201,6 @@ double read_scalar(const at::Tensor& t) {
   return 0.0;
 }
 
-ScalarType acc_type(bool wide) { return wide ? ScalarType::Double : ScalarType::Float; }
-
 at::Tensor gr_sumsq(at::TensorList xs, at::TensorList base, int64_t mode, bool wide) {
   TORCH_CHECK(mode >= 0 && mode <= 2, "gr_sumsq: mode must be 0, 1 or 2");
   TORCH_CHECK(mode == 0 || base.size() == xs.size(), "gr_sumsq: modes 1 and 2 need one base tensor per tensor");
@@ -209,7 +208,7 @@ at::Tensor gr_sumsq(at::TensorList xs, at::TensorList base, int64_t mode, bool w
   auto x = slots(xs, n, "tensors");
   auto b = slots(mode == 0 ? at::TensorList() : base, n, "base");
   check_same_numel(xs, mode == 0 ? at::TensorList() : base, "base");
-  return run_items(items_of(xs), acc_type(wide), [&](const Item& it) {
+  return run_items(items_of(xs), [&](const Item& it) {
     return wide ? passes().sumsq_d(x[it.t], b[it.t], mode, it) : passes().sumsq_f(x[it.t], b[it.t], mode, it);
   });
 }
@@ -236,7 +235,7 @@ at::Tensor gr_perturb(at::TensorList weights, at::TensorList grads, at::TensorLi
   PerturbArgs a{point, rounding, preload, uint64_t(seed), read_scalar(finite) != 0.0, read_scalar(step)};
   if (grid.has_value())
     TORCH_CHECK(*grid == ScalarType::BFloat16 || *grid == ScalarType::Half, "gr_perturb: grid must be bf16 or fp16");
-  return run_items(items_of(weights), acc_type(wide), [&](const Item& it) {
+  return run_items(items_of(weights), [&](const Item& it) {
     const Slot& wt = w[it.t];
     const ScalarType target = grid.has_value() && wt.dt == ScalarType::Float ? *grid : wt.dt;
     if (wt.dt == ScalarType::Double)
@@ -261,7 +260,7 @@ at::Tensor gr_combine(at::TensorList weights, at::TensorList grads, at::TensorLi
   check_same_numel(weights, theta_save, "theta_save");
   check_same_numel(weights, g1_save, "g1_save");
   CombineArgs a{mode, delta, mode == 2 ? 0.0 : read_scalar(sa), mode == 2 ? 0.0 : read_scalar(sb)};
-  return run_items(items_of(weights), acc_type(wide), [&](const Item& it) {
+  return run_items(items_of(weights), [&](const Item& it) {
     const double coef = mode == 2 ? 0.0 : coefs[it.t];
     if (wide) return passes().combine_d(w[it.t], g[it.t], ths[it.t], g1s[it.t], gps[it.t], coef, a, it);
     return passes().combine_f(w[it.t], g[it.t], ths[it.t], g1s[it.t], gps[it.t], coef, a, it);

@@ -146,12 +146,13 @@ def run_backend_step(impl, ps, keep, estimator, g1_clip, g2_clip, rounding="near
     return perturbed
 
 
-def assert_bitwise_like_torch(impl, device, estimator: str, with_fp64: bool) -> None:
+def assert_bitwise_like_torch(impl, device, estimator: str, with_fp64: bool, many: int = 200,
+                              big: int = 2**16 + 3) -> None:
     """A fast backend ``impl`` equals ``TorchGRStep`` bitwise where the arithmetic is the same (round-to-nearest,
     clip factors exactly 1): θ' at every point, restore, the combined gradient, keep parameters' g1."""
     from grkernels.backends.reference import TorchGRStep
 
-    a = make_params(mixed_spec(with_fp64, many=200, seed=1), device, seed=2)
+    a = make_params(mixed_spec(with_fp64, many=many, seed=1, big=big), device, seed=2)
     b = clone_params(a)
     theta0 = [p.detach().clone() for p in a]
     g1 = [p.grad.clone() for p in a]
@@ -174,32 +175,6 @@ def assert_bitwise_like_torch(impl, device, estimator: str, with_fp64: bool) -> 
     for k in ("g1_norm", "g2_norm", "gr_rel", "perturb_ratio"):
         torch.testing.assert_close(impl.metrics[k], ta.metrics[k], rtol=1e-5, atol=0)
     assert bool(impl.metrics["finite"])
-
-
-def assert_close_to_torch_with_active_clipping(impl, device, estimator: str) -> None:
-    """With both clips active the global norms (summed in another order) differ in their last bits: θ' within one
-    rounding plus that relative error of θ' − θ, the gradient within a few ulps; restore still bitwise."""
-    from grkernels.backends.reference import TorchGRStep
-
-    a = make_params(mixed_spec(False, many=20, seed=3, big=5000), device, seed=4)
-    b = clone_params(a)
-    theta0 = [p.detach().clone() for p in a]
-    g2s = [[torch.randn(p.shape, dtype=torch.float64).to(p.dtype).to(device) for p in a] for _ in range(2)]
-    ta = TorchGRStep()
-    pert_a = run_backend_step(ta, a, [], estimator, 1.0, 2.0, g2s=g2s)  # ‖g1‖ ≈ 400: both clips active
-    pert_b = run_backend_step(impl, b, [], estimator, 1.0, 2.0, g2s=g2s)
-    for pa, pb in zip(pert_a, pert_b):
-        for x, y, t0 in zip(pa, pb, theta0):
-            tol = torch.finfo(x.dtype).eps * x.double().abs() + 1e-5 * (x.double() - t0.double()).abs()
-            assert ((x.double() - y.double()).abs() <= tol + torch.finfo(x.dtype).tiny).all()
-    for p, q, t0 in zip(a, b, theta0):
-        assert torch.equal(q.detach(), t0)
-        tol = 4 * torch.finfo(p.dtype).eps
-        scale = float(p.grad.double().abs().amax()) if p.numel() else 0.0
-        torch.testing.assert_close(q.grad.double(), p.grad.double(), rtol=tol, atol=tol * scale)
-    for k in ("g1_norm", "g2_norm", "gr_rel", "perturb_ratio"):
-        torch.testing.assert_close(impl.metrics[k], ta.metrics[k], rtol=1e-4, atol=0)
-    assert float(ta.metrics["g1_norm"]) > 100  # the clip really was active
 
 
 FUZZ_DTYPES = ["float32", "bfloat16", "float16", "float64"]

@@ -69,5 +69,5 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if tensors and cpp_loaded() and all(
         t.device.type == "cpu" and t.dtype in NARROW_DTYPES and t.is_contiguous() for t in tensors
     ):
-        return torch.isfinite(sumsq(tensors, (), 0, torch.float64))
+        return torch.isfinite(sumsq(tensors, (), 0))
     return reference_all_finite(tensors)

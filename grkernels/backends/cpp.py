@@ -1,14 +1,19 @@
 """The GR step through the C++ CPU kernels (``csrc/gr_step.cpp``, ``torch.ops.grkernels_cpp.gr_*``).
 
-Same methods and semantics as ``grkernels.reference.TorchGRStep`` (the specification) and the same lean-mode
-and central-point conventions as ``grkernels.kernels.gr_step.TritonGRStep`` (read its module docstring): one
+Same methods and semantics as ``grkernels.backends.reference.TorchGRStep`` (the specification) and the same
+lean-mode and central-point conventions as ``grkernels.backends.triton.TritonGRStep`` (read its module docstring): one
 fused pass over all tensors per pass of the algorithm — sum of squares of g1, perturb (saves θ and g1, writes θ',
 zeroes the gradient, sums the realised perturbation), sum of squares of g2, restore + combine — threaded with
 ``at::parallel_for`` over chunks of 65,536 elements, deterministic whatever the thread count.
 
 Bitwise agreement with the torch backend (``rounding="nearest"``, clip factors exactly 1): θ', the combined
 gradient and the keep parameters' gradients are the same bits (the same float32/float64 expressions in the same
-order). Norms are summed in another order (per chunk, in 16 lanes, chunks in float64): ~1e-7 relative.
+order). Norms are summed in another order (per chunk, in 16 double lanes, chunks in float64): ~1e-7 relative.
+
+Numeric extremes: the kernels square 32-bit and narrower values in double (no overflow or underflow: elements
+of 3e19 or 1e-25 have their true norm); float64 tensors' norms are taken by ``arith.sumsq_parts`` (scaled), so
+every norm goes through ``arith.norm_from_parts`` and the finite flag is a property of the elements. The
+metrics of float64 tensors (‖θ' − θ‖, ‖grad − g1‖) are summed unscaled (exact below 1e150 per element).
 Stochastic rounding uses the Triton kernel's Philox stream, so CPU and GPU runs of one seed agree bitwise.
 
 Extra memory per GR parameter: as the Triton backend (g1 in the gradient's dtype, or bf16 for fp32 gradients
@@ -29,12 +34,16 @@ from grkernels.backends.arith import (
     accum_dtype,
     clip_scale,
     combine_scales,
+    norm_from_parts,
+    parts_of_sumsq,
     perturb_scale,
     require_second_gradients,
     reusable_buffers,
+    sumsq_parts,
     v_norm,
 )
 from grkernels.backends.base import ExactViaReference, Shards, StepPlan
+from grkernels.backends.lean import LeanGuard
 from grkernels.backends.reference import TorchGRStep
 from grkernels.kernels import cpp_loaded, cpp_status
 from grkernels.kernels.cpp_gr_step import CPP_DTYPES, ops, sumsq
@@ -46,7 +55,10 @@ class CppGRStep(ExactViaReference):
 
     Args:
         lean: save g1 (and g₊) of fp32 gradients in bf16; the gradient buffer then carries g − g1 between
-            perturb and combine (as ``TritonGRStep(lean=True)``).
+            perturb and combine (as ``TritonGRStep(lean=True)``). An in-place write to it in between is an error
+            at the combine (``backends.lean``). Abort: g1 bitwise while the buffer still holds −g1 untouched
+            (forward estimator, before the backward at θ' reached it), else b = g1 rounded to bf16 (within
+            2⁻⁸·|g1| per element); after the combine b.
     """
 
     name = "cpp"
@@ -63,11 +75,12 @@ class CppGRStep(ExactViaReference):
         self._g1: list[torch.Tensor] = []
         self._gplus: list[torch.Tensor] = []
         self._g1_keep: list[torch.Tensor] = []
-        self._n1sq = self._n1 = self._s1 = self._vnorm = self._finite = self._s_plus = None
+        self._n1_parts = self._n1 = self._s1 = self._vnorm = self._finite = self._s_plus = None
         self._grid: torch.dtype | None = None
-        self._grad_ptrs: tuple = ()
-        self._armed = False
+        self._saved = ""  # as TorchGRStep: "", "theta" (θ and g1 saved) or "grads" (combined; g1 still saved)
         self._lean_active = False  # g1 saved rounded (lean): the gradient buffers carry a difference
+        self._exact_abort = False  # the lean buffers hold −g1 exactly (forward, point 0): abort can negate them
+        self._guard = LeanGuard()
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -95,6 +108,21 @@ class CppGRStep(ExactViaReference):
         bufs = self._theta + self._g1 + self._gplus + self._g1_keep
         return sum(b.numel() * b.element_size() for b in bufs) + self._torch.extra_bytes()
 
+    def _parts(self, grads: Sequence[torch.Tensor], mode: int, wide: bool) -> torch.Tensor:
+        """The local float64 parts of ‖g‖² (``arith``): mode 0 the buffers (float64 tensors scaled by ``arith``),
+        1 the buffers plus the saved b (lean central), 2 Σ (d² + 2·d·b) (lean forward, added to ‖g1‖²)."""
+        if mode:
+            return parts_of_sumsq(sumsq(grads, self._g1, mode, wide))
+        narrow = [g for g in grads if g.dtype != torch.float64]
+        parts = parts_of_sumsq(sumsq(narrow, (), 0, wide))
+        f64 = [g for g in grads if g.dtype == torch.float64]
+        return parts + sumsq_parts(f64) if f64 else parts
+
+    @staticmethod
+    def _norm(plan: StepPlan, parts: torch.Tensor, grads: Sequence[torch.Tensor], dtype: torch.dtype):
+        """(norm, finite) of summed local parts, over all processes."""
+        return norm_from_parts(plan.shards.sum_across(parts), sum(g.numel() for g in grads), dtype)
+
     # ------------------------------------------------------------------ the step
     def perturb(self, plan: StepPlan, point: int) -> None:
         """Move P to perturbation point ``point`` (0: θ + ε·v; 1, central only: θ − ε·v); zero P's grads."""
@@ -111,9 +139,10 @@ class CppGRStep(ExactViaReference):
             raise RuntimeError("GradReg: a GR parameter has no gradient at the perturbation point")
         dtype = accum_dtype(grads)
         wide = dtype == torch.float64
-        self._grad_ptrs = tuple(g.data_ptr() for g in grads)
+        central = plan.estimator == "central"
         if point == 0:
-            self._armed = False  # the slots hold another step's θ until the pass below wrote them
+            self._saved = ""  # the slots hold another step's θ until the pass below wrote them
+            self._guard.clear()
             identity = type(plan.shards) is Shards or not plan.params  # no compute grid to write onto
             self._grid = None if identity else plan.shards.compute_dtype(plan.params[0])
             reusable_buffers(weights, self._theta)
@@ -123,20 +152,22 @@ class CppGRStep(ExactViaReference):
             reusable_buffers(keep, self._g1_keep)
             if keep:
                 torch._foreach_copy_(self._g1_keep, keep)
-            self._n1sq = plan.shards.sum_across(sumsq(grads, (), 0, dtype))
-            self._n1 = self._n1sq.clamp_min(0).sqrt()
+            self._n1_parts = plan.shards.sum_across(self._parts(grads, 0, wide))
+            self._n1, self._finite = norm_from_parts(self._n1_parts, sum(g.numel() for g in grads), dtype)
             self._s1 = clip_scale(self._n1, plan.g1_clip)
             self._vnorm = v_norm(plan, self._s1, self._n1)
-            self._finite = torch.isfinite(self._n1)
             self.metrics = {"g1_norm": self._n1}
             sign = 1.0
             gplus: list[torch.Tensor] = []
+            plus = None
         else:
-            if self._finite is None:
+            if self._finite is None or not self._saved:
                 raise RuntimeError("GradReg: perturbation point 1 before point 0")
+            self._check_lean(plan, grads)
             gplus = reusable_buffers(self._g1, self._gplus)
             sign = -1.0
-        central = plan.estimator == "central"
+            # ‖g₊‖ comes from the pass below, except for float64 tensors, whose squares need the scaled parts
+            plus = self._parts(grads, 1 if self._lean_active else 0, wide) if wide else None
         preload = 0 if not self._lean_active else (1 if point == 0 and not central else 2)
         step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
         seed = int(plan.seed) & SEED_MASK
@@ -145,43 +176,60 @@ class CppGRStep(ExactViaReference):
             weights, grads, self._theta, self._g1, gplus, step, self._finite, point, rounding, seed, preload,
             self._grid, wide,
         )  # fmt: skip
-        self._armed = True
-        total = plan.shards.sum_across(total)
+        self._saved = "theta"
+        self._exact_abort = preload == 1
+        if self._lean_active:
+            self._guard.arm(plan.params, grads, plan.shards.local)
         if point == 0:
             intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self._n1
-            self.metrics["perturb_ratio"] = total.sqrt() / intended.clamp_min(torch.finfo(dtype).tiny)
+            realised = plan.shards.sum_across(total).sqrt().to(dtype)
+            self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(dtype).tiny)
         else:
-            n_plus = total.clamp_min(0).sqrt()
+            n_plus, finite_plus = self._norm(plan, parts_of_sumsq(total) if plus is None else plus, grads, dtype)
             self._s_plus = clip_scale(n_plus, plan.g2_clip)
-            self._finite = self._finite & torch.isfinite(n_plus)
+            self._finite = self._finite & finite_plus
 
     def restore(self, plan: StepPlan) -> None:
-        """Abort: θ back bitwise, every saved gradient back to g1 (bf16-rounded for fp32 grads if ``lean``).
-        Idempotent; a no-op before this step saved θ."""
+        """Abort: θ back bitwise, every saved gradient (GR and keep parameters) back to g1; after the combine only
+        the gradients (θ is back). Lean mode: see the class. Idempotent; a no-op before this step saved θ."""
         if self._delegate:
             self._torch.restore(plan)
             return
-        if not self._armed:
-            return
-        for p in plan.params:
-            if p.grad is None:
-                p.grad = plan.shards.wrap_grad(p, torch.zeros_like(plan.shards.local(p.detach())))
-        self._run_combine(plan, mode=2, coefs=(), sa=None, sb=None)
-        self._restore_keep(plan)
+        saved, self._saved = self._saved, ""
+        if saved == "theta":
+            for p in plan.params:
+                if p.grad is None:
+                    p.grad = plan.shards.wrap_grad(p, torch.zeros_like(plan.shards.local(p.detach())))
+            grads, weights = plan.grads(), plan.weights()
+            negate = self._lean_active and self._exact_abort
+            exact = {i for i in range(len(grads)) if negate and self._guard.untouched(i)}
+            rest = [i for i in range(len(grads)) if i not in exact]
+            if rest:
+                ops().gr_combine(
+                    [weights[i] for i in rest], [grads[i] for i in rest], [self._theta[i] for i in rest],
+                    [self._g1[i] for i in rest], [], [], *(torch.ones((), dtype=torch.float64),) * 2, 2,
+                    self._lean_active, accum_dtype(grads) == torch.float64,
+                )  # fmt: skip
+            for i in exact:  # the buffer still holds −g1 as perturb wrote it: negating it is exact
+                weights[i].copy_(self._theta[i])
+                grads[i].neg_()
+        elif saved == "grads":
+            for p, g1 in zip(plan.params, self._g1):
+                plan.set_grad(p, g1)
+        if saved:
+            self._restore_keep(plan)
+        self._guard.clear()
+
+    def _check_lean(self, plan: StepPlan, grads: Sequence[torch.Tensor]) -> None:
+        """Lean mode: the backward at the last point accumulated onto what perturb left, else restore and raise."""
+        err = self._guard.violation(grads) if self._lean_active and self._guard.armed else None
+        if err is not None:
+            self.restore(plan)
+            raise err
 
     def _restore_keep(self, plan: StepPlan) -> None:
         for p, g1 in zip(plan.keep, self._g1_keep):
             plan.set_grad(p, g1)
-
-    def _run_combine(self, plan: StepPlan, mode: int, coefs: Sequence[float], sa, sb, grads=None) -> torch.Tensor:
-        grads = plan.grads() if grads is None else grads
-        wide = accum_dtype(grads) == torch.float64
-        if sa is None:  # restore (mode 2) reads no clip factor; the schema still takes two tensors
-            sa = sb = torch.ones((), dtype=torch.float64 if wide else torch.float32)
-        return ops().gr_combine(
-            plan.weights(), grads, self._theta, self._g1, self._gplus if mode == 1 else [], list(coefs), sa, sb,
-            mode, self._lean_active, wide,
-        )  # fmt: skip
 
     def restore_and_combine(self, plan: StepPlan) -> None:
         """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
@@ -191,33 +239,32 @@ class CppGRStep(ExactViaReference):
             return
         require_second_gradients(plan, self.restore)
         grads = plan.grads()
-        if self._lean_active and tuple(g.data_ptr() for g in grads) != self._grad_ptrs:
-            self.restore(plan)
-            raise RuntimeError(
-                "GradReg(lean=True): the gradient buffers were replaced between perturb() and the combine (e.g. "
-                "zero_grad(set_to_none=True)); lean mode needs the second backward to accumulate into the same "
-                "buffers. Parameters were restored (gradients: g1 rounded to bf16)."
-            )
+        self._check_lean(plan, grads)
+        self._guard.clear()
         dtype = accum_dtype(grads)
+        wide = dtype == torch.float64
         central = plan.estimator == "central"
-        if not self._lean_active:
-            n2sq = plan.shards.sum_across(sumsq(grads, (), 0, dtype))
-        elif central:  # the buffers hold g₋ − b
-            n2sq = plan.shards.sum_across(sumsq(grads, self._g1, 1, dtype))
-        else:  # the buffers hold d = g2 − g1: ‖g2‖² = ‖g1‖² + Σ (d² + 2·d·b)
-            n2sq = self._n1sq + plan.shards.sum_across(sumsq(grads, self._g1, 2, dtype))
-        n2 = n2sq.clamp_min(0).sqrt()
+        count = sum(g.numel() for g in grads)
+        if self._lean_active and not central:
+            # the buffers hold d = g2 − g1: ‖g2‖² = ‖g1‖² + Σ (d² + 2·d·b), in float64 (exact range)
+            n2sq = self._n1_parts[1] + plan.shards.sum_across(sumsq(grads, self._g1, 2, wide))
+            n2, finite2 = norm_from_parts(parts_of_sumsq(n2sq.clamp_min(0)), count, dtype)
+        else:  # central lean: the buffers hold g₋ − b
+            n2, finite2 = self._norm(plan, self._parts(grads, 1 if self._lean_active else 0, wide), grads, dtype)
         s2 = clip_scale(n2, plan.g2_clip)
-        self._finite = self._finite & torch.isfinite(n2)
+        self._finite = self._finite & finite2
         if central:
             mode, sa, sb, div = 1, self._s_plus, s2, 2.0 * plan.eps
         else:
             mode, sa, sb, div = 0, s2, self._s1, plan.eps
         sa, sb = combine_scales(sa, sb, self._vnorm)
-        diff_sq = self._run_combine(plan, mode, [gamma / div for gamma in plan.coefs], sa, sb, grads)
+        diff_sq = ops().gr_combine(
+            plan.weights(), grads, self._theta, self._g1, self._gplus if mode == 1 else [],
+            [gamma / div for gamma in plan.coefs], sa, sb, mode, self._lean_active, wide,
+        )  # fmt: skip
         self._restore_keep(plan)
-        self._armed = False
+        self._saved = "grads"
         self.metrics["g2_norm"] = n2
-        diff = plan.shards.sum_across(diff_sq).sqrt()
+        diff = plan.shards.sum_across(diff_sq).sqrt().to(dtype)
         self.metrics["gr_rel"] = diff / self._n1.clamp_min(torch.finfo(dtype).tiny)
         self.metrics["finite"] = self._finite

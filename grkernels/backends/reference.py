@@ -10,13 +10,22 @@ One GR step over the gradient-regularised ("GR") parameters P, with g1 = ∇L(θ
     θ  ← θ (bitwise, from a saved copy)
     grad ← g1 + (γ_p/ε)·(s2·g2 − s1·g1)        ≈ ∇L + γ·H·v
 
-With ``eps_mode="radius"`` the step is ε_eff = ε/‖v‖, so that ‖θ' − θ‖ = ε whatever the gradient's scale (the
-fidelity of the finite difference depends on ε·‖v‖, see BENCHMARKS.md); the combine divides by ε_eff, so the
-estimate still targets γ·H·v.
+With ``eps_mode="radius"`` the step is ε_eff = ε/‖v‖ (‖v‖ = s1·n1), so that ‖θ' − θ‖ = ε whatever the
+gradient's scale (the fidelity of the finite difference depends on ε·‖v‖, see BENCHMARKS.md); the combine
+divides by ε_eff, so the estimate still targets γ·H·v. ‖v‖ is clamped below at the dtype's smallest normal
+number (1.2e-38 in float32): below it the step is ε·‖v‖/tiny, never an overflow.
 
 The central estimator evaluates g± = ∇L(θ ± ε·v) and uses grad ← g1 + (γ_p/2ε)·(s₊·g₊ − s₋·g₋); the exact
 estimator gets H·v from double backprop and uses grad ← g1 + γ_p·H·v. Parameters outside P that have a gradient
 ("keep" parameters: excluded, or in a group with GR off) end the step with their g1, bitwise.
+
+Numeric extremes: every norm (n1, n2, n±, and the metrics ‖θ' − θ‖, ‖grad − g1‖) is overflow- and
+underflow-safe (``arith.norm_and_finite``: gradients of 3e19 or 1e-25 per element have their true norm), and
+the step's finite flag is a property of the elements of g1, g± and g2, never of a norm. When g1 is not finite,
+θ' = θ (no NaN reaches the weights) and the flag tells the caller to skip.
+
+Abort: ``restore`` puts θ back bitwise and every saved gradient back to g1, at any point after point 0 began,
+after the combine too (then θ is already back and only the gradients are rewritten).
 
 Everything stays on the device: norms, clip factors and the finite flag are 0-d tensors, so no step of this file
 reads a value back to the host. Arithmetic is in float32 (float64 for float64 tensors).
@@ -30,10 +39,12 @@ from collections.abc import Sequence
 import torch
 
 from grkernels.backends.arith import (
+    SumOfSquares,
     accum_dtype,
     clip_scale,
     combine_scales,
     global_norm,
+    norm_and_finite,
     perturb_scale,
     require_second_gradients,
     reusable_buffers,
@@ -61,13 +72,14 @@ class TorchGRStep:
     name = "torch"
 
     def __init__(self) -> None:
-        self._plan: StepPlan | None = None
         self._theta: list[torch.Tensor] = []
         self._g1: list[torch.Tensor] = []
         self._g1_keep: list[torch.Tensor] = []
         self._g_plus: list[torch.Tensor] = []
         self._s1 = self._s_plus = self._finite = self._vnorm = None
-        self._armed = False  # θ of the current step is saved: restore() may write it back
+        # what restore() may write back: "" (nothing of this step is saved), "theta" (θ and g1 saved, the
+        # weights may be perturbed), "grads" (combined: θ is back, the saved g1 may replace the GR gradient)
+        self._saved = ""
         self.metrics: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -92,27 +104,25 @@ class TorchGRStep:
         grads = plan.grads()
         dtype = accum_dtype(grads)
         if point == 0:
-            self._plan = plan
-            self._armed = False  # the buffers hold another step's θ until the copies below are complete
+            self._saved = ""  # the buffers hold another step's θ until the copies below are complete
             self._copies(plan.weights(), self._theta)
             self._copies(grads, self._g1)
             self._copies(plan.grads(plan.keep), self._g1_keep)
-            self._armed = True
-            n1 = plan.norm(grads, dtype)
+            self._saved = "theta"
+            n1, self._finite = norm_and_finite(grads, dtype, plan.shards)
             self._s1 = clip_scale(n1, plan.g1_clip)
             self._vnorm = v_norm(plan, self._s1, n1)
-            self._finite = torch.isfinite(n1)
             self.metrics = {"g1_norm": n1}
             sign = 1.0
         else:
-            n_plus = plan.norm(grads, dtype)
+            n_plus, finite_plus = norm_and_finite(grads, dtype, plan.shards)
             self._copies(grads, self._g_plus)
             self._s_plus = clip_scale(n_plus, plan.g2_clip)
-            self._finite = self._finite & torch.isfinite(n_plus)
+            self._finite = self._finite & finite_plus
             sign = -1.0
         # The perturbation ε·s1·g1 (zero where g1 is not finite: a NaN must never reach the weights).
         step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
-        realised_sq = torch.zeros((), dtype=dtype, device=plan.device)
+        realised = SumOfSquares(dtype, plan.device)
         try:
             for i, (p, w, theta, g1) in enumerate(zip(plan.params, plan.weights(), self._theta, self._g1)):
                 grid = plan.shards.compute_dtype(p)
@@ -121,24 +131,26 @@ class TorchGRStep:
                 w.copy_(new)
                 if point == 0:  # against the weight the model computed g1 with
                     base = theta if grid is None else theta.to(grid)
-                    realised_sq += (new.to(dtype) - base.to(dtype)).square().sum()
+                    realised.add(new.to(dtype) - base.to(dtype))
                 grads[i].zero_()
         except BaseException:
             self.restore(plan)  # θ and g1 are saved in full before anything moves: put them back, then raise
             raise
         if point == 0:
             intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self.metrics["g1_norm"]
-            realised = plan.shards.sum_across(realised_sq).sqrt()
-            self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(dtype).tiny)
+            self.metrics["perturb_ratio"] = realised.norm(plan.shards) / intended.clamp_min(torch.finfo(dtype).tiny)
 
     def restore(self, plan: StepPlan) -> None:
-        """Abort: θ back bitwise, every saved gradient back to g1. Idempotent; a no-op before θ was saved."""
-        if not self._armed:
-            return
-        for p, w, theta, g1 in zip(plan.params, plan.weights(), self._theta, self._g1):
-            w.copy_(theta)
-            plan.set_grad(p, g1)
-        self._restore_keep(plan)
+        """Abort: θ back bitwise, every saved gradient (GR and keep parameters) back to g1; after the combine only
+        the gradients (θ is back). Idempotent; a no-op before θ was saved."""
+        if self._saved == "theta":
+            for w, theta in zip(plan.weights(), self._theta):
+                w.copy_(theta)
+        if self._saved:
+            for p, g1 in zip(plan.params, self._g1):
+                plan.set_grad(p, g1)
+            self._restore_keep(plan)
+        self._saved = ""
 
     def _restore_keep(self, plan: StepPlan) -> None:
         for p, g1 in zip(plan.keep, self._g1_keep):
@@ -149,45 +161,43 @@ class TorchGRStep:
         require_second_gradients(plan, self.restore)
         grads = plan.grads()
         dtype = accum_dtype(grads)
-        n2 = plan.norm(grads, dtype)
+        n2, finite2 = norm_and_finite(grads, dtype, plan.shards)
         s2 = clip_scale(n2, plan.g2_clip)
-        self._finite = self._finite & torch.isfinite(n2)
+        self._finite = self._finite & finite2
         if plan.estimator == "central":
             a, sa, b, sb, div = self._g_plus, self._s_plus, grads, s2, 2.0 * plan.eps
         else:
             a, sa, b, sb, div = grads, s2, self._g1, self._s1, plan.eps
         sa, sb = combine_scales(sa, sb, self._vnorm)
-        diff_sq = torch.zeros((), dtype=dtype, device=plan.device)
+        diff = SumOfSquares(dtype, plan.device)
         for g, w, theta, g1, ga, gb, gamma in zip(grads, plan.weights(), self._theta, self._g1, a, b, plan.coefs):
             w.copy_(theta)
             correction = (gamma / div) * (sa * ga.to(dtype) - sb * gb.to(dtype))
-            diff_sq += correction.square().sum()
+            diff.add(correction)
             g.copy_(g1.to(dtype) + correction)
         self._restore_keep(plan)
-        self._armed = False
+        self._saved = "grads"
         self.metrics["g2_norm"] = n2
-        diff = plan.shards.sum_across(diff_sq).sqrt()
-        self.metrics["gr_rel"] = diff / self.metrics["g1_norm"].clamp_min(torch.finfo(dtype).tiny)
+        self.metrics["gr_rel"] = diff.norm(plan.shards) / self.metrics["g1_norm"].clamp_min(torch.finfo(dtype).tiny)
         self.metrics["finite"] = self._finite
 
     def combine_hvp(self, plan: StepPlan, hvp: Sequence[torch.Tensor]) -> None:
         """Exact estimator: ``.grad`` ← g1 + γ_p·H·v with H·v from double backprop (``.grad`` holds g1)."""
         grads = [p.grad for p in plan.params]
         dtype = accum_dtype(grads)
-        n1 = global_norm(grads, dtype)
-        finite = torch.isfinite(n1)
-        diff_sq = torch.zeros((), dtype=dtype, device=plan.device)
+        n1, finite = norm_and_finite(grads, dtype)
+        diff = SumOfSquares(dtype, plan.device)
         for p, hv, gamma in zip(plan.params, hvp, plan.coefs):
             correction = gamma * hv.to(dtype)
-            diff_sq += correction.square().sum()
+            diff.add(correction)
             p.grad.copy_(p.grad.to(dtype) + correction)
-        hv_norm = global_norm(list(hvp), dtype)
+        hv_norm, hv_finite = norm_and_finite(list(hvp), dtype)
         self.metrics = {
             "g1_norm": n1,
             "g2_norm": hv_norm,  # for the exact estimator: ‖H·v‖
             "perturb_ratio": torch.ones_like(n1),
-            "gr_rel": diff_sq.sqrt() / n1.clamp_min(torch.finfo(dtype).tiny),
-            "finite": finite & torch.isfinite(hv_norm),
+            "gr_rel": diff.norm() / n1.clamp_min(torch.finfo(dtype).tiny),
+            "finite": finite & hv_finite,
         }
 
     def clip_scale_g1(self, plan: StepPlan) -> torch.Tensor:

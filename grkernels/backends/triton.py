@@ -1,22 +1,29 @@
 """The GR step in fused multi-tensor Triton kernels: norms, perturb, restore + combine, without host syncs.
 
-Same semantics as ``grkernels.reference.TorchGRStep`` (the specification; read its docstring for the math).
+Same semantics as ``grkernels.backends.reference.TorchGRStep`` (the specification; read its docstring for the
+math). The kernels are in ``grkernels.kernels.gr_step``.
 Per dtype group (see ``multi_tensor``) every pass is ONE launch over all tensors of the group, one program per
 chunk of at most ``chunk`` elements. With P the GR parameters, g the gradient, and per element:
 
-    sumsq      reads g                         partial[c] = Σ g²            (accumulated in fp32, fp64 for fp64)
+    sumsq      reads g                         partial[c] = Σ g²            (accumulated in fp64)
     perturb@0  reads g, θ                      saves g1 (→ S dtype), θ (bits); θ ← round(θ + step·g);
                                                g ← 0; partial[c] = Σ (θ' − θ)²    (the realised perturbation)
     perturb@1  reads g₊, saved θ, saved g1     saves g₊; θ ← round(θ − ε·s1·g1); g ← 0; partial[c] = Σ g₊²
     combine    reads g2, saved g1, saved θ     θ ← saved bits; g ← g1 + coef·(sa·ga − sb·gb);
                (+ saved g₊ for central)        partial[c] = Σ correction²
-    restore    reads saved θ, saved g1         θ ← saved bits; g ← g1  (abort)
+    restore    reads saved θ, saved g1         θ ← saved bits; g ← g1  (abort; after the combine: g ← g1 only)
 
 where step = ε·s1 when g1 is finite (else 0 and θ stays θ), coef = γ_p/ε (forward: ga = g2, sa = s2, gb = g1,
 sb = s1) or γ_p/2ε (central: ga = g₊, sa = s₊, gb = g₋, sb = s₋). The partial sums are per chunk (fixed
 order inside a program); the second stage is a sum over the chunk buffer in a fixed order on the device, and
 norms, clip factors min(1, c/(‖g‖ + 1e-6)), the finite flag and ``step`` are 0-d device tensors computed by the
 same torch expressions as the reference. Nothing in the step reads a value back to the host.
+
+Numeric extremes: every partial sum of squares is accumulated in float64, where no square of a 32-bit or
+narrower value overflows or underflows (elements of 3e19 or 1e-25 have their true norm), and read through
+``arith.norm_from_parts``, which also gives the finite flag (a property of the elements). float64 gradients'
+norms are taken by ``arith.sumsq_parts`` (scaled); their metric sums (‖θ' − θ‖, ‖grad − g1‖) are unscaled
+(exact below 1e150 per element).
 
 Rounding of the perturbed parameter (low-precision parameters, ``rounding="stochastic"``): x = θ + step·g in
 fp32; for bf16 the fp32 bit pattern plus a uniform 16-bit random integer, truncated to the upper 16 bits
@@ -45,20 +52,23 @@ plus, per keep parameter, one copy of its gradient (grad bytes). Each tensor's s
 of 8 elements (16-byte aligned slots; ≤ 7 elements per tensor).
 
 Lean mode (``lean=True``; only fp32 gradients are affected): g1 is saved in bf16, b = rn_bf16(g1). Saving g1
-rounded naively would put its rounding error r = g1 − b (≤ 2^-9·|g1|) into the difference g2 − g1 and amplify
+rounded naively would put its rounding error r = g1 − b (≤ 2^-8·|g1|) into the difference g2 − g1 and amplify
 it by γ/ε (``bench/fidelity.py``, fp32 weights: cos 0.93 instead of 1.00 at ε = 1e-3 when tried). Instead
 the perturb kernel leaves the difference itself in the gradient buffer: it writes −g1 (forward; exact, g1 is
 still in registers) or −b (central, both points) instead of zeros, so the second backward, which accumulates,
 leaves d = g2 − g1 (or g± − b) in fp32 (measured: cos/rel identical to the fp32 row at every ε). Then
 
     forward:  ‖g2‖² = ‖g1‖² + Σ(d² + 2·d·b)  (error 2·<d, r>, negligible),  grad = b + (γ/ε)·(s2·d + (s2 − s1)·b)
-    central:  g₊ = d₊ + b (d₊ saved in bf16: its error is 2^-9 of a small number), g₋ = d₋ + b
+    central:  g₊ = d₊ + b (d₊ saved in bf16: its error is 2^-8 of a small number), g₋ = d₋ + b
 
-so the correction keeps fp32 accuracy and only the g1 term of the result carries the bf16 error (≤ 2^-9·|g1|
+so the correction keeps fp32 accuracy and only the g1 term of the result carries the bf16 error (≤ 2^-8·|g1|
 per element, not amplified). The price: between ``perturb`` and ``restore_and_combine`` the GR parameters'
 gradient buffers hold −g1 (or −b) plus what the second backward accumulated, not g2 (a hook that reads
 ``.grad`` in the second pass sees the difference; anything that overwrites instead of accumulating breaks it).
-Abort (``restore``) in lean mode gives back b, g1 rounded to bf16.
+Anything that writes the buffers in between other than the backward's accumulation (``zero_grad(set_to_none=
+False)``) is an error at the combine (``backends.lean``). Abort (``restore``) in lean mode gives back g1 bitwise
+where the buffer still holds −g1 untouched (forward estimator, before the backward at θ' reached it: negated),
+else b, g1 rounded to bf16 (within 2^-8·|g1| per element); after the combine b.
 
 Deviation from the reference, on purpose: at the second point of the central estimator the parameters move to
 θ − ε·s1·g1 even when g₊ is not finite (the reference leaves them at θ). Only g1 enters that point, which is
@@ -82,17 +92,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import triton.language as tl
 
 from grkernels.backends.arith import (
     accum_dtype,
     clip_scale,
     combine_scales,
+    norm_from_parts,
+    parts_of_sumsq,
     perturb_scale,
     require_second_gradients,
     reusable_buffers,
+    sumsq_parts,
     v_norm,
 )
 from grkernels.backends.base import ExactViaReference, Shards, StepPlan
+from grkernels.backends.lean import LeanGuard
 from grkernels.backends.reference import TorchGRStep
 from grkernels.kernels import check_triton_device, interpreter_on
 from grkernels.kernels.gr_step import (
@@ -123,7 +138,9 @@ class TritonGRStep(ExactViaReference):
         chunk: elements per program (a multiple of ``block``); default 65,536.
         block: elements per loop iteration (a power of two ≥ 16); default 2048 on CUDA, 1024 interpreted.
         grad_attr: the attribute holding each parameter's gradient (``"grad"``; e.g. ``"main_grad"`` for
-            fp32 gradient buffers kept next to bf16 parameters, as Megatron-style trainers do).
+            fp32 gradient buffers kept next to bf16 parameters, as Megatron-style trainers do). Lean mode's
+            check of in-place writes (``backends.lean``) watches ``"grad"`` only: another attribute is
+            accumulated by the host's own hooks, which the check cannot tell from a stray write.
         model_attr: fp32 master weights (the hook): when the GR parameters are the optimizer's fp32 masters and
             ``getattr(master, model_attr)`` is the low-precision weight the model computes with, the kernels
             perturb that weight, ``w ← round(w + ε·v)`` (from w, where the gradient was taken: starting from the
@@ -167,9 +184,15 @@ class TritonGRStep(ExactViaReference):
         self._part: torch.Tensor | None = None
         self._coef_cache: dict[tuple, list[torch.Tensor]] = {}
         self._n1 = self._s1 = self._finite = self._n_plus = self._s_plus = self._vnorm = None
-        self._grad_ptrs: tuple = ()
         self._shards = Shards()  # the current plan's (local shards and cross-process sums under FSDP2)
         self._armed: set[int] = set()  # groups whose θ of the current step is saved (restore writes only these)
+        # as TorchGRStep: "" (nothing of this step saved), "theta" (point 0 ran: θ of the ``_armed`` groups and
+        # the keep gradients saved), "grads" (combined: restore() puts the saved g1 back into the gradients only)
+        self._state = ""
+        self._acc = torch.float32  # the step's working precision (float64 when a gradient is float64)
+        self._exact_abort = False  # lean forward: the buffers hold −g1 exactly until the backward at θ'
+        self._guard = LeanGuard()
+        self._guard_rows: list[int] = []  # the step's parameter index of each tensor the guard watches
 
     # ------------------------------------------------------------------ helpers
     def _grads(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -178,8 +201,21 @@ class TritonGRStep(ExactViaReference):
         return [g if g is None else self._shards.local(g) for g in grads]
 
     def _total(self, row: int) -> torch.Tensor:
-        """Σ of partial row ``row`` over the chunks, and over the processes holding other shards."""
+        """Σ of partial row ``row`` (float64) over the chunks, and over the processes holding other shards."""
         return self._shards.sum_across(self._part[row].sum())
+
+    def _wide_parts(self, grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """``arith.sumsq_parts`` of the float64 groups' gradients (their squares need scaling; see the module)."""
+        wide = [grads[r] for grp in self._groups if grp.g_dtype == torch.float64 for r in grp.rows]
+        return sumsq_parts(wide, device)
+
+    def _norm(self, row: int, wide_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm, finite) from partial row ``row`` of the narrow groups plus the float64 groups' parts."""
+        for grp in self._groups:  # their chunks of this row are not a sum of squares the norm may use
+            if grp.g_dtype == torch.float64:
+                self._part[row, grp.chunk_base : grp.chunk_base + grp.n_chunks] = 0
+        parts = self._shards.sum_across(parts_of_sumsq(self._part[row].sum()) + wide_parts)
+        return norm_from_parts(parts, sum(sum(grp.numels) for grp in self._groups), self._acc)
 
     def _save_dtype(self, g_dtype: torch.dtype) -> torch.dtype:
         return torch.bfloat16 if self.lean and g_dtype == torch.float32 else g_dtype
@@ -220,8 +256,9 @@ class TritonGRStep(ExactViaReference):
         ):
             self._saved = [{k: torch.empty(n, dtype=d, device=device) for k, (n, d) in w.items()} for w in want]
         n_chunks = max(1, sum(g.n_chunks for g in self._groups))
-        if self._part is None or self._part.shape[1] != n_chunks or self._part.dtype != acc:
-            self._part = torch.zeros(5, n_chunks, dtype=acc, device=device)  # n1, realised, n+, corr, n2
+        if self._part is None or self._part.shape[1] != n_chunks or self._part.device != device:
+            # rows: n1, realised, n+, corr, n2; float64 whatever the dtypes (sums of squares, see the module)
+            self._part = torch.zeros(5, n_chunks, dtype=torch.float64, device=device)
 
     def _save_keep(self, plan: StepPlan) -> None:
         grads = self._grads(plan.keep)
@@ -241,11 +278,14 @@ class TritonGRStep(ExactViaReference):
         """Lean mode on this group: g1 saved rounded, so the gradient buffer carries g − g1 (see the class)."""
         return self._save_dtype(grp.g_dtype) != grp.g_dtype
 
-    def _sumsq(self, row: int, estimator: str | None = None) -> torch.Tensor:
-        """Launch the Σg² pass of every group into partial row ``row``; returns the global norm (0-d).
+    def _sumsq(self, row: int, grads: Sequence[torch.Tensor], device: torch.device,
+               estimator: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch the Σg² pass of every narrow group into partial row ``row``; returns (global norm, finite).
 
         ``estimator`` set: the norm of g2 at combine time (lean groups hold a difference, see the class)."""
         for gi, grp in enumerate(self._groups):
+            if grp.g_dtype == torch.float64:
+                continue  # scaled by arith instead (``_wide_parts``)
             norm = 0 if estimator is None or not self._delta(grp) else (1 if estimator == "central" else 2)
             g1s = self._saved[gi]["g1"] if self._saved else self._part
             s = g1s.dtype if norm else grp.g_dtype
@@ -253,10 +293,10 @@ class TritonGRStep(ExactViaReference):
                 grp.tab, grp.n_tensors, grp.chunks, grp.n_chunks, self._part[row, grp.chunk_base :],
                 g1s.view(INT_OF[s]) if norm else g1s, self._part[0, grp.chunk_base :],
                 G_INT=TL[INT_OF[grp.g_dtype]], G_FLT=TL[grp.g_dtype], S_INT=TL[INT_OF[s]], S_FLT=TL[s],
-                ACC=TL[self._part.dtype], NORM=norm, ALIGNED=grp.aligned,
+                ACC=tl.float64, NORM=norm, ALIGNED=grp.aligned,
                 CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps,
             )  # fmt: skip
-        return self._total(row).clamp_min(0).sqrt()
+        return self._norm(row, self._wide_parts(grads, device))
 
     def _coefs(self, plan: StepPlan, div: float, acc: torch.dtype) -> list[torch.Tensor]:
         """γ_p/div per tensor, per group, as ACC device tables (cached by value: uploaded when γ changes)."""
@@ -270,10 +310,10 @@ class TritonGRStep(ExactViaReference):
             self._coef_cache = {key: hit}  # one entry: a schedule changing γ every step must not grow it
         return hit
 
-    def _launch_combine(self, mode: int, coefs: list[torch.Tensor] | None, sa, sb) -> None:
-        acc = self._part.dtype
+    def _launch_combine(self, mode: int, coefs: list[torch.Tensor] | None, sa, sb, skip=frozenset()) -> None:
+        acc = self._acc
         for gi, grp in enumerate(self._groups):
-            if gi not in self._armed:
+            if gi not in self._armed or gi in skip:
                 continue
             buf = self._saved[gi]
             s = buf["g1"].dtype
@@ -285,7 +325,7 @@ class TritonGRStep(ExactViaReference):
                 self._part[3, grp.chunk_base :], coef,
                 sa if sa is not None else self._part, sb if sb is not None else self._part,
                 P_INT=TL[INT_OF[grp.p_dtype]], G_INT=TL[INT_OF[grp.g_dtype]], G_FLT=TL[grp.g_dtype],
-                S_INT=TL[INT_OF[s]], S_FLT=TL[s], ACC=TL[acc], MODE=mode, DELTA=self._delta(grp),
+                S_INT=TL[INT_OF[s]], S_FLT=TL[s], ACC=TL[acc], SUM=tl.float64, MODE=mode, DELTA=self._delta(grp),
                 ALIGNED=grp.aligned,
                 CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
             )  # fmt: skip
@@ -320,26 +360,49 @@ class TritonGRStep(ExactViaReference):
         if any(g is None for g in grads):
             raise RuntimeError("GradReg: a GR parameter has no gradient at the perturbation point")
         acc = accum_dtype(grads)
+        if point == 1:
+            self._check_lean(plan, grads)
         self._layout(plan, grads)
-        self._grad_ptrs = tuple(g.data_ptr() for g in grads)  # lean mode: the combine must find these buffers
+        central = plan.estimator == "central"
         if point == 0:
-            self._armed = set()  # the save buffers hold another step's θ until this step's kernels wrote them
-            self._ensure_saved(acc, plan.estimator == "central", plan.device)
+            self._armed, self._state = set(), ""  # the buffers hold another step's θ until this step's
+            self._guard.clear()  # kernels wrote them
+            self._acc = acc
+            self._ensure_saved(acc, central, plan.device)
             self._save_keep(plan)
-            self._n1 = self._sumsq(0)
+            self._n1, self._finite = self._sumsq(0, grads, plan.device)
             self._s1 = clip_scale(self._n1, plan.g1_clip)
             self._vnorm = v_norm(plan, self._s1, self._n1)
-            self._finite = torch.isfinite(self._n1)
             self.metrics = {"g1_norm": self._n1}
             sign, row = 1.0, 1
+            wide_plus = None
         else:
-            if self._finite is None or not self._saved:
+            if self._state != "theta":
                 raise RuntimeError("GradReg: perturbation point 1 before point 0")
             self._ensure_saved(acc, True, plan.device)  # no-op when point 0 already allocated g+ buffers
             sign, row = -1.0, 2
+            wide_plus = self._wide_parts(grads, plan.device)  # before the pass zeroes the float64 buffers
         step = torch.where(self._finite, perturb_scale(plan, self._s1, self._vnorm, sign), torch.zeros_like(self._s1))
         finite_i8 = self._finite.view(torch.int8)
         seed = int(plan.seed) & SEED_MASK
+        self._state = "theta"  # from here restore() writes back the groups in ``_armed``
+        try:
+            self._launch_perturb(plan, point, step, finite_i8, seed, row, central)
+        except BaseException:
+            self.restore(plan)
+            raise
+        self._exact_abort = point == 0 and not central
+        self._arm_guard(plan, grads)
+        if point == 0:
+            realised = self._total(1).sqrt().to(acc)
+            intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self._n1
+            self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(acc).tiny)
+        else:
+            self._n_plus, finite_plus = self._norm(2, wide_plus)
+            self._s_plus = clip_scale(self._n_plus, plan.g2_clip)
+            self._finite = self._finite & finite_plus
+
+    def _launch_perturb(self, plan: StepPlan, point: int, step, finite_i8, seed: int, row: int, central: bool):
         for gi, grp in enumerate(self._groups):
             buf = self._saved[gi]
             s = buf["g1"].dtype
@@ -357,52 +420,90 @@ class TritonGRStep(ExactViaReference):
                 self._part[row, grp.chunk_base :], step, finite_i8, seed,
                 P_INT=TL[INT_OF[grp.p_dtype]], P_FLT=TL[grp.p_dtype], G_INT=TL[INT_OF[grp.g_dtype]],
                 G_FLT=TL[grp.g_dtype], S_INT=TL[INT_OF[s]], S_FLT=TL[s], SAVE_CAST=s != grp.g_dtype,
-                W=TL[w], ACC=TL[acc], POINT=point, ROUND=rnd,
-                PRELOAD=0 if not self._delta(grp) else (1 if point == 0 and plan.estimator != "central" else 2),
+                W=TL[w], ACC=tl.float64, POINT=point, ROUND=rnd,
+                PRELOAD=0 if not self._delta(grp) else (1 if point == 0 and not central else 2),
                 ALIGNED=grp.aligned,
                 CHUNK=self.chunk, BLOCK=self.block, num_warps=self.num_warps, enable_fp_fusion=False,
             )  # fmt: skip
             self._armed.add(gi)
-        if point == 0:
-            realised = self._total(1).sqrt()
-            intended = perturb_scale(plan, self._s1, self._vnorm, 1.0) * self._n1
-            self.metrics["perturb_ratio"] = realised / intended.clamp_min(torch.finfo(acc).tiny)
+
+    def _arm_guard(self, plan: StepPlan, grads: Sequence[torch.Tensor]) -> None:
+        """Lean groups: watch their buffers for writes other than the backward's accumulation (``backends.lean``)
+        and for replacement (any attribute)."""
+        self._guard_rows = [r for grp in self._groups if self._delta(grp) for r in grp.rows]
+        rows = self._guard_rows
+        if rows:
+            self._guard.arm([plan.params[r] for r in rows], [grads[r] for r in rows], plan.shards.local,
+                            attr=self.grad_attr)
         else:
-            self._n_plus = self._total(2).sqrt()
-            self._s_plus = clip_scale(self._n_plus, plan.g2_clip)
-            self._finite = self._finite & torch.isfinite(self._n_plus)
+            self._guard.clear()
+
+    def _check_lean(self, plan: StepPlan, grads: Sequence[torch.Tensor]) -> None:
+        """Lean mode: the backward at the last point accumulated onto what perturb left, else restore and raise."""
+        if not self._guard.armed:
+            return
+        err = self._guard.violation([grads[r] for r in self._guard_rows])
+        if err is not None:
+            self.restore(plan)
+            raise err
+
+    def _slot(self, gi: int, key: str, k: int, like: torch.Tensor) -> torch.Tensor:
+        """The save slot of tensor ``k`` of group ``gi`` as a view laid out like ``like`` (the kernels save in
+        storage order, which a dense layout shares)."""
+        buf = self._saved[gi][key]
+        return buf.as_strided(like.shape, like.stride(), buf.storage_offset() + self._groups[gi].offsets[k])
+
+    def _weights(self, plan: StepPlan) -> list[torch.Tensor]:
+        """The tensors the kernels perturb (table column 5): the parameters, or their model weights."""
+        if self.model_attr is None:
+            return [plan.shards.local(p.detach()) for p in plan.params]
+        return [getattr(p, self.model_attr).detach() for p in plan.params]
 
     def restore(self, plan: StepPlan) -> None:
-        """Abort: θ back bitwise, every saved gradient back to g1 (bf16-rounded for fp32 grads if ``lean``).
-        Idempotent; writes only the groups whose θ this step saved."""
-        if not self._saved or not self._armed:
+        """Abort: θ back bitwise, every saved gradient (GR and keep parameters) back to g1; after the combine only
+        the gradients (θ is back). Lean mode: see the module docstring. Idempotent; a no-op before this step
+        saved anything; writes only the groups whose θ this step saved."""
+        if not self._state:
             return
         self._shards = plan.shards
         for p in plan.params:
             if getattr(p, self.grad_attr) is None:
                 local = torch.zeros_like(plan.shards.local(p.detach()), memory_format=torch.preserve_format)
                 setattr(p, self.grad_attr, plan.shards.wrap_grad(p, local))
-        self._layout(plan, self._grads(plan.params))
-        self._launch_combine(MODE_ABORT, None, None, None)
+        grads = self._grads(plan.params)
+        self._layout(plan, grads)
+        if self._state == "grads":  # θ is back: only the gradients
+            for gi, grp in enumerate(self._groups):
+                for k, r in enumerate(grp.rows):
+                    grads[r].copy_(self._slot(gi, "g1", k, grads[r]))
+        else:
+            lean = {gi for gi, grp in enumerate(self._groups) if gi in self._armed and self._delta(grp)}
+            self._launch_combine(MODE_ABORT, None, None, None, skip=lean)
+            watched = {r: i for i, r in enumerate(self._guard_rows)} if self._guard.armed else {}
+            weights = self._weights(plan)
+            for gi in lean:  # per tensor: g1 exactly from the untouched −g1 buffer, else its bf16 copy b
+                for k, r in enumerate(self._groups[gi].rows):
+                    weights[r].copy_(self._slot(gi, "theta", k, weights[r]))
+                    if self._exact_abort and r in watched and self._guard.untouched(watched[r]):
+                        grads[r].neg_()
+                    else:
+                        grads[r].copy_(self._slot(gi, "g1", k, grads[r]))
         self._restore_keep(plan)
+        self._armed, self._state = set(), ""
+        self._guard.clear()
 
     def restore_and_combine(self, plan: StepPlan) -> None:
         """θ back bitwise; ``.grad`` ← the GR gradient (forward or central estimator); keep params ← g1."""
         self._shards = plan.shards
         require_second_gradients(plan, self.restore, self.grad_attr)
         grads = self._grads(plan.params)
-        acc = self._part.dtype
-        if tuple(g.data_ptr() for g in grads) != self._grad_ptrs and any(self._delta(g) for g in self._groups):
-            self.restore(plan)
-            raise RuntimeError(
-                "GradReg(lean=True): the gradient buffers were replaced between perturb() and the combine (e.g. "
-                "zero_grad(set_to_none=True)); lean mode needs the second backward to accumulate into the same "
-                "buffers. Parameters were restored (gradients: g1 rounded to bf16)."
-            )
+        acc = self._acc
+        self._check_lean(plan, grads)
+        self._guard.clear()
         self._layout(plan, grads)
-        n2 = self._sumsq(4, plan.estimator)
+        n2, finite2 = self._sumsq(4, grads, plan.device, plan.estimator)
         s2 = clip_scale(n2, plan.g2_clip)
-        self._finite = self._finite & torch.isfinite(n2)
+        self._finite = self._finite & finite2
         if plan.estimator == "central":
             mode, sa, sb, div = MODE_CENTRAL, self._s_plus, s2, 2.0 * plan.eps
         else:
@@ -410,7 +511,7 @@ class TritonGRStep(ExactViaReference):
         sa, sb = combine_scales(sa, sb, self._vnorm)
         self._launch_combine(mode, self._coefs(plan, div, acc), sa, sb)
         self._restore_keep(plan)
-        self._armed = set()
+        self._armed, self._state = set(), "grads"
         self.metrics["g2_norm"] = n2
-        self.metrics["gr_rel"] = self._total(3).sqrt() / self._n1.clamp_min(torch.finfo(acc).tiny)
+        self.metrics["gr_rel"] = self._total(3).sqrt().to(acc) / self._n1.clamp_min(torch.finfo(acc).tiny)
         self.metrics["finite"] = self._finite

@@ -21,22 +21,24 @@ def ops():
 
 def _register_fakes() -> None:
     """Fake (meta) kernels of the C++ GR-step ops, so that torch.compile / opcheck can trace them: each returns
-    a 0-d sum in float32 (float64 when ``wide``) and mutates its ``(a!)`` lists in place."""
+    a 0-d float64 sum (of squares: float32 would overflow beyond 1.8e19 per element) and mutates its ``(a!)``
+    lists in place."""
 
-    def total(wide: bool) -> torch.Tensor:
-        return torch.empty((), dtype=torch.float64 if wide else torch.float32)
+    def total(*args) -> torch.Tensor:
+        return torch.empty((), dtype=torch.float64)
 
-    torch.library.register_fake("grkernels_cpp::gr_sumsq", lambda xs, base, kind, wide: total(wide))
-    torch.library.register_fake("grkernels_cpp::gr_perturb", lambda *args: total(args[-1]))
-    torch.library.register_fake("grkernels_cpp::gr_combine", lambda *args: total(args[-1]))
+    for op in ("gr_sumsq", "gr_perturb", "gr_combine"):
+        torch.library.register_fake(f"grkernels_cpp::{op}", total)
 
 
 if cpp_loaded():
     _register_fakes()
 
 
-def sumsq(xs: Sequence[torch.Tensor], base: Sequence[torch.Tensor], mode: int, dtype: torch.dtype) -> torch.Tensor:
-    """Σ over the tensors (mode 0: x², 1: (x + b)², 2: x² + 2·x·b) as a 0-d tensor of ``dtype``."""
+def sumsq(xs: Sequence[torch.Tensor], base: Sequence[torch.Tensor], mode: int, wide: bool = False) -> torch.Tensor:
+    """Σ over the tensors (mode 0: x², 1: (x + b)², 2: x² + 2·x·b) as a 0-d float64 tensor, accumulated in double
+    (exact range for 32-bit and narrower values; float64 values are squared unscaled). ``wide``: the working
+    precision of the values is double (a step with float64 tensors), else float."""
     if not xs:
-        return torch.zeros((), dtype=dtype)
-    return ops().gr_sumsq(list(xs), list(base), mode, dtype == torch.float64)
+        return torch.zeros((), dtype=torch.float64)
+    return ops().gr_sumsq(list(xs), list(base), mode, wide)

@@ -119,7 +119,8 @@ def sumsq_kernel(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """partial[c] over this program's chunk (ACC precision, fixed order) of, with d = the gradient buffer and
+    """partial[c] over this program's chunk (ACC precision: float64 from the host, where no square of a 32-bit
+    value overflows or underflows; fixed order) of, with d = the gradient buffer and
     b = the saved (bf16) g1:  NORM 0: Σ d²;  1: Σ (d + b)²;  2: base[c] + Σ (d² + 2·d·b) with base[c] = Σ g1²
     of the same chunk (lean forward: ‖d + g1‖² without g1, whose bf16 copy is inexact; see the class)."""
     t, start, end, off, row = _chunk_info(tab_ptr, n_tensors, chunk_ptr, n_chunks, CHUNK, BLOCK)
@@ -262,7 +263,8 @@ def perturb_kernel(
     Point 1: save g₊, θ ← round(θ_saved + step·g1_saved), g ← 0, partial = Σ g₊².
     Lean mode (PRELOAD 1: g ← −g1; 2: g ← −b, b = bf16(g1) as saved) instead of g ← 0; at point 1 the buffer
     then holds d₊ = g₊ − b: d₊ is saved and partial = Σ (d₊ + b)².
-    The tile is [BLOCK/4, 4]: one Philox call gives the random words of a row of 4 elements.
+    ACC: the precision of the partial sums (float64 from the host: no square of a 32-bit value overflows or
+    underflows there). The tile is [BLOCK/4, 4]: one Philox call gives the random words of a row of 4 elements.
     θ is table column 5: the parameter, or with fp32 masters the model's weight (the master, column 0, is never
     read or written here)."""
     t, start, end, off, row = _chunk_info(tab_ptr, n_tensors, chunk_ptr, n_chunks, CHUNK, BLOCK)
@@ -292,7 +294,8 @@ def perturb_kernel(
 @triton.jit
 def _combine_block(p_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, coef, sa, sb, acc,
                    G_INT: tl.constexpr, G_FLT: tl.constexpr, S_FLT: tl.constexpr, ACC: tl.constexpr,
-                   MODE: tl.constexpr, DELTA: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+                   SUM: tl.constexpr, MODE: tl.constexpr, DELTA: tl.constexpr, MASKED: tl.constexpr,
+                   BLOCK: tl.constexpr):
     idx = i + tl.arange(0, BLOCK)
     m = idx < end
     _st(p_ptr + idx, _ld(ths_ptr + idx, m, MASKED), m, MASKED)
@@ -316,7 +319,8 @@ def _combine_block(p_ptr, g_ptr, g1s_ptr, ths_ptr, gps_ptr, i, end, coef, sa, sb
         out = _cvt(g1a + corr, G_FLT)
         if MASKED:
             corr = tl.where(m, corr, 0.0)
-        acc += corr * corr
+        c = corr.to(SUM)
+        acc += c * c
     _st(g_ptr + idx, out.to(G_INT, bitcast=True), m, MASKED)
     return acc
 
@@ -340,6 +344,7 @@ def combine_kernel(
     S_INT: tl.constexpr,
     S_FLT: tl.constexpr,
     ACC: tl.constexpr,
+    SUM: tl.constexpr,
     MODE: tl.constexpr,
     DELTA: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -347,13 +352,15 @@ def combine_kernel(
     BLOCK: tl.constexpr,
 ):
     """θ ← saved bits; forward/central: g ← g1 + coef·(sa·ga − sb·gb), partial = Σ correction²; abort: g ← g1.
+    ACC: the working precision of the correction; SUM: of the partial sum (float64, where a float32 correction
+    squared cannot overflow or underflow).
 
     Lean mode (DELTA, the buffer holds d = g − g1 (forward) or d = g − b (central), b = saved bf16 g1):
     forward: correction = coef·(s2·d + (s2 − s1)·b); central: ga = d₊(saved) + b, gb = d₋ + b."""
     t, start, end, off, row = _chunk_info(tab_ptr, n_tensors, chunk_ptr, n_chunks, CHUNK, BLOCK)
     p_ptr = _addr(tab_ptr, 5, n_tensors, t, P_INT, ALIGNED)  # the model's weight (the parameter, or its copy)
     g_ptr = _addr(tab_ptr, 1, n_tensors, t, G_INT, ALIGNED)
-    acc = tl.zeros([BLOCK], ACC)
+    acc = tl.zeros([BLOCK], SUM)
     if MODE != 2:
         coef = tl.load(coef_ptr + t)
         sa = tl.load(sa_ptr)
@@ -366,10 +373,10 @@ def combine_kernel(
     for j in range(0, n_full):
         i = tl.multiple_of(start + j * BLOCK, BLOCK)
         acc = _combine_block(p_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, i, end, coef, sa, sb, acc,
-                             G_INT, G_FLT, S_FLT, ACC, MODE, DELTA, False, BLOCK)
+                             G_INT, G_FLT, S_FLT, ACC, SUM, MODE, DELTA, False, BLOCK)
     tail = start + n_full * BLOCK
     if tail < end:
         acc = _combine_block(p_ptr, g_ptr, g1s_ptr + off, ths_ptr + off, gps_ptr + off, tail, end, coef, sa, sb,
-                             acc, G_INT, G_FLT, S_FLT, ACC, MODE, DELTA, True, BLOCK)
+                             acc, G_INT, G_FLT, S_FLT, ACC, SUM, MODE, DELTA, True, BLOCK)
     if MODE != 2:
         tl.store(part_ptr + tl.program_id(0), tl.sum(acc, axis=0))
