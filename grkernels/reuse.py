@@ -49,6 +49,19 @@ def _storage_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else accum_dtype(tensors)
 
 
+def _unit_scale(x: torch.Tensor, shards: Shards) -> torch.Tensor:
+    """A power of two s (0-d, float64) with ‖s·x‖ in [0.5, 1) over all processes (1 when x is zero or not finite).
+
+    The reuse arithmetic is homogeneous in g1 and c, so it runs on s·x: scaling by a power of two is exact (the
+    results are bit for bit those of the unscaled arithmetic on ordinary gradients), and the inner products of
+    unit-size vectors can neither overflow (elements of 3e19 in fp32) nor lose their leading terms to underflow
+    (elements of 1e-25). The norm is taken in float64: exact for 32-bit and narrower gradients at any scale."""
+    sq = shards.sum_across(torch._foreach_norm([x], 2, dtype=torch.float64)[0].square())
+    exp = torch.frexp(sq.sqrt())[1].clamp(-126, 126)  # ‖x‖ = m·2^exp, m in [0.5, 1); 2^±126 is normal in fp32
+    one = torch.ones((), dtype=torch.float64, device=sq.device)
+    return torch.where(torch.isfinite(sq) & (sq > 0), torch.ldexp(one, -exp), one)
+
+
 class CorrectionReuse:
     """Keeps the correction of the last full GR step and applies it, projected and rescaled, in between.
 
@@ -133,16 +146,20 @@ class CorrectionReuse:
                 parts.append(self._c.new_zeros(g.numel()))
         return torch.cat(parts) if hit else None
 
-    def _direction(self, g1: torch.Tensor, c: torch.Tensor, shards: Shards) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reused correction for the flat gradient g1 (accumulation dtype): ρ·‖g1‖·d/‖d‖ with d the stored c
-        made orthogonal to g1; and ‖g1‖² (0-d)."""
-        tiny = torch.finfo(g1.dtype).tiny
-        c = c.to(g1.dtype)
-        g1_sq = shards.sum_across(torch.dot(g1, g1))
-        beta = shards.sum_across(torch.dot(c, g1)) / g1_sq.clamp_min(tiny)
-        d = torch.mul(g1, -beta).add_(c)
+    def _direction(self, g1: torch.Tensor, c: torch.Tensor,
+                   shards: Shards) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reused correction for the flat gradient g1 (accumulation dtype), ρ·‖g1‖·d/‖d‖ with d the stored c
+        made orthogonal to g1, scaled by s = :func:`_unit_scale` of g1: (s·correction, ‖s·g1‖², s)."""
+        dtype = g1.dtype
+        tiny = torch.finfo(dtype).tiny
+        s_g, s_c = _unit_scale(g1, shards), _unit_scale(c, shards)
+        a = g1 * s_g.to(dtype)
+        c = c.to(dtype) * s_c.to(dtype)
+        a_sq = shards.sum_across(torch.dot(a, a))
+        beta = shards.sum_across(torch.dot(c, a)) / a_sq.clamp_min(tiny)
+        d = a.mul_(-beta).add_(c)  # s_c·(c − ⟨c, g1⟩/‖g1‖²·g1); two roundings, as the unscaled arithmetic
         d_norm = shards.sum_across(torch.dot(d, d)).sqrt()
-        return d.mul_(self._rho.to(g1.dtype) * g1_sq.sqrt() / d_norm.clamp_min(tiny)), g1_sq
+        return d.mul_(self._rho.to(dtype) * a_sq.sqrt() / d_norm.clamp_min(tiny)), a_sq, s_g
 
     @torch.no_grad()
     def capture(self, params: Sequence[torch.Tensor], positions: Sequence[int], shards: Shards) -> None:
@@ -151,7 +168,7 @@ class CorrectionReuse:
         g1 = [shards.local(p.grad) for p in params]
         self._g1 = _flat(g1, _storage_dtype(g1))
         c = self._segments(positions, g1)
-        self._pred = None if c is None else self._direction(self._g1.to(accum_dtype(g1)), c, shards)[0]
+        self._pred = None if c is None else self._direction(self._g1.to(accum_dtype(g1)), c, shards)[0]  # scaled
 
     @torch.no_grad()
     def store(self, params: Sequence[torch.Tensor], positions: Sequence[int], shards: Shards,
@@ -165,14 +182,16 @@ class CorrectionReuse:
         c_new = _flat(grads, g1.dtype).sub_(g1)
         dtype = accum_dtype(grads)
         tiny = torch.finfo(dtype).tiny
-        c, g1 = c_new.to(dtype), g1.to(dtype)
+        s_g, s_c = _unit_scale(g1, shards), _unit_scale(c_new, shards)  # exact rescaling: see _unit_scale
+        c, g1 = c_new.to(dtype) * s_c.to(dtype), g1.to(dtype) * s_g.to(dtype)
         g1_sq = shards.sum_across(torch.dot(g1, g1))
         c_dot = shards.sum_across(torch.dot(c, g1))
         c_sq = shards.sum_across(torch.dot(c, c))
         perp_sq = (c_sq - c_dot.square() / g1_sq.clamp_min(tiny)).clamp_min(0)  # ‖c⊥‖² = ‖c‖² − ⟨c, g1⟩²/‖g1‖²
-        rho_new = perp_sq.sqrt() / g1_sq.sqrt().clamp_min(tiny)
+        rho_new = perp_sq.sqrt() / g1_sq.sqrt().clamp_min(tiny)  # ‖c⊥‖/‖g1‖ = (‖s_c·c⊥‖/‖s_g·g1‖)·s_g/s_c:
+        rho_new = (rho_new.double() * (s_g / s_c)).to(dtype)  # the power of two applied in float64 (exact)
         out: dict[str, torch.Tensor] = {}
-        if self._pred is not None:
+        if self._pred is not None:  # a cosine: the scales cancel
             num = shards.sum_across(torch.dot(self._pred, c))
             den = (shards.sum_across(torch.dot(self._pred, self._pred)) * c_sq).sqrt().clamp_min(tiny)
             out["reuse_cos"] = num / den
@@ -200,9 +219,10 @@ class CorrectionReuse:
             return {}, []
         dtype = accum_dtype(g1)
         flat_g1 = _flat(g1, dtype)  # also the undo copy: g1 in a dtype at least as wide as each gradient's
-        corr, g1_sq = self._direction(flat_g1, c, shards)
+        corr, g1_sq, s_g = self._direction(flat_g1, c, shards)
         corr.mul_((gamma / self._gamma).to(dtype))  # on the device: the stored γ was chosen there
         rel = shards.sum_across(torch.dot(corr, corr)).sqrt() / g1_sq.sqrt().clamp_min(torch.finfo(dtype).tiny)
+        corr.div_(s_g.to(dtype))  # back to the gradients' scale (exact)
         sizes = [g.numel() for g in g1]
         parts = corr.to(_storage_dtype(g1)).split(sizes)
         torch._foreach_add_(g1, [x.view(g.shape) for x, g in zip(parts, g1)])

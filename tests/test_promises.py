@@ -296,6 +296,30 @@ def test_class5_radius_mode_perturbs_by_eps_for_a_tiny_gradient(backend):
     assert abs(ratio - 1) < 1e-2, ratio
 
 
+@pytest.mark.parametrize("power", [72, -84])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class5_the_reused_correction_scales_with_the_gradient_at_any_size(backend, power):
+    """A reuse step on a loss scaled by 2^72 (gradient elements ~1e20: Σg² overflows fp32) or 2^-84 (~1e-26: the
+    squares underflow): not skipped, and the gradient the base optimizer steps with is exactly 2^power times the
+    one at the ordinary scale (the reuse rule is homogeneous; scaling by a power of two is exact)."""
+    model = tanh_mlp(55, dtype=torch.float32)
+    x, y = regression_batch(56, dtype=torch.float32)
+    runs = []
+    for scale in (1.0, 2.0**power):
+        m = copy.deepcopy(model)
+        base = torch.optim.SGD(m.parameters(), lr=1e-2)
+        cap = GradCapture(base)
+        opt = GradReg(base, strength=0.5, eps=1e-3, every=2, reuse="orthogonal", backend=backend)
+        opt.step(_closure(m, x, y))
+        assert opt.reusing
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            opt.step(_closure(m, x, y, scale))
+        assert opt.metrics()["skipped"] == 0 and opt.metrics()["gr_rel"] > 0
+        runs.append(cap.grads[-1])
+    assert bitwise_equal([g * 2.0**power for g in runs[0]], runs[1])
+
+
 # ----------------------------------------------------------------------------- class 6: the base optimizer
 def test_class6_line_search_and_maximize_are_refused_at_construction():
     model = tanh_mlp(61)
