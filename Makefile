@@ -13,13 +13,13 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 GPU_TORCH_SPEC ?= torch
-EXTRAS ?= dev,trl,bench,triton,lightning,accelerate,deepspeed,verl,peft
+EXTRAS ?= dev,trl,bench,triton,lightning,accelerate,deepspeed,verl,peft,liger
 STAMP := $(VENV)/.grkernels-installed
 DEMO_ARGS ?=
 DEMO_OUT ?= demo_out
 
 .PHONY: setup demo demo-quick figures figures-redraw quickstart test test-fast test-verl lint bench bench-gpu wheel dist \
-	wheel-smoke clean
+	wheel-smoke clean figures-auto
 
 setup: $(STAMP)
 
@@ -47,22 +47,35 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(PY) -m grkernels demo --quick --out $(DEMO_OUT) $(DEMO_ARGS)
 
-# The committed frontiers (docs/frontier.png, docs/frontier_curves.png, docs/frontier_table.txt; the demo README's
-# tables): the four worlds, every method at several strengths, 3 seeds, one command on one tree. 228 runs; about
-# 2 h of CPU (1 h wall on 2 idle cores). FIGURES_OUT keeps results.json (and the pretrained policy's cache).
+# The committed frontiers (docs/frontier.png, docs/frontier_curves.png, docs/frontier_table.txt, and the adaptive
+# strength's trace docs/frontier_strength.png; the demo README's tables): the four worlds, every method at several
+# strengths, 3 seeds, one command on one tree. 264 runs; about 2.3 h of CPU (70 min wall on 2 idle cores).
+# FIGURES_OUT keeps results.json (and the pretrained policy's cache).
 FIGURES_OUT ?= sweep_all
-FIGURES_SWEEP ?= kl:0.03,0.1,0.3;kl_reset:25,50,100;gr:0.01,0.1,1,10,100;gr_all:1,10;gr_every:1,10;gr_subset:1,10;none_lowlr:0.3
+AUTO_SWEEP ?= gr_auto:0.3,1,3
+FIGURES_SWEEP ?= kl:0.03,0.1,0.3;kl_reset:25,50,100;gr:0.01,0.1,1,10,100;gr_all:1,10;gr_every:1,10;gr_subset:1,10;none_lowlr:0.3;$(AUTO_SWEEP)
 figures: $(STAMP)
 	$(PY) -m grkernels demo --worlds collapse,rare,format,judge --sweep "$(FIGURES_SWEEP)" --seeds 3 \
 	    --out $(FIGURES_OUT) --no-progress
 	cp $(FIGURES_OUT)/frontier.png docs/frontier.png
 	cp $(FIGURES_OUT)/demo.png docs/frontier_curves.png
+	cp $(FIGURES_OUT)/strength.png docs/frontier_strength.png
 	cp $(FIGURES_OUT)/table.txt docs/frontier_table.txt
 # Redraw the committed figures from a finished sweep's results.json (seconds), e.g. after a change to the plots
 figures-redraw: $(STAMP)
 	$(PY) -m grkernels demo --from-results $(FIGURES_OUT)/results.json --out $(FIGURES_OUT)/redraw
 	cp $(FIGURES_OUT)/redraw/frontier.png docs/frontier.png
 	cp $(FIGURES_OUT)/redraw/demo.png docs/frontier_curves.png
+	cp $(FIGURES_OUT)/redraw/strength.png docs/frontier_strength.png
+# The adaptive strength alone (issue 23): none and gr_auto at three targets in the four worlds, 3 seeds (48 runs,
+# about 30 CPU-min; its none runs are bitwise the full sweep's). Writes docs/frontier_auto.png (its frontiers),
+# docs/frontier_strength.png (γ and gr_rel per step) and docs/frontier_auto_table.txt (with the tracking table).
+figures-auto: $(STAMP)
+	nice -n 10 $(PY) -m grkernels demo --worlds collapse,rare,format,judge --sweep "$(AUTO_SWEEP)" --seeds 3 \
+	    --out $(FIGURES_OUT)/auto --no-progress
+	cp $(FIGURES_OUT)/auto/frontier.png docs/frontier_auto.png
+	cp $(FIGURES_OUT)/auto/strength.png docs/frontier_strength.png
+	cp $(FIGURES_OUT)/auto/table.txt docs/frontier_auto_table.txt
 
 quickstart: $(STAMP)
 	$(PY) -m grkernels quickstart

@@ -407,3 +407,34 @@ def test_makefile_keeps_the_two_commands_and_has_the_package_targets():
     first_code = install[install.index("```"):]
     assert first_code.index("make demo") < first_code.index("make test") < first_code.index("pip ")
     assert "grkernels info" in install and "no release on a package registry" in install
+
+
+# ---------------------------------------------------------------- docs/tested_versions.md
+ROW = re.compile(r"^\| (\w+) \| `([^`]+)` \| (dependency|`\[(\w+)\]`) `([^`]+)` \|", re.M)
+
+
+def test_tested_versions_table_matches_the_installed_packages():
+    """Each row's version is the installed one and inside the range its extra admits; every package `grkernels
+    info` lists has a row. A package not installed here cannot be checked: the test says which."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    rows = ROW.findall((ROOT / "docs" / "tested_versions.md").read_text())
+    assert {r[0] for r in rows} == {n for n, _, _ in about.HOST_PACKAGES}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    installed = about.package_versions()
+    unchecked, wrong = [], []
+    for name, tested, _, extra, spec in rows:
+        declared = project["dependencies"] if not extra else project["optional-dependencies"][extra]
+        assert spec in declared, f"{name}: `{spec}` is not in pyproject's {extra or 'dependencies'}"
+        have = installed[name]
+        if have is None or have.startswith("unknown"):
+            unchecked.append(name)
+            continue
+        base = Version(have).base_version if "+" in have else have  # torch's local build tag (+cpu, +cu128)
+        if base != tested or not Requirement(spec).specifier.contains(base, prereleases=True):
+            wrong.append(f"| {name} | `{base}` | ...  (table says {tested}; admitted: {spec})")
+    assert not wrong, "docs/tested_versions.md is out of date:\n" + "\n".join(wrong)
+    if unchecked:
+        pytest.skip(f"not installed here, so not checked: {', '.join(unchecked)}")
