@@ -438,3 +438,15 @@ def test_tested_versions_table_matches_the_installed_packages():
     assert not wrong, "docs/tested_versions.md is out of date:\n" + "\n".join(wrong)
     if unchecked:
         pytest.skip(f"not installed here, so not checked: {', '.join(unchecked)}")
+
+
+def test_docs_are_linked_and_name_files_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    install = readme[readme.index("## Install"):]
+    install = install[: install.index("\n## ", 5)]
+    for doc in ("docs/from_kl_to_gr.md", "docs/tested_versions.md"):
+        assert f"]({doc})" in install, doc
+        text = (ROOT / doc).read_text()
+        for path in set(re.findall(r"\b((?:tests|examples|docs|grkernels|bench)/[\w/.-]+\.(?:py|md|yaml|json))", text)):
+            assert (ROOT / path).exists(), f"{doc} names {path}, which does not exist"
+    assert "\nRecommended target: " in (ROOT / "docs" / "from_kl_to_gr.md").read_text()
