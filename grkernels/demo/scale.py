@@ -1,0 +1,405 @@
+"""A bounded scale study of the demo (issue 27): does GR's standing against KL change with a per-method learning
+rate or with the policy's size?
+
+Two parts, each one command (``python -m grkernels.demo.scale --part lr|size --out DIR``, or ``make scale-study``),
+each a list of *cells*; a cell is one ``grkernels demo --sweep`` invocation (one world, one width, one learning rate)
+whose ``results.json`` lands in ``DIR/<part>/<cell>/``. A cell that already has its ``results.json`` is not rerun
+(``--force`` reruns it), so an interrupted study resumes where it stopped. Every cell shares one cache of the
+pretrained task policies (``DIR/cache``, keyed by size), as ``grkernels demo`` does.
+
+``size``  worlds collapse and format, policy and reward model width 64, 128, 256 (2 layers), methods ``none``, KL
+          (β 0.1, 0.3) and GR (γ 1, 10), learning rate 2e-4 for all. Per (world, width): the frontier summary of
+          :mod:`grkernels.demo.frontier` (E(K*) per method, K* the smallest largest-KL-reached over the methods of
+          that cell), the best final Δgold per method, the GR − KL gap of E(K*) paired by seed, and the premise's ρ
+          (Spearman over steps between ‖g1‖ and the reward model's accuracy; pooled over the cell's runs).
+``lr``    the same two worlds at width 64, ``none``, KL and GR each at one strength (collapse: β 0.1, γ 10; format:
+          β 0.3, γ 1), learning rate 2e-4 × {0.5, 1, 2} for every method. The × 1 cell is the ``size`` part's
+          width-64 cell (its runs of those variants are the same runs: a run depends on its own configuration and
+          seed only). Per (world, method, lr scale): final Δgold and KL, and E(K*) at one K* common to the nine
+          (method, lr) pairs of the world, so that a GR at 2× the learning rate can be set against a KL at 1×.
+
+Δgold = gold − the initial policy's gold, per seed; mean ± sample std over seeds (n − 1). The tables are computed
+from the cells' ``results.json`` (:func:`size_table`, :func:`lr_table`) and written to ``DIR/<part>/summary.json``
+and ``DIR/<part>/table.md``; ``scale_<part>.png`` draws them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from grkernels.demo.cli import main as demo_main
+from grkernels.demo.frontier import envelope, family, seed_points
+
+SCHEMA = "grkernels.demo.scale/v1"
+WORLDS = ("collapse", "format")
+WIDTHS = (64, 128, 256)
+SIZE_SWEEP = "kl:0.1,0.3;gr:1,10"
+# The lr part: each method at one strength per world (the committed four-world sweep's best final point for KL and
+# GR in collapse; in format GR's best final point is γ 0.01, whose correction is 0.06·‖g1‖ and which ends as `none`
+# does, so γ 1, the smallest γ that acts, stands for GR there; every γ ≥ 0.1 ended within 0.01 of it).
+LR_STRENGTHS = {"collapse": {"kl": "0.1", "gr": "10"}, "format": {"kl": "0.3", "gr": "1"}}
+LR_SCALES = (0.5, 1.0, 2.0)
+BASE_LR = 2e-4  # RLConfig's default; the flag values are written out so that the floats are exactly the flags'
+LR_FLAGS = {0.5: "1e-4", 2.0: "4e-4"}
+METHOD_ORDER = ("none", "kl", "gr")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One ``grkernels demo`` invocation of the study."""
+
+    part: str            # the directory under --out it is written to ("size" or "lr")
+    name: str            # e.g. "collapse_w128", "format_x2"
+    world: str
+    width: int
+    lr_scale: float
+    sweep: str
+
+    def argv(self) -> list[str]:
+        """The cell's own flags (the driver adds seeds, workers, cache, output and any pass-through flags)."""
+        out = ["--worlds", self.world, "--sweep", self.sweep, "--width", str(self.width)]
+        if self.lr_scale != 1.0:
+            out += ["--lr", LR_FLAGS[self.lr_scale]]
+        return out
+
+
+def size_cells(worlds=WORLDS, widths=WIDTHS) -> list[Cell]:
+    return [Cell("size", f"{w}_w{width}", w, width, 1.0, SIZE_SWEEP) for w in worlds for width in widths]
+
+
+def lr_sweep(world: str) -> str:
+    s = LR_STRENGTHS[world]
+    return f"kl:{s['kl']};gr:{s['gr']}"
+
+
+def lr_cells(worlds=WORLDS, width: int = 64, scales=LR_SCALES) -> list[Cell]:
+    """The lr part's cells; the × 1 cell of a world is the size part's cell of that width (same flags, same runs)."""
+    out = []
+    for w in worlds:
+        for sc in scales:
+            out.append(size_cells((w,), (width,))[0] if sc == 1.0
+                       else Cell("lr", f"{w}_x{sc:g}", w, width, sc, lr_sweep(w)))
+    return out
+
+
+def cells_of(part: str, worlds=WORLDS, widths=WIDTHS) -> list[Cell]:
+    if part == "size":
+        return size_cells(worlds, widths)
+    if part == "lr":
+        return lr_cells(worlds, widths[0])
+    raise ValueError(f"unknown part {part!r}; choose from size, lr")
+
+
+def cell_dir(out: str, cell: Cell) -> str:
+    return os.path.join(out, cell.part, cell.name)
+
+
+def run_cell(out: str, cell: Cell, common: list[str], force: bool = False) -> str:
+    """Run one cell (unless its results.json exists and not ``force``); returns the results.json path."""
+    d = cell_dir(out, cell)
+    path = os.path.join(d, "results.json")
+    if os.path.exists(path) and not force:
+        return path
+    os.makedirs(d, exist_ok=True)
+    argv = [*cell.argv(), *common, "--cache-dir", os.path.join(out, "cache"), "--no-plot", "--no-progress",
+            "--out", d]
+    with open(os.path.join(d, "argv.json"), "w") as f:
+        json.dump(argv, f)
+    print(f"[scale] {time.strftime('%H:%M:%S')} {cell.part}/{cell.name}: grkernels demo {' '.join(argv)}",
+          file=sys.stderr)
+    rc = demo_main(argv)
+    if rc != 0 or not os.path.exists(path):
+        raise RuntimeError(f"cell {cell.part}/{cell.name} failed (exit status {rc})")
+    return path
+
+
+def load_cell(out: str, cell: Cell) -> dict | None:
+    path = os.path.join(cell_dir(out, cell), "results.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def stats(values: list[float]) -> dict:
+    """mean and sample std (n − 1) of the finite values; the values kept."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    n = len(v)
+    mean = sum(v) / n if n else math.nan
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else (0.0 if n else math.nan)
+    return {"mean": mean, "std": std, "n": n, "values": values}
+
+
+def _world(res: dict) -> tuple[str, dict]:
+    (name, w), = res["worlds"].items()
+    return name, w
+
+
+def _g0(w: dict) -> dict[int, float]:
+    return {s["seed"]: s["init_gold"] for s in w["setup"]}
+
+
+def _rho(w: dict, labels: list[str]) -> float:
+    v = [x for lab in labels for x in w["methods"][lab]["summary"]["spearman_gn_acc"]["values"]
+         if x is not None and math.isfinite(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def size_row(res: dict) -> dict:
+    """The size table's numbers for one cell (one world, one width) from its results.json."""
+    wname, w = _world(res)
+    fr = w["frontier"]
+    row: dict = {"world": wname, "width": res["config"]["sizes"]["width"], "layers": res["config"]["sizes"]["layers"],
+                 "k_star": fr["k_star"], "rho_pooled": w["spearman_gn_acc_pooled"], "methods": {},
+                 "wall_s": res.get("wall_s"), "source": res["env"].get("source")}
+    for f, m in fr["methods"].items():
+        row["methods"][f] = {"e_kstar": m["best_gold_at_kl"], "best_final": m["best_final_gold"],
+                             "best_final_label": m["best_final_label"], "rho": _rho(w, m["labels"])}
+    if "gr" in fr["methods"] and "kl" in fr["methods"]:
+        gr, kl = (fr["methods"][f]["best_gold_at_kl"]["values"] for f in ("gr", "kl"))
+        row["gap_gr_kl"] = stats([a - b for a, b in zip(gr, kl)])
+        gr, kl = (fr["methods"][f]["best_final_gold"]["values"] for f in ("gr", "kl"))
+        row["gap_final_gr_kl"] = stats([a - b for a, b in zip(gr, kl)])
+    return row
+
+
+def size_table(rows: list[dict]) -> dict:
+    """Per world: the rows in width order and the least-squares slope of the paired GR − KL gap of E(K*) against
+    log2(width) (per seed, then mean ± std over seeds): > 0 means GR gains on KL as the policy grows."""
+    out: dict = {}
+    for wname in dict.fromkeys(r["world"] for r in rows):
+        wr = sorted((r for r in rows if r["world"] == wname), key=lambda r: r["width"])
+        slope = math.nan
+        seeds_slopes: list[float] = []
+        if len(wr) >= 2 and all("gap_gr_kl" in r for r in wr):
+            xs = [math.log2(r["width"]) for r in wr]
+            n_seeds = min(len(r["gap_gr_kl"]["values"]) for r in wr)
+            for s in range(n_seeds):
+                ys = [r["gap_gr_kl"]["values"][s] for r in wr]
+                seeds_slopes.append(_slope(xs, ys))
+            slope = stats(seeds_slopes)
+        out[wname] = {"rows": wr, "gap_slope_per_doubling": slope}
+    return out
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else math.nan
+
+
+def lr_table(cells: list[tuple[Cell, dict]]) -> dict:
+    """Per world: for each (method, lr scale) the final Δgold and KL, and E(K*) at one K* for the world: the smallest
+    largest-KL-reached over its (method, lr) pairs. Also per method the best lr (by mean final Δgold) and E(K*) of
+    the envelope over all three learning rates (a method tuned over lr), with GR − KL paired by seed."""
+    out: dict = {}
+    for wname in dict.fromkeys(c.world for c, _ in cells):
+        merged: dict[str, dict] = {}
+        groups: dict[tuple[str, float], list[str]] = {}
+        g0: dict[int, float] = {}
+        window = None
+        for c, res in ((c, r) for c, r in cells if c.world == wname):
+            _, w = _world(res)
+            g0 = _g0(w)
+            window = res["smoothing_window"]
+            keep = {"none", *(f"{m}@{v}" for m, v in LR_STRENGTHS[wname].items())}
+            for label, m in w["methods"].items():
+                if label not in keep:
+                    continue
+                key = f"{label}|x{c.lr_scale:g}"
+                merged[key] = m
+                groups.setdefault((family(label), c.lr_scale), []).append(key)
+        seeds = sorted(g0)
+
+        def env_at(labels: list[str], k: float) -> list[float]:
+            return [envelope(seed_points(merged, labels, s, g0[s], window), k) for s in seeds]
+
+        def reach(labels: list[str]) -> float:
+            return max(x for s in seeds for x, _ in seed_points(merged, labels, s, 0.0, window))
+
+        k_star = min(reach(labs) for labs in groups.values())
+        rows = []
+        for (f, sc), labs in sorted(groups.items(), key=lambda t: (METHOD_ORDER.index(t[0][0]), t[0][1])):
+            runs = [r for lab in labs for r in merged[lab]["runs"]]
+            rows.append({"method": f, "label": labs[0].split("|")[0], "lr_scale": sc,
+                         "final_gold": stats([r["final"]["gold"] - g0[r["seed"]] for r in runs]),
+                         "final_kl": stats([r["final"]["kl"] for r in runs]),
+                         "e_kstar": stats(env_at(labs, k_star))})
+        tuned_labels = {f: [lab for (ff, _), labs in groups.items() if ff == f for lab in labs]
+                        for f in dict.fromkeys(f for f, _ in groups)}
+        k_tuned = min(reach(labs) for labs in tuned_labels.values())
+        tuned = {f: {"e_kstar": stats(env_at(labs, k_tuned)),
+                     "best_lr": max((r for r in rows if r["method"] == f), key=lambda r: r["final_gold"]["mean"])}
+                 for f, labs in tuned_labels.items()}
+        gaps = {}
+        if "gr" in tuned and "kl" in tuned:
+            gaps["tuned_e_kstar"] = stats([a - b for a, b in zip(tuned["gr"]["e_kstar"]["values"],
+                                                                 tuned["kl"]["e_kstar"]["values"])])
+            by = {(r["method"], r["lr_scale"]): r for r in rows}
+            for sc in LR_SCALES:
+                if ("gr", sc) in by and ("kl", 1.0) in by:
+                    gaps[f"gr_x{sc:g}_vs_kl_x1_final"] = stats(
+                        [a - b for a, b in zip(by["gr", sc]["final_gold"]["values"],
+                                               by["kl", 1.0]["final_gold"]["values"])])
+                    gaps[f"gr_x{sc:g}_vs_kl_x1_e_kstar"] = stats(
+                        [a - b for a, b in zip(by["gr", sc]["e_kstar"]["values"], by["kl", 1.0]["e_kstar"]["values"])])
+        out[wname] = {"k_star": k_star, "k_star_tuned": k_tuned, "rows": rows, "tuned": tuned, "gaps": gaps}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _pm(st: dict, fmt: str = "{:+.3f}") -> str:
+    if not st or st["n"] == 0 or not math.isfinite(st["mean"]):
+        return "n/a"
+    return fmt.format(st["mean"]) + ("±" + fmt.format(st["std"]).lstrip("+") if st["n"] > 1 else "")
+
+
+def format_size(table: dict) -> str:
+    lines = ["| world | width | K* | E(K*) none | E(K*) KL | E(K*) GR | GR − KL (paired) | best final KL | "
+             "best final GR | GR − KL final | ρ pooled | ρ none / KL / GR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for wname, t in table.items():
+        for r in t["rows"]:
+            m = r["methods"]
+            lines.append(
+                f"| {wname} | {r['width']} | {r['k_star']:.2f} | {_pm(m['none']['e_kstar'])} | "
+                f"{_pm(m['kl']['e_kstar'])} | {_pm(m['gr']['e_kstar'])} | {_pm(r.get('gap_gr_kl'))} | "
+                f"{_pm(m['kl']['best_final'])} ({m['kl']['best_final_label']}) | "
+                f"{_pm(m['gr']['best_final'])} ({m['gr']['best_final_label']}) | {_pm(r.get('gap_final_gr_kl'))} | "
+                f"{r['rho_pooled']:+.2f} | "
+                + " / ".join(f"{m[f]['rho']:+.2f}" for f in METHOD_ORDER) + " |")
+    for wname, t in table.items():
+        sl = t["gap_slope_per_doubling"]
+        if isinstance(sl, dict):
+            lines.append(f"\n{wname}: slope of the GR − KL gap of E(K*) per doubling of the width "
+                         f"{_pm(sl)} (per seed, mean ± std over seeds)")
+    return "\n".join(lines)
+
+
+def format_lr(table: dict) -> str:
+    lines = ["| world | method | lr × | final Δgold | final KL | E(K*) |", "|---|---|---|---|---|---|"]
+    for wname, t in table.items():
+        for r in t["rows"]:
+            lines.append(f"| {wname} (K* = {t['k_star']:.2f}) | {r['label']} | {r['lr_scale']:g} | "
+                         f"{_pm(r['final_gold'])} | {_pm(r['final_kl'], '{:.1f}')} | {_pm(r['e_kstar'])} |")
+    for wname, t in table.items():
+        tuned = ", ".join(f"{f} {_pm(v['e_kstar'])} (best final at lr × {v['best_lr']['lr_scale']:g})"
+                          for f, v in t["tuned"].items())
+        lines.append(f"\n{wname}: E(K*) over all three learning rates (K* = {t['k_star_tuned']:.2f}): {tuned}")
+        for k, v in t["gaps"].items():
+            lines.append(f"{wname}: {k.replace('_', ' ')}: {_pm(v)} (paired by seed)")
+    return "\n".join(lines)
+
+
+def plot(part: str, table: dict, path: str) -> str:
+    """size: E(K*) and best final Δgold against width per method; lr: final Δgold and E(K*) against lr scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = list(table)
+    fig, axes = plt.subplots(len(worlds), 2, figsize=(11, 4 * len(worlds)), squeeze=False)
+    for i, wname in enumerate(worlds):
+        t = table[wname]
+        for f in METHOD_ORDER:
+            if part == "size":
+                rows = [r for r in t["rows"] if f in r["methods"]]
+                xs = [r["width"] for r in rows]
+                for ax, key in ((axes[i][0], "e_kstar"), (axes[i][1], "best_final")):
+                    ax.errorbar(xs, [r["methods"][f][key]["mean"] for r in rows],
+                                yerr=[r["methods"][f][key]["std"] for r in rows], marker="o", capsize=3, label=f)
+                    ax.set_xscale("log", base=2)
+                    ax.set_xlabel("width (2 layers)")
+            else:
+                rows = [r for r in t["rows"] if r["method"] == f]
+                xs = [r["lr_scale"] for r in rows]
+                for ax, key in ((axes[i][0], "e_kstar"), (axes[i][1], "final_gold")):
+                    ax.errorbar(xs, [r[key]["mean"] for r in rows], yerr=[r[key]["std"] for r in rows], marker="o",
+                                capsize=3, label=rows[0]["label"] if rows else f)
+                    ax.set_xscale("log", base=2)
+                    ax.set_xlabel("learning rate / 2e-4")
+        axes[i][0].set_title(f"{wname}: E(K*) (best Δgold at KL ≤ K*)")
+        axes[i][1].set_title(f"{wname}: " + ("best final Δgold" if part == "size" else "final Δgold"))
+        for ax in axes[i]:
+            ax.grid(alpha=0.3)
+            ax.set_ylabel("gold − initial gold")
+            ax.legend(fontsize=8)
+    fig.suptitle(f"grkernels demo scale study, part {part}: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summarize(out: str, part: str, cells: list[Cell], make_plot: bool = True) -> dict:
+    """Tables of one part from whatever cells have finished; writes summary.json, table.md (and the figure)."""
+    done = [(c, res) for c in cells if (res := load_cell(out, c)) is not None]
+    missing = [f"{c.part}/{c.name}" for c in cells if all(c is not d for d, _ in done)]
+    if part == "size":
+        table = size_table([size_row(res) for _, res in done])
+        text = format_size(table)
+    else:
+        table = lr_table(done)
+        text = format_lr(table)
+    summary = {"schema": SCHEMA, "part": part, "cells": {f"{c.part}/{c.name}": {
+        "argv": c.argv(), "source": res["env"].get("source"), "wall_s": res.get("wall_s"),
+        "seeds": res["config"]["seeds"], "steps": res["config"]["rl"]["steps"]} for c, res in done},
+        "missing": missing, "table": table}
+    d = os.path.join(out, part)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, allow_nan=True)
+    with open(os.path.join(d, "table.md"), "w") as f:
+        f.write(text + ("\n\nmissing cells: " + ", ".join(missing) if missing else "") + "\n")
+    if make_plot and done:
+        plot(part, table, os.path.join(d, f"scale_{part}.png"))
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m grkernels.demo.scale", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--part", choices=("size", "lr"), required=True)
+    p.add_argument("--out", default="scale_out", help="the study's directory (cells, shared cache, tables)")
+    p.add_argument("--worlds", default=",".join(WORLDS), help="comma list from collapse,format")
+    p.add_argument("--widths", default=",".join(map(str, WIDTHS)),
+                   help="size part: the widths; lr part: its width is the first")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--tables-only", action="store_true", help="run nothing: the tables of the finished cells")
+    p.add_argument("--force", action="store_true", help="rerun cells that have a results.json")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one part of the study (every missing cell, in order), then write its tables. Flags after ``--`` go to
+    every cell's ``grkernels demo`` unchanged (e.g. ``-- --steps 20`` for a quick look)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    worlds = tuple(w for w in args.worlds.split(",") if w)
+    bad = [w for w in worlds if w not in LR_STRENGTHS]
+    if bad:
+        raise SystemExit(f"--worlds: unknown {bad}; the study's worlds are {', '.join(WORLDS)}")
+    widths = tuple(int(x) for x in args.widths.split(",") if x)
+    cells = cells_of(args.part, worlds, widths)
+    if not args.tables_only:
+        common = ["--seeds", str(args.seeds), "--workers", str(args.workers), *extra]
+        for c in cells:
+            run_cell(args.out, c, common, force=args.force)
+    summary = summarize(args.out, args.part, cells, make_plot=not args.no_plot)
+    print(open(os.path.join(args.out, args.part, "table.md")).read())
+    return 1 if summary["missing"] and not args.tables_only else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
