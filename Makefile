@@ -76,6 +76,18 @@ figures-auto: $(STAMP)
 	cp $(FIGURES_OUT)/auto/frontier.png docs/frontier_auto.png
 	cp $(FIGURES_OUT)/auto/strength.png docs/frontier_strength.png
 	cp $(FIGURES_OUT)/auto/table.txt docs/frontier_auto_table.txt
+# The scale study (issue 27; grkernels/demo/README.md): per-method learning rate and model size, collapse and
+# format worlds, 3 seeds; one command per part, resumable (finished cells are kept). Writes $(SCALE_OUT)/<part>/
+# {summary.json,table.md,scale_<part>.png} and copies the figures to docs/.
+SCALE_OUT ?= scale_out
+.PHONY: scale-study scale-lr scale-size
+scale-study: scale-lr scale-size
+scale-lr: $(STAMP)
+	nice -n 10 $(PY) -m grkernels.demo.scale --part lr --out $(SCALE_OUT)
+	cp $(SCALE_OUT)/lr/scale_lr.png docs/scale_lr.png
+scale-size: $(STAMP)
+	nice -n 10 $(PY) -m grkernels.demo.scale --part size --out $(SCALE_OUT)
+	cp $(SCALE_OUT)/size/scale_size.png docs/scale_size.png
 
 quickstart: $(STAMP)
 	$(PY) -m grkernels quickstart
