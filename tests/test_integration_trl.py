@@ -326,7 +326,7 @@ def test_grpo_sub_batch_pass_by_advantage_matches_independent_recomputation(tmp_
 
 
 def test_grpo_subset_by_is_validated(tmp_path):
-    with pytest.raises(ValueError, match="grad_reg_subset_by"):
+    with pytest.raises(ValueError, match="GR setting subset_by='loss'"):
         grpo_args(tmp_path, grad_reg_subset_by="loss")
     from grkernels.integrations.trl import _order_windows_by_advantage
 

@@ -239,7 +239,9 @@ class GradRegTrainerMixin:
             gr = self._grad_reg = trainer_grad_reg(self, self._grad_reg_settings(), self._grad_reg_exclude(self.model))
         if gr is None or self._gr_replay is not None:
             return super().training_step(model, inputs, num_items_in_batch)
-        if hasattr(gr, "hold_step") and not self._gr_holding and gr.active and self.accelerator.sync_gradients:
+        # DeepSpeed steps inside the boundary's backward: hold that step at every boundary (not only full GR steps:
+        # the engine's finish also applies a reused correction and votes on finiteness before the real step)
+        if hasattr(gr, "hold_step") and not self._gr_holding and self.accelerator.sync_gradients:
             self._gr_holding = True
             try:
                 with gr.hold_step():
@@ -373,15 +375,19 @@ def _grad_reg_trainer(trainer_cls: type) -> type:
 
 
 class GradRegConfigMixin:
-    """What every config with the ``grad_reg_*`` fields does (the classes :func:`grad_reg_config` makes, and
-    ``grkernels.integrations.trl.GradRegGRPOConfig``):
+    """What every config with the ``grad_reg_*`` fields does (the classes :func:`grad_reg_config` makes, and the
+    ready configs of the host modules):
 
     - validates them with the schema when the config is built (:meth:`grad_reg_validate`, from ``__post_init__``)
       and writes back the parsed values (``"1e-3"`` → 0.001, a clip ``<= 0`` → None, ``exclude`` "none" → []);
     - refuses to be handed to a Trainer that is not a GR trainer while GR is on (``grad_reg_strength`` ≠ 0): the
-      plain ``Trainer`` / ``trl.GRPOTrainer`` would train without GR and ignore every ``grad_reg_*`` field. The
-      check runs when ``Trainer.__init__`` asks the arguments for its log level (``get_process_log_level``), so no
-      Trainer class is patched."""
+      plain Trainer would train without GR and ignore every ``grad_reg_*`` field. The check runs when
+      ``Trainer.__init__`` asks the arguments for its log level (``get_process_log_level``), so no Trainer class is
+      patched. The message names :attr:`grad_reg_trainer_hint` (a host's ready GR trainer), else
+      ``grad_reg_trainer(<the trainer>)``."""
+
+    #: The GR trainer to name when this config reaches a trainer without GR (set by a host's ready config).
+    grad_reg_trainer_hint: str | None = None
 
     def grad_reg_validate(self) -> GRSettings:
         settings = grad_reg_settings(self)
@@ -395,8 +401,7 @@ class GradRegConfigMixin:
         if (isinstance(caller, Trainer) and not isinstance(caller, GradRegTrainerMixin)
                 and getattr(self, PREFIX + "strength", 0.0) != 0.0):
             name = type(caller).__name__
-            fix = ("grkernels.integrations.trl.GradRegGRPOTrainer" if name == "GRPOTrainer"
-                   else f"grkernels.integrations.hf.grad_reg_trainer({name})")
+            fix = self.grad_reg_trainer_hint or f"grkernels.integrations.hf.grad_reg_trainer({name})"
             raise TypeError(
                 f"{name} got a {type(self).__name__} with grad_reg_strength={getattr(self, PREFIX + 'strength')!r}, "
                 f"but {name} is not a GR trainer: it would train without GR and ignore every grad_reg_* field. Use "

@@ -42,6 +42,7 @@ from grkernels.integrations.hf import (
     grad_reg_trainer,
     register_trainer_mixin,
 )
+from grkernels.ops import logp_and_entropy, policy_loss_from_logp
 
 __all__ = [
     "GradRegGRPOConfig",
@@ -71,6 +72,8 @@ class GradRegGRPOConfig(GradRegConfigMixin, GRPOConfig, GradRegArguments):
     micro-batches hold the largest ones, and the estimate divides by their share of the window's Σ|advantage|;
     ``"random"`` keeps TRL's shuffled order and divides by the count share. Handed to a plain ``trl.GRPOTrainer``
     (not :class:`GradRegGRPOTrainer`) with GR on, it raises a TypeError instead of training without GR."""
+
+    grad_reg_trainer_hint = "grkernels.integrations.trl.GradRegGRPOTrainer"  # named when given to trl.GRPOTrainer
 
     grad_reg_fused_loss: bool = field(
         default=False,
@@ -149,8 +152,6 @@ class GradRegGRPOMixin:
 
     def _grad_reg_fused_loss(self, model, inputs):
         """TRL 1.16's GRPO loss (same scaling and metric names) from grkernels' ops."""
-        from grkernels.ops import logp_and_entropy, policy_loss_from_logp
-
         if inputs.get("pixel_values") is not None:
             raise ValueError("grad_reg_fused_loss=True does not support multimodal inputs yet")
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]

@@ -131,6 +131,8 @@ def use_cpu_platform() -> None:
     from verl.workers.engine import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
+    # not at module level: grkernels.integrations.verl imports verl's engine modules, which must see the CPU
+    # platform set above (an order of imports, not a cycle: verl.py does not import this module)
     from grkernels.integrations import verl as gr_verl
 
     for model_type, cls in (("language_model", FSDPEngineWithLMHead), ("value_model", FSDPEngineWithValueHead)):
