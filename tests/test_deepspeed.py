@@ -67,6 +67,16 @@ def _check_metrics(got: dict, ref: dict) -> None:
             assert a[key] == pytest.approx(b[key], rel=1e-4, nan_ok=True), key  # reuse steps: g2_norm NaN
 
 
+def _same_metrics(a: list[dict], b: list[dict]) -> bool:
+    """Equal logged metrics, NaN equal to NaN (g2_norm and perturb_ratio are NaN on steps without a perturbed pass)."""
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(
+        x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]) for k in x) for x, y in zip(a, b))
+
+
+def _last_gr(metrics: list[dict]) -> dict:
+    return [m for m in metrics if "grad_reg/step" in m][-1]
+
+
 def _assert_equals_ddp(run, mode: str, ref: str) -> None:
     ddp, _ = _load(run, ref)
     r0, r1 = _load(run, mode)
@@ -76,7 +86,7 @@ def _assert_equals_ddp(run, mode: str, ref: str) -> None:
         assert torch.equal(r0["params"][name], r1["params"][name]), f"{mode}: {name} differs between ranks"
         assert rel < 1e-5, f"{mode}: {name} relative error {rel:.2e} against {ref}"
         assert not torch.equal(ddp["params"][name], init[name].detach())
-    assert r0["metrics"] == r1["metrics"]
+    assert _same_metrics(r0["metrics"], r1["metrics"])
     _check_metrics(r0, ddp)
     for m in r0["metrics"]:
         if "grad_reg/gr_rel" in m:  # GR did act, with the clip at 0.3 active (‖g1‖ ≈ 0.4–0.5)
@@ -182,7 +192,7 @@ def test_zero_bf16_norms_follow_fp32(run, mode):
     gr_rel is not compared: the stochastic rounding of θ' differs between the partitionings)."""
     ddp, _ = _load(run, "ddp")
     r0, r1 = _load(run, mode)
-    assert r0["metrics"] == r1["metrics"]
+    assert _same_metrics(r0["metrics"], r1["metrics"])
     steps = [m for m in r0["metrics"] if "grad_reg/gr_rel" in m]
     want = [m for m in ddp["metrics"] if "grad_reg/gr_rel" in m]
     assert len(steps) == len(want) == W.STEPS
@@ -276,7 +286,7 @@ def test_zero_nonfinite_step_is_skipped_by_every_rank(run, mode):
     nothing reaches the masters at that step (the run equals DDP's with that step skipped), training goes on."""
     _assert_equals_ddp(run, mode, "ddp_nan")
     for r in _load(run, mode):
-        assert r["metrics"][-1]["grad_reg/skipped"] == 1.0
+        assert _last_gr(r["metrics"])["grad_reg/skipped"] == 1.0
         assert all(torch.isfinite(p).all() for p in r["params"].values())
     ddp, _ = _load(run, "ddp_nan")
-    assert ddp["metrics"][-1]["grad_reg/skipped"] == 1.0
+    assert _last_gr(ddp["metrics"])["grad_reg/skipped"] == 1.0

@@ -146,8 +146,9 @@ class GradRegWindow:
             if gr.active:
                 self._window.record(batch)  # with the RNG state before the forward at θ
             loss = loss_fn(self.model, batch)
-            # DeepSpeed steps inside the backward at the window's end: hold that step until the GR passes are done
-            held = self.deepspeed and gr.active and acc.sync_gradients
+            # DeepSpeed steps inside the backward at the window's end: hold that step until GR is done with the
+            # window (every window: the engine's finish applies a reused correction and votes on finiteness)
+            held = self.deepspeed and acc.sync_gradients
             with gr.hold_step() if held else contextlib.nullcontext():
                 self._backward(loss)
                 if acc.sync_gradients:

@@ -299,11 +299,7 @@ class DeepSpeedGradReg:
     """
 
     def __init__(self, engine: Any, settings: GRSettings, exclude: Iterable[torch.Tensor | str] = ()) -> None:
-        if settings.subset_fraction < 1.0:
-            raise NotImplementedError(
-                f"GR setting subset_fraction={settings.subset_fraction}: not supported under deepspeed: DeepSpeed "
-                "reduces gradients only at the accumulation boundary, so the subset's reduced gradient g1_S never "
-                "exists; use subset_fraction=1, every/reuse for a cheaper GR, or DDP / FSDP2")
+        check_settings(settings)
         named = list(engine.module.named_parameters())
         ids = resolve_exclude(list(exclude), named, [p for _, p in named])  # GradReg's rule: each entry must match
         self.engine = engine
@@ -368,9 +364,20 @@ class DeepSpeedGradReg:
         self.source.opt.zero_grad(set_to_none=True)
 
 
+def check_settings(settings: GRSettings) -> None:
+    """Refuse settings the partition step cannot run beyond ``HOST_LIMITS["deepspeed"]`` (which ``resolve`` applies):
+    the sub-batch pass."""
+    if settings.subset_fraction < 1.0:
+        raise NotImplementedError(
+            f"GR setting subset_fraction={settings.subset_fraction}: not supported under deepspeed: DeepSpeed "
+            "reduces gradients only at the accumulation boundary, so the subset's reduced gradient g1_S never "
+            "exists; use subset_fraction=1, every/reuse for a cheaper GR, or DDP / FSDP2")
+
+
 def trainer_grad_reg(trainer: Any, settings: GRSettings, exclude: list[Any]) -> DeepSpeedGradReg:
     """The :class:`DeepSpeedGradReg` of a Trainer's engine (``settings`` resolved with ``host="deepspeed"``;
     ``exclude``: tensors or name substrings)."""
+    check_settings(settings)
     return DeepSpeedGradReg(trainer.accelerator.deepspeed_engine_wrapped.engine, settings, exclude)
 
 

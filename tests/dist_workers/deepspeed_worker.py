@@ -277,7 +277,7 @@ def train_accelerate(mode: str, out: str) -> dict:
         zero = {"stage": stage, **({"stage3_param_persistence_threshold": 50} if stage == 3 else {})}
         plugin = DeepSpeedPlugin(hf_ds_config={
             "zero_optimization": zero, "train_micro_batch_size_per_gpu": 4 // ga, "gradient_accumulation_steps": ga,
-            "gradient_clipping": 0.0, "steps_per_print": 10**9})
+            "gradient_clipping": MAX_GRAD_NORM, "steps_per_print": 10**9})
     # cpu=True would switch DeepSpeed off (Accelerate: DeepSpeed only "and not cpu"); there is no GPU here anyway
     acc = Accelerator(cpu=plugin is None, gradient_accumulation_steps=ga, deepspeed_plugin=plugin)
     model = Reg()
@@ -285,10 +285,11 @@ def train_accelerate(mode: str, out: str) -> dict:
     if plugin is None:
         opt = GradReg(base, exclude=["net.4.bias"], named_parameters=model.named_parameters(), **settings)
         model, opt = acc.prepare(model, opt)
-        window = GradRegWindow(acc, model, opt)
+        window = GradRegWindow(acc, model, opt, max_grad_norm=MAX_GRAD_NORM)  # the Trainer runs' clip
     else:
         model, opt = acc.prepare(model, base)
-        window = GradRegWindow(acc, model, opt, grad_reg={**settings, "exclude": ["net.4.bias"]})
+        window = GradRegWindow(acc, model, opt, grad_reg={**settings, "exclude": ["net.4.bias"]},
+                               max_grad_norm=MAX_GRAD_NORM)  # = the config's gradient_clipping: DeepSpeed clips
     data, rank, failed = Rows(), dist.get_rank(), {"armed": mode.endswith("_raise")}
 
     def loss_fn(m, rows):
