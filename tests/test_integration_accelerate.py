@@ -177,6 +177,8 @@ def test_refuses_what_it_cannot_run():
         GradRegWindow(accelerator, model, opt, grad_reg={"every": 0})
     with pytest.raises(TypeError, match="unknown GR setting 'gamma'"):
         GradRegWindow(accelerator, model, opt, grad_reg={"gamma": 1.0})
+    with pytest.raises(ValueError, match="subset_fraction=0.5: not supported under Accelerate"):
+        GradRegWindow(accelerator, model, opt, grad_reg={"subset_fraction": 0.5})  # whole windows only
     assert opt.optimizer is plain  # nothing was wrapped
 
 

@@ -202,6 +202,8 @@ def test_callback_settings_are_validated_and_not_given_twice():
         GradRegCallback(eps=-1)
     with pytest.raises(TypeError, match="unknown GR setting 'gamma'"):
         GradRegCallback(gamma=1.0)
+    with pytest.raises(ValueError, match="subset_fraction=0.5: not supported under Lightning"):
+        GradRegCallback(subset_fraction=0.5)  # the callback replays whole windows: refused, not ignored
     with pytest.raises(TypeError, match="carries its own GR settings"):
         fit(1, None, callback=GradRegCallback(strength=1.0))  # configure_optimizers returns a GradReg
 

@@ -54,6 +54,7 @@ from grkernels.integrations.common import (
     exclusions,
     host_settings,
     refuse_loss_scaling,
+    refuse_subset,
     sync_context,
 )
 from grkernels.integrations.deepspeed import engine_grad_reg
@@ -97,6 +98,7 @@ class GradRegWindow:
                                 "do not pass grad_reg= as well")
             gr = optimizer if isinstance(optimizer, GradReg) else base
             settings = host_settings(gr.engine.settings, host=self._hosts(accelerator))
+            refuse_subset(settings, "Accelerate")
         else:
             if grad_reg is None:
                 raise TypeError(
@@ -104,6 +106,7 @@ class GradRegWindow:
                     f"{type(base or optimizer).__name__}; or prepare the plain optimizer and pass the GR settings as "
                     "grad_reg=dict(strength=..., eps=..., ...)")
             settings = host_settings(grad_reg, host=self._hosts(accelerator))
+            refuse_subset(settings, "Accelerate")  # before anything is wrapped
             unwrapped = accelerator.unwrap_model(model)
             if self.deepspeed:
                 engine = accelerator.deepspeed_engine_wrapped.engine

@@ -45,6 +45,7 @@ __all__ = [
     "exclusions",
     "host_settings",
     "refuse_loss_scaling",
+    "refuse_subset",
     "replay_window",
     "sync_context",
 ]
@@ -71,6 +72,15 @@ def host_settings(values: Mapping[str, Any] | GRSettings | None, *, host: str | 
     for other in hosts[1:]:
         resolve(settings.values, host=other)
     return settings
+
+
+def refuse_subset(settings: GRSettings, host: str) -> None:
+    """Hosts whose helper replays whole windows only: a sub-batch setting would be ignored, so it is refused."""
+    if settings.subset_fraction < 1.0:
+        raise ValueError(
+            f"GR setting subset_fraction={settings.subset_fraction}: not supported under {host}: its helper replays "
+            "whole accumulation windows; use subset_fraction=1 (or every / reuse for a cheaper GR), or the "
+            "two-phase API with GradReg.mark_subset")
 
 
 def exclusions(settings: GRSettings, module: torch.nn.Module) -> list[torch.Tensor | str]:

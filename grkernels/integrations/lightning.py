@@ -75,6 +75,7 @@ from grkernels.integrations.common import (
     end_window,
     host_settings,
     refuse_loss_scaling,
+    refuse_subset,
 )
 from grkernels.optim import GradReg
 
@@ -159,6 +160,7 @@ class GradRegCallback(pl.Callback):
     def __init__(self, log_metrics: bool = True, **settings: Any) -> None:
         self.log_metrics = log_metrics
         self.settings = host_settings(settings, host="lightning")
+        refuse_subset(self.settings, "Lightning")
         self._settings_given = bool(settings)
         self.grad_reg: GradReg | None = None
         self._window = Window()
