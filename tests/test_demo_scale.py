@@ -34,7 +34,7 @@ def _env(run: dict, g0: float, window: int, k: float) -> float:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("scale")
-    assert scale.main(["--part", "size", "--out", str(out), *DRIVER, "--", *TINY]) == 0
+    assert scale.main(["--part", "size", "--worlds", "collapse,format", "--out", str(out), *DRIVER, "--", *TINY]) == 0
     assert scale.main(["--part", "lr", "--out", str(out), *DRIVER, "--", *TINY]) == 0
     return out
 
@@ -45,6 +45,8 @@ def test_cells_and_flags():
                      "lr/format_x0.5", "size/format_w64", "lr/format_x2"]
     c = scale.cells_of("lr")[2]
     assert c.argv() == ["--worlds", "collapse", "--sweep", "kl:0.1;gr:10", "--width", "64", "--lr", "4e-4"]
+    assert [f"{c.part}/{c.name}" for c in scale.cells_of("size")] == ["size/collapse_w64", "size/collapse_w128"]
+    assert scale.cells_of("size")[1].argv() == ["--worlds", "collapse", "--sweep", "kl:0.1;gr:10", "--width", "128"]
     assert float(scale.LR_FLAGS[0.5]) == scale.BASE_LR * 0.5 and float(scale.LR_FLAGS[2.0]) == scale.BASE_LR * 2
     with pytest.raises(ValueError, match="unknown part"):
         scale.cells_of("depth")
@@ -66,7 +68,7 @@ def test_size_table_from_results(study):
             w = res["worlds"][wname]
             win = res["smoothing_window"]
             g0 = {s["seed"]: s["init_gold"] for s in w["setup"]}
-            fams = {"none": ["none"], "kl": ["kl@0.1", "kl@0.3"], "gr": ["gr@1", "gr@10"]}
+            fams = {"none": ["none"], **{m: [f"{m}@{v}"] for m, v in scale.LR_STRENGTHS[wname].items()}}
             # K* recomputed: the smallest over methods of the largest smoothed KL reached (from the first full window)
             reach = {f: max(x for lab in labs for run in w["methods"][lab]["runs"]
                             for x in smooth(run["curves"]["kl"], win)[min(win, len(run["curves"]["kl"])) - 1:])
