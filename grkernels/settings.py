@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ESTIMATORS", "HOST_LIMITS", "REUSE_MODES", "SETTINGS", "GRSettings", "Setting", "resolve",
+__all__ = ["ESTIMATORS", "HOST_LIMITS", "REUSE_MODES", "SETTINGS", "Below", "GRSettings", "Setting", "resolve",
            "prefixed_fields", "settings_help"]
 
 ESTIMATORS = ("forward", "central", "exact")
@@ -205,7 +205,22 @@ SETTINGS: tuple[Setting, ...] = (
 
 _BY_NAME = {s.name: s for s in SETTINGS}
 
-#: What each host cannot run, as {setting: {value: why}}; checked by :func:`resolve` when a host's config is built.
+class Below(float):
+    """A :data:`HOST_LIMITS` key that refuses every value below it (e.g. ``Below(1.0)``: a fraction < 1)."""
+
+    def matches(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and value < self
+
+    def __repr__(self) -> str:
+        return f"<{float(self):g}"
+
+
+def _refused(value: Any, key: Any) -> bool:
+    return key.matches(value) if isinstance(key, Below) else type(value) is type(key) and value == key
+
+
+#: What each host cannot run, as {setting: {value (or Below(x)): why}}; checked by :func:`resolve` when a host's
+#: config is built, so every host refuses with the same message.
 HOST_LIMITS: dict[str, dict[str, dict[Any, str]]] = {
     "hf": {
         "estimator": {"exact": "the Trainer's training_step calls loss.backward() without create_graph=True, so "
@@ -220,6 +235,13 @@ HOST_LIMITS: dict[str, dict[str, dict[Any, str]]] = {
                                "has no graph to differentiate again; use 'forward' or 'central'"},
         "lean": {True: "the gradient partitions belong to DeepSpeed's reduction buffers; lean mode would leave "
                        "g − g1 in them between the passes. Use lean=False"},
+        "subset_fraction": {Below(1.0): "DeepSpeed reduces gradients only at the accumulation boundary, so the "
+                                        "subset's reduced gradient g1_S never exists; use subset_fraction=1 (every / "
+                                        "reuse for a cheaper GR), or DDP / FSDP2"},
+    },
+    "ddp": {
+        "estimator": {"exact": "DDP (and FSDP) reduce the gradients in their own hooks outside autograd, so the "
+                               "gradient has no graph to differentiate again; use 'forward' or 'central'"},
     },
 }
 
@@ -274,8 +296,9 @@ def resolve(values: Mapping[str, Any] | None = None, *, host: str | None = None,
     if out["subset_fraction"] < 1.0 and out["lean"]:
         raise _error("subset_fraction", out["subset_fraction"], "needs lean=False (lean buffers carry g − g1)")
     for name, refused in HOST_LIMITS.get(host or "", {}).items():
-        if out[name] in refused:
-            raise _error(name, out[name], f"not supported under {host}: {refused[out[name]]}")
+        for key, why in refused.items():
+            if _refused(out[name], key):
+                raise _error(name, out[name], f"not supported under {host}: {why}")
     return GRSettings(out)
 
 

@@ -251,8 +251,10 @@ def test_settings_deepspeed_cannot_run_are_refused_when_resolved():
 
     with pytest.raises(ValueError, match="estimator='exact'.*deepspeed"):
         resolve({"estimator": "exact"}, host="deepspeed")
-    with pytest.raises(NotImplementedError, match="subset_fraction"):
-        trainer_grad_reg(object(), resolve({"subset_fraction": 0.5}, host="deepspeed"), [])
+    with pytest.raises(ValueError, match="subset_fraction=0.5: not supported under deepspeed"):
+        resolve({"subset_fraction": 0.5}, host="deepspeed")
+    with pytest.raises(ValueError, match="subset_fraction=0.5: not supported under deepspeed"):
+        trainer_grad_reg(object(), resolve({"subset_fraction": 0.5}), [])  # resolved for no host: refused here
     resolve({"every": 4, "reuse": "orthogonal", "backend": "cpp"}, host="deepspeed")
 
 
@@ -278,6 +280,19 @@ def test_zero_cheaper_gr_and_cpp_backend_equal_ddp(run, mode, ref):
         r0, _ = _load(run, mode)
         rels = [m["grad_reg/gr_rel"] for m in r0["metrics"] if "grad_reg/gr_rel" in m]
         assert all(r > 0.01 for r in rels)  # the step in between applied the reused correction
+
+
+def test_zero_adaptive_strength_through_the_config_equals_ddp(run):
+    """grad_reg_strength="auto" in the Trainer's config reaches the engine under ZeRO-2: γ moves every step (the
+    controller's rule) and the run equals DDP's, γ for γ."""
+    _assert_equals_ddp(run, "zero2_auto", "ddp_auto")
+    for mode in ("zero2_auto", "ddp_auto"):
+        r0, _ = _load(run, mode)
+        gammas = [m["grad_reg/strength"] for m in r0["metrics"] if "grad_reg/strength" in m]
+        assert gammas[0] == 0.5 and len(set(gammas)) == len(gammas) == W.STEPS, gammas
+    ds, ddp = _load(run, "zero2_auto")[0], _load(run, "ddp_auto")[0]
+    assert [m.get("grad_reg/strength") for m in ds["metrics"]] == pytest.approx(
+        [m.get("grad_reg/strength") for m in ddp["metrics"]], rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["zero2_nan", "zero3_nan"])

@@ -33,7 +33,7 @@ from grkernels.integrations.deepspeed import accumulation_boundary
 from grkernels.optim import GradReg
 from grkernels.params import paper_exclude
 from grkernels.rng import RNGState
-from grkernels.settings import HOST_LIMITS, GRSettings, resolve
+from grkernels.settings import GRSettings, resolve
 
 __all__ = [
     "COUNTERS",
@@ -52,14 +52,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------- settings
-# What a multi-process Accelerate loop cannot run, in the schema's table so that resolve() refuses it with the schema's
-# message (setdefault: an entry the schema itself declares wins).
-HOST_LIMITS.setdefault("ddp", {
-    "estimator": {"exact": "DDP (and FSDP) reduce the gradients in their own hooks outside autograd, so the gradient "
-                           "has no graph to differentiate again; use 'forward' or 'central'"},
-})
-
-
 def host_settings(values: Mapping[str, Any] | GRSettings | None, *, host: str | Sequence[str] | None = None,
                   prefix: str = "") -> GRSettings:
     """The schema's validated settings from ``values`` (setting names, with or without ``prefix``; missing ones

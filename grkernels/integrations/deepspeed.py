@@ -54,7 +54,7 @@ import torch
 from grkernels.backends.base import Shards
 from grkernels.engine import GREngine
 from grkernels.params import resolve_exclude
-from grkernels.settings import GRSettings
+from grkernels.settings import GRSettings, resolve
 from grkernels.sources import Entry
 
 __all__ = ["DeepSpeedGradReg", "ZeroSource", "accumulation_boundary", "check_supported", "engine_grad_reg",
@@ -365,13 +365,9 @@ class DeepSpeedGradReg:
 
 
 def check_settings(settings: GRSettings) -> None:
-    """Refuse settings the partition step cannot run beyond ``HOST_LIMITS["deepspeed"]`` (which ``resolve`` applies):
-    the sub-batch pass."""
-    if settings.subset_fraction < 1.0:
-        raise NotImplementedError(
-            f"GR setting subset_fraction={settings.subset_fraction}: not supported under deepspeed: DeepSpeed "
-            "reduces gradients only at the accumulation boundary, so the subset's reduced gradient g1_S never "
-            "exists; use subset_fraction=1, every/reuse for a cheaper GR, or DDP / FSDP2")
+    """Refuse settings the partition step cannot run (``HOST_LIMITS["deepspeed"]``: the exact estimator, lean mode,
+    the sub-batch pass), with the schema's message, also for settings resolved without ``host="deepspeed"``."""
+    resolve(settings.values, host="deepspeed")
 
 
 def trainer_grad_reg(trainer: Any, settings: GRSettings, exclude: list[Any]) -> DeepSpeedGradReg:

@@ -7,7 +7,8 @@ final fp32 parameters (DeepSpeed: the masters), the GR metrics of every step and
 with ``_bf16`` (bf16 weights; ``_bf16acc``: with fp32 gradient accumulation) and ``_ga2``
 (gradient_accumulation_steps=2, the same global batch per step); ``grpo_*`` modes run ``GradRegGRPOTrainer``; in
 ``*_raise`` modes the first replay raises; ``_reuse``: every=2 with the orthogonal reuse; ``_cpp``: the C++ backend;
-``_nan``: a NaN written into one gradient element on rank 1 (DDP: on every rank, as an all-reduce would spread it)
+``_auto``: strength="auto"; ``_nan``: a NaN written into one gradient element on rank 1 (DDP: on every rank, as an
+all-reduce would spread it)
 right after the combine of step 1. Every Trainer run clips with ``max_grad_norm=1.0`` (DeepSpeed: the config's
 ``"gradient_clipping": "auto"``), and the loss is scaled so that the clip binds. ``tests/test_deepspeed.py`` judges
 the run by these files, not by the
@@ -31,11 +32,11 @@ import torch
 from torch import nn
 
 # the DDP runs first: a Trainer with a DeepSpeed config leaves process-wide state behind (ACCELERATE_USE_DEEPSPEED)
-MODES = ("ddp", "ddp_ga2", "ddp_reuse", "ddp_cpp", "ddp_nan", "grpo_ddp", "grpo_ddp_ga2",
+MODES = ("ddp", "ddp_ga2", "ddp_reuse", "ddp_cpp", "ddp_nan", "ddp_auto", "grpo_ddp", "grpo_ddp_ga2",
          # a plain Accelerate loop with GradRegWindow (acc_*)
          "acc_ddp", "acc_ddp_ga2", "acc_ddp_central", "acc_ddp_radius", "acc_ddp_raise",
          "zero1", "zero2", "zero3", "zero1_ga2", "zero2_ga2", "zero3_ga2",
-         "zero2_reuse", "zero3_reuse", "zero1_cpp", "zero2_cpp", "zero3_cpp", "zero2_nan", "zero3_nan",
+         "zero2_reuse", "zero3_reuse", "zero1_cpp", "zero2_cpp", "zero3_cpp", "zero2_nan", "zero3_nan", "zero2_auto",
          "zero2_bf16", "zero3_bf16", "zero2_bf16acc", "zero3_bf16acc",
          "grpo_zero1", "grpo_zero2", "grpo_zero3", "grpo_zero1_ga2", "grpo_zero2_ga2", "grpo_zero3_ga2",
          "zero2_raise", "zero3_raise",
@@ -61,6 +62,8 @@ def _variant(mode: str) -> dict:
         return {"grad_reg_every": 2, "grad_reg_reuse": "orthogonal"}
     if "_cpp" in mode:
         return {"grad_reg_backend": "cpp"}
+    if "_auto" in mode:  # the adaptive strength through the config: γ moves each step towards gr_rel = 0.05
+        return {"grad_reg_strength": "auto", "grad_reg_target_rel": 0.05, "grad_reg_strength_init": 0.5}
     return {}
 
 
@@ -127,7 +130,8 @@ def _expected_combine(gr, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> lis
         return 1.0 if clip is None else min(1.0, clip / (float(n) + 1e-6))
 
     s1, s2 = scale(g1, cfg.g1_clip), scale(g2, cfg.g2_clip)
-    return [a + (cfg.strength / cfg.eps) * (s2 * b - s1 * a) if o else a for a, b, o in zip(g1, g2, on)]
+    gamma = gr.gr.strength  # the γ of this step (the adaptive strength's current value under "auto")
+    return [a + (gamma / cfg.eps) * (s2 * b - s1 * a) if o else a for a, b, o in zip(g1, g2, on)]
 
 
 def _inject_nan(tensors) -> None:
