@@ -20,6 +20,11 @@ from grkernels.backends.reference import all_finite as reference_all_finite
 from grkernels.kernels import check_triton_device, cpp_loaded, resolve_backend
 from grkernels.kernels.cpp_gr_step import NARROW_DTYPES, sumsq
 
+try:  # triton is an optional package: without it resolve_backend refuses backend="triton" before it is needed
+    from grkernels.backends.triton import TritonGRStep
+except ImportError:
+    TritonGRStep = None
+
 __all__ = [
     "CppGRStep",
     "ExactViaReference",
@@ -27,6 +32,7 @@ __all__ = [
     "Shards",
     "StepPlan",
     "TorchGRStep",
+    "TritonGRStep",
     "all_finite",
     "make_backend",
 ]
@@ -42,10 +48,7 @@ def make_backend(
     device = torch.device(device)
     impl = resolve_backend(name, device, what="GradReg")
     if impl == "triton":
-        check_triton_device(torch.empty(0, device=device), what="GradReg")  # clear error before the import
-        # imported here: triton is an optional package, and importing it is slow
-        from grkernels.backends.triton import TritonGRStep
-
+        check_triton_device(torch.empty(0, device=device), what="GradReg")  # a clear error, triton or not
         return TritonGRStep(device, lean=lean, model_attr=model_attr)
     if impl == "cpp":
         return CppGRStep(lean=lean)

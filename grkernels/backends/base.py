@@ -121,14 +121,17 @@ class GRBackend(Protocol):
         central:  grad ← g1 + (γ_p/(2ε_eff))·(s₊·g₊ − s₋·g₋)          (g± = ∇L(θ ± ε_eff·v))
         exact:    grad ← g1 + γ_p·H·v                                   (H·v from double backprop)
 
-    Units: ε in parameter units per unit of clipped gradient (absolute) or parameter units (radius); γ_p in
-    parameter units (the strength of p's group); norms in gradient units. Every norm, scale and flag is a 0-d
-    tensor on the parameters' device: no method reads a value back to the host.
+    Units: ε in parameter units per unit of (clipped) gradient (absolute) or in parameter units (radius: the
+    length of θ' − θ); γ_p the strength of p's group, the regulariser being (γ/2)·‖∇L‖², so γ_p·H·v is in gradient
+    units; norms and clip thresholds c1, c2 in gradient units. Every norm, scale and flag is a 0-d tensor on the
+    parameters' device: no method reads a value back to the host.
 
-    Norms are overflow- and underflow-safe (as BLAS ``nrm2``): a gradient with elements of 3e19 has a finite
-    norm, one of 1e-25 per element a nonzero one. Finiteness is a property of the elements (``finite`` is False
-    exactly when an element of g1, g± or g2 is inf/NaN), never of a norm. ``n1`` or ``‖v‖`` of 0 (a zero gradient)
-    gives θ' = θ and a zero correction.
+    Norms are overflow- and underflow-safe (as BLAS ``nrm2``): a gradient with elements of 3e19 has its finite
+    norm, one of 1e-25 per element its nonzero one. Finiteness is a property of the elements (``finite`` is False
+    exactly when an element of g1, g± or g2 — H·v for the exact estimator — is inf/NaN), never of a norm; with a
+    non-finite g1, θ' = θ. In radius mode ‖v‖ is clamped below at the dtype's smallest normal number (1.2e-38 in
+    float32): a gradient that small moves θ by ε·‖v‖/tiny < ε, never by an overflow. A zero gradient gives
+    θ' = θ.
     """
 
     name: str
@@ -136,8 +139,8 @@ class GRBackend(Protocol):
 
     metrics: dict[str, torch.Tensor]
     """0-d device tensors. After ``perturb(plan, 0)``: ``g1_norm`` (n1) and ``perturb_ratio`` (‖θ' − θ‖ over
-    the intended ε_eff·‖v‖: 1 unless rounding ate part of the step). After the combine, also ``g2_norm`` (n2;
-    ‖H·v‖ for the exact estimator), ``gr_rel`` (‖grad − g1‖ / n1, 0 when n1 = 0) and ``finite`` (bool)."""
+    the intended ε_eff·‖v‖: 1 unless rounding ate part of the step). After the combine, also ``g2_norm`` (n2,
+    central: n₋; ‖H·v‖ for the exact estimator), ``gr_rel`` (‖grad − g1‖ / max(n1, tiny)) and ``finite``."""
 
     def perturb(self, plan: StepPlan, point: int) -> None:
         """Move P to point ``point`` (0: θ + ε_eff·v; 1, central only: θ − ε_eff·v) and zero P's gradients for

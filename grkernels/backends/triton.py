@@ -62,11 +62,12 @@ leaves d = g2 − g1 (or g± − b) in fp32 (measured: cos/rel identical to the 
     central:  g₊ = d₊ + b (d₊ saved in bf16: its error is 2^-8 of a small number), g₋ = d₋ + b
 
 so the correction keeps fp32 accuracy and only the g1 term of the result carries the bf16 error (≤ 2^-8·|g1|
-per element, not amplified). The price: between ``perturb`` and ``restore_and_combine`` the GR parameters'
-gradient buffers hold −g1 (or −b) plus what the second backward accumulated, not g2 (a hook that reads
-``.grad`` in the second pass sees the difference; anything that overwrites instead of accumulating breaks it).
-Anything that writes the buffers in between other than the backward's accumulation (``zero_grad(set_to_none=
-False)``) is an error at the combine (``backends.lean``). Abort (``restore``) in lean mode gives back g1 bitwise
+per element, not amplified while the clip factors agree; with both clips active and s2 ≠ s1 the forward term
+(s2 − s1)·b carries it times (γ/ε)·|s2 − s1|). The price: between ``perturb`` and ``restore_and_combine`` the
+GR parameters' gradient buffers hold −g1 (or −b) plus what the second backward accumulated, not g2 (a hook that
+reads ``.grad`` in the second pass sees the difference). Anything that writes the buffers in between other than
+the backward's accumulation (``zero_grad(set_to_none=False)``, a replaced buffer) is an error at the combine or
+at the central estimator's second point (``backends.lean``). Abort (``restore``) in lean mode gives back g1 bitwise
 where the buffer still holds −g1 untouched (forward estimator, before the backward at θ' reached it: negated),
 else b, g1 rounded to bf16 (within 2^-8·|g1| per element); after the combine b.
 
