@@ -173,9 +173,11 @@ def peak_rss_bytes() -> int:
 
 
 def tensor_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a tied weight counts once)."""
+    """Bytes of the distinct storages behind ``tensors`` (a tied weight counts once; a DTensor: its local shard)."""
     seen: dict[int, int] = {}
     for t in tensors:
+        if t is not None and hasattr(t, "to_local"):
+            t = t.to_local()
         if t is not None and t.numel():
             s = t.untyped_storage()
             seen[s.data_ptr()] = s.nbytes()

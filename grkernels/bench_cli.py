@@ -30,6 +30,8 @@ SUBJECTS: dict[str, tuple[str, str]] = {
                       "torch.compile, Liger"),
     "fidelity": ("fidelity.py", "the GR Hessian-vector estimate against float64 double backprop, over ε (one "
                                 "process, or FSDP2 with bf16 mixed precision)"),
+    "rl_iteration": ("rl_iteration.py", "one GRPO iteration end to end in TRL and verl, per phase: no "
+                                        "regularisation, KL, GR full and cheaper; time and memory"),
 }
 SCRIPTS = {name: script for name, (script, _) in SUBJECTS.items()}  # subject -> script in bench/
 

@@ -169,3 +169,94 @@ def test_fidelity_smoke_estimates_the_hessian_vector_product(tmp_path):
     rows = {r["variant"]: r for r in res["rows"]}
     assert rows["fp32 weights, forward"]["eps"]["0.01"]["cos"] > 0.95
     assert rows["bf16, forward, stochastic"]["eps"]["0.01"]["cos"] > 0.9
+
+
+# ------------------------------------------------------------------------------------------------ rl_iteration
+def test_rl_iteration_phases_are_exclusive_and_sum_to_the_iteration(monkeypatch):
+    """Nested phases take their time out of the enclosing one; the open gr_pass phase runs from perturb to the
+    combine; 'other' is the rest: checked on a fake clock against a hand count."""
+    import rl_iteration
+
+    clock = iter(range(100))
+    monkeypatch.setattr(rl_iteration.time, "perf_counter", lambda: float(next(clock)))
+    P = rl_iteration.Phases(cuda=False)
+    P.start()                                   # t=0
+    with P.phase("first_pass"):                 # 1
+        with P.phase("generation"):             # 2: first_pass 1
+            pass                                # 3: generation 1
+        P.push("gr_math")                       # 4: first_pass 2
+        P.pop("gr_math")                        # 5: gr_math 1
+        P.push("gr_pass")                       # 6: first_pass 3
+        with P.phase("optimizer"):              # 7: gr_pass 1
+            pass                                # 8: optimizer 1
+        P.pop("gr_pass")                        # 9: gr_pass 2
+    #                                             10: first_pass 4
+    out = P.stop()                              # 11: iteration 11, other = 11 - 9 (0-1 and 10-11)
+    assert (out["first_pass"], out["generation"], out["gr_math"], out["gr_pass"], out["optimizer"]) == (4, 1, 1, 2, 1)
+    assert out["iteration"] == 11 and out["other"] == 2
+    with pytest.raises(RuntimeError, match="ended inside"):
+        P.start()
+        P.push("a")
+        P.pop("b")
+
+
+def test_rl_iteration_summary_ratios_floors_and_gaps():
+    """Per round means, medians over the kept rounds, per-round ratios, and the floors of the cheaper modes, against
+    a recomputation from the records."""
+    import argparse
+    import random
+
+    import rl_iteration
+
+    rng = random.Random(0)
+    a = argparse.Namespace(warmup=1, rounds=3, cycle=2)
+
+    def rec(it, gr_pass=0.0, gr_math=0.0):
+        r = {k: 0.0 for k in rl_iteration.PHASES}
+        r.update(generation=it * 0.5, gr_pass=gr_pass, gr_math=gr_math, iteration=it)
+        return r
+
+    base = {"none": 1.0, "kl": 1.3, "gr": 2.0, "gr_sub0.25": 1.4, "gr_every4": 1.3}
+    turns = {v: [[rec(t * rng.uniform(0.9, 1.1), gr_pass=0.8 * (v == "gr"), gr_math=0.1 * (v != "none"))
+                  for _ in range(a.cycle)] for _ in range(a.warmup + a.rounds)] for v, t in base.items()}
+    ready = {v: {"micro_batches": 8} for v in base}
+    res = rl_iteration.summarise("trl", a, turns, ready, {}, {})
+    mean = {v: [sum(r["iteration"] for r in turn) / a.cycle for turn in ts[a.warmup:]] for v, ts in turns.items()}
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731  (3 rounds: the middle one)
+    for v in base:
+        assert math.isclose(res["variants"][v]["iteration"], med(mean[v]))
+        assert math.isclose(res["variants"][v]["x_kl"], med([x / k for x, k in zip(mean[v], mean["kl"])]))
+    full = [sum(r["gr_pass"] for r in turn) / a.cycle for turn in turns["gr"][a.warmup:]]
+    floor = [n + p * 2 / 8 + 0.1 for n, p in zip(mean["none"], full)]  # ⌈0.25 · 8⌉ = 2 of 8 micro-batches
+    assert math.isclose(res["floors"]["gr_sub0.25"]["floor_s"], med(floor))
+    assert math.isclose(res["floors"]["gr_sub0.25"]["gap_x_none"],
+                        med([(s - f) / n for s, f, n in zip(mean["gr_sub0.25"], floor, mean["none"])]))
+    floor4 = [n + (g - n) / 4 for n, g in zip(mean["none"], mean["gr"])]
+    assert math.isclose(res["floors"]["gr_every4"]["floor_s"], med(floor4))
+    assert math.isclose(res["variants"]["gr"]["gr_share"], med([(0.8 + 0.1) / m for m in mean["gr"]]))
+
+
+def test_rl_iteration_runs_trl_and_verl(tmp_path):
+    """Toy sizes, 2 variants per host, one kept round: every phase recorded, the reference forward only with KL, the
+    pass at θ' only with GR, memory from the OS."""
+    import rl_iteration
+
+    res = _run(rl_iteration.main, ["--device", "cpu", "--hosts", "trl,verl", "--variants", "kl,gr_sub0.25",
+                                   "--hidden", "16", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--inter",
+                                   "32", "--vocab", "40", "--prompts", "2", "--generations", "4", "--micro", "2",
+                                   "--prompt-len", "3", "--completion-len", "4", "--rounds", "1", "--warmup", "0",
+                                   "--cycle", "1", "--threads", "1"], tmp_path / "r.json")
+    for host in ("trl", "verl"):
+        h = res["hosts"][host]
+        assert set(h["variants"]) == {"kl", "gr_sub0.25"} and "gr_head" in h["unavailable"], host
+        kl, gr = h["variants"]["kl"], h["variants"]["gr_sub0.25"]
+        for r in (kl, gr):
+            assert math.isclose(sum(r[k] for k in rl_iteration.PHASES), r["iteration"], rel_tol=1e-9)
+            assert r["generation"] > 0 and r["first_pass"] > 0 and r["memory"]["peak_rss_bytes"] > 2**20
+        assert kl["ref_forward"] > 0 and gr["ref_forward"] == 0 and kl["memory"]["ref_param_bytes"] > 0
+        assert gr["gr_pass"] > 0 and kl["gr_pass"] == 0 and 0 < gr["gr_share"] < 1
+        assert gr["memory"]["gr_extra_bytes"] > 0 and kl["x_kl"] == 1.0
+    rows = {r["dtype"]: r for r in res["memory_by_dtype"]}
+    assert rows["float32"]["reference_model_bytes_per_param"] == 4 and rows["bfloat16"][
+        "reference_model_bytes_per_param"] == 2
+    assert rows["float32"]["gr_full_bytes_per_param"] > rows["bfloat16"]["gr_full_bytes_per_param"] > 0
