@@ -567,7 +567,7 @@ class GREngine:
         if self.phase != IDLE:
             raise RuntimeError(f"GradReg cannot be copied or pickled while a step is {self.phase}: finish it with "
                                "step() or abort it with restore() first (θ would be saved perturbed)")
-        return {**self.__dict__, "_backend": None}
+        return {**self.__dict__, "backend": None}  # a copy makes its own buffers at its first step
 
 
 def _check_fraction(fraction: float) -> None:

@@ -95,7 +95,6 @@ class GradReg(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         check_group(param_group)
-        _check_maximize([param_group])
         self.optimizer.add_param_group(param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -223,9 +222,9 @@ class GradReg(torch.optim.Optimizer):
             state_dict = hook(self, state_dict) or state_dict
         sd = dict(state_dict)
         gr = sd.pop("grad_reg", None)
-        self.optimizer.load_state_dict(sd)
-        for group in self.optimizer.param_groups:
+        for group in sd.get("param_groups", []):  # before anything is loaded
             check_group(group)
+        self.optimizer.load_state_dict(sd)
         if gr is not None:
             self.engine.load_state_dict(gr)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -257,12 +256,5 @@ def _check_base(optimizer: Any) -> None:
             f"GradReg cannot wrap {type(optimizer).__name__}: its step() requires a closure that it calls several "
             "times (a line search), which would evaluate the loss at points GR does not control. Use a first-order "
             "optimizer (SGD, Adam, AdamW ...)")
-    _check_maximize(optimizer.param_groups)
-
-
-def _check_maximize(groups: Iterable[dict[str, Any]]) -> None:
-    if any(g.get("maximize", False) for g in groups):
-        raise ValueError(
-            "GradReg: a param group has maximize=True. GR adds γ·H·g to the gradient of a loss to be minimised; "
-            "a maximising base optimizer would climb R + (γ/2)‖∇R‖², seeking sharp regions. Minimise the negated "
-            "objective instead (loss = −R) with maximize=False")
+    for group in optimizer.param_groups:  # maximize=True among them (also checked at every step)
+        check_group(group)

@@ -67,13 +67,20 @@ class ParamSource(Protocol):
 
 
 def check_group(group: dict[str, Any]) -> None:
-    """A param group's ``gr_strength`` (finite, >= 0) and ``gr_enabled`` (bool)."""
+    """A param group's ``gr_strength`` (finite, >= 0), ``gr_enabled`` (bool) and no ``maximize=True``. Checked
+    at construction, in ``add_param_group``, before a state dict is loaded and at every step (a group edited in
+    place), before anything moves."""
     gamma = group.get("gr_strength", 0.0)
     if isinstance(gamma, (torch.Tensor, bool)) or not isinstance(gamma, (int, float)) or not (
             math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"GradReg: a param group's gr_strength must be a finite number >= 0, got {gamma!r}")
     if not isinstance(group.get("gr_enabled", True), bool):
         raise TypeError(f"GradReg: a param group's gr_enabled must be True or False, got {group['gr_enabled']!r}")
+    if group.get("maximize", False):
+        raise ValueError(
+            "GradReg: a param group has maximize=True. GR adds γ·H·g to the gradient of a loss to be minimised; "
+            "a maximising base optimizer would climb R + (γ/2)‖∇R‖², seeking sharp regions. Minimise the negated "
+            "objective instead (loss = −R) with maximize=False")
 
 
 class OptimizerSource:

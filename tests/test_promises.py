@@ -95,6 +95,7 @@ def test_class1_a_copy_mid_cycle_reuses_the_correction_like_the_original(backend
     opt = _gr(model, backend, every=3, reuse="orthogonal")
     opt.step(_closure(model, x, y))  # the full step: its correction is stored
     m2, o2 = _copy((model, opt), how)
+    assert o2.engine.backend is None  # no copy of the last step's buffers: the copy makes its own
     sd = o2.state_dict()  # keyed by position: no KeyError on the copy
     m3 = copy.deepcopy(m2)
     o3 = _gr(m3, backend, every=3, reuse="orthogonal")
@@ -331,6 +332,26 @@ def test_class6_line_search_and_maximize_are_refused_at_construction():
     with pytest.raises(ValueError, match="maximize"):
         opt.add_param_group({"params": list(model.parameters())[2:], "maximize": True})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class6_maximize_set_later_is_refused_before_anything_moves(backend):
+    """maximize=True arriving after construction — a group edited in place, or a state dict that carries it — is
+    refused with the same message: at the next step (θ and g1 bit for bit) or before the state dict loads."""
+    model = tanh_mlp(64, dtype=torch.float32)
+    x, y = regression_batch(65, dtype=torch.float32)
+    opt = _gr(model, backend, base=torch.optim.AdamW)
+    opt.step(_closure(model, x, y))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["maximize"] = True
+    with pytest.raises(ValueError, match="maximize"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["maximize"] is False
+    opt.param_groups[0]["maximize"] = True
+    theta = snapshot(model)
+    with pytest.raises(ValueError, match="maximize"):
+        opt.step(_closure(model, x, y))
+    assert bitwise_equal(snapshot(model), theta) and opt.metrics()["step"] == 1
 
 
 class _Boom(Exception):
