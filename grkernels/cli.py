@@ -8,8 +8,10 @@ import importlib.util
 import os
 import sys
 
+from grkernels import bench_cli, quickstart
 from grkernels.about import info_main, version_line
 from grkernels.argtypes import device, nonnegative_float, positive_float, positive_int
+from grkernels.demo import cli as demo_cli
 
 # The flag types live in grkernels.argtypes (the subcommands' parsers use them without importing this dispatcher);
 # re-exported here, where they were first defined.
@@ -66,17 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command, rest = argv[0], argv[1:]
     if command == "quickstart":
-        from grkernels.quickstart import main as run
+        run = quickstart.main
     elif command == "demo":
         missing = _demo_missing(rest)
         if missing:
             print(f"grkernels demo: error: {missing}", file=sys.stderr)
             return 1
-        from grkernels.demo.cli import main as run
+        run = demo_cli.main
     elif command == "info":
         run = info_main
     else:
-        from grkernels.bench_cli import main as run
+        run = bench_cli.main
     return _run_cleanly(command, run, rest)
 
 

@@ -142,8 +142,8 @@ def test_tiny_kl_baseline(trl_example, tmp_path):
 
 
 # ---------------------------------------------------------------- verl on CPU (2 gloo processes)
-STEP_LINE = re.compile(r"^step (\d+): reward ([-\d.]+) .* g1_norm ([\d.]+) +gr_rel ([\d.]+) +perturb_ratio ([\d.]+)$",
-                       re.M)
+STEP_LINE = re.compile(r"^step (\d+): reward ([-\d.]+) .* g1_norm ([\d.]+) +gr_rel ([\d.]+) +perturb_ratio ([\d.]+)"
+                       r"(?: +γ ([\d.e+-]+))?", re.M)
 
 
 def test_verl_cpu_example():
@@ -155,6 +155,6 @@ def test_verl_cpu_example():
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     steps = STEP_LINE.findall(r.stdout)
     assert [int(s[0]) for s in steps] == [0, 1], r.stdout[-2000:]
-    for _, reward, g1, gr_rel, ratio in steps:
-        assert 0 <= float(reward) <= 1 and float(g1) > 0
+    for _, reward, g1, gr_rel, ratio, gamma in steps:
+        assert 0 <= float(reward) <= 1 and float(g1) > 0 and (not gamma or float(gamma) == 0.05)
         assert 0 < float(gr_rel) < 10 and abs(float(ratio) - 1) < 1e-2  # GR acted; fp32 keeps the perturbation
