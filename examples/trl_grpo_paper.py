@@ -56,6 +56,10 @@ def alpaca_prompt(instruction: str, inp: str = "") -> str:
                          instruction=instruction, input_block=f"### Input:\n{inp}\n\n" if inp else "")
 
 
+def _strength(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", choices=sorted(METHODS), default="gr", help="gr: γ = 1e-2, no KL; kl: β = 0.1")
@@ -72,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--per-device-batch", type=int, help="completions per device per micro-batch (default 8)")
     ap.add_argument("--lr", type=float, help="learning rate (paper: 5e-6 for GR, 3e-6 for KL)")
     ap.add_argument("--beta", type=float, help="KL coefficient (paper: 0 for GR, 0.1 for KL)")
-    ap.add_argument("--strength", type=float, help="GR γ (paper: 1e-2); --method gr only")
+    ap.add_argument("--strength", type=_strength, help="GR γ (paper: 1e-2), or auto: γ adjusted each step so that "
+                    "gr_rel tracks --target-rel; --method gr only")
+    ap.add_argument("--target-rel", type=float, help="with --strength auto: the gr_rel to hold")
     ap.add_argument("--eps", type=float, help="GR ε (paper: 1e-3)")
     ap.add_argument("--eps-mode", choices=["absolute", "radius"], help="GR ε mode (paper: absolute; for bf16 "
                     "weights without fp32 masters BENCHMARKS.md recommends radius with ε = 0.02)")
@@ -94,7 +100,8 @@ def config_kwargs(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
         kw.update(use_cpu=True, bf16=False, gradient_checkpointing=False)
     for flag, key in (("max_steps", "max_steps"), ("max_completion_length", "max_completion_length"),
                       ("lr", "learning_rate"), ("beta", "beta"), ("strength", "grad_reg_strength"),
-                      ("eps", "grad_reg_eps"), ("eps_mode", "grad_reg_eps_mode")):
+                      ("eps", "grad_reg_eps"), ("eps_mode", "grad_reg_eps_mode"),
+                      ("target_rel", "grad_reg_target_rel")):
         value = getattr(args, flag)
         if value is not None:
             if key.startswith("grad_reg_") and args.method != "gr":

@@ -65,6 +65,8 @@ def test_paper_settings_per_method(trl_example, tmp_path):
     over = config("--method", "gr", "--eps-mode", "radius", "--eps", "0.02", "--strength", "0.1", "--lr", "1e-6")
     assert (over.grad_reg_eps_mode, over.grad_reg_eps, over.grad_reg_strength, over.learning_rate) == (
         "radius", 0.02, 0.1, 1e-6)
+    auto = config("--method", "gr", "--strength", "auto", "--target-rel", "0.5")
+    assert (auto.grad_reg_strength, auto.grad_reg_target_rel) == ("auto", 0.5)
     with pytest.raises(SystemExit, match="GR setting"):
         config("--method", "kl", "--strength", "0.1")
     with pytest.raises(SystemExit, match="required"):
