@@ -14,7 +14,9 @@ which is what the kernels reduce; reported also as a fraction of the plain step.
 Floors of the cheaper modes, each timed as one call in the same round-robin:
     sub-batch f   the plain step + a forward/backward on the subset alone + the GR math (a GR step whose second
                   pass runs on the subset: the work the mode cannot avoid, without its sub-batch bookkeeping and
-                  without splitting the first pass in two)
+                  without splitting the first pass in two); beside it the same with the first pass split as the mode
+                  splits it (subset, then the rest), which divides the gap into the split's cost and the rest
+                  (mark_subset's copy of the subset's g1 and the estimate)
     every-k       one full GR step and k − 1 plain steps, per step (the reuse bookkeeping is what it leaves out)
 "gap" = (mode − floor) / plain step: what the mode spends above its floor, in plain steps.
 """
@@ -142,8 +144,19 @@ def main(argv: list[str] | None = None) -> int:
             closure(slice(0, m))
             floor_opt.step()
 
+        def sub_floor_split(m=m):
+            # the floor with the first pass split as the mode splits it (subset, then the rest): what the split costs
+            floor_opt.zero_grad()
+            closure(slice(0, m))
+            if m < args.batch:
+                closure(slice(m, None))
+            floor_opt.perturb()
+            closure(slice(0, m))
+            floor_opt.step()
+
         opts[f"subset{f:g}"], variants[f"subset{f:g}"] = opt, sub_batch
         variants[f"floor-subset{f:g}"], floors[f"subset{f:g}"] = sub_floor, f"floor-subset{f:g}"
+        variants[f"floor-split-subset{f:g}"] = sub_floor_split
 
     def fresh_g1(name: str) -> None:
         if name.startswith("math-"):
@@ -165,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             row.update(floor_s=t_floor, floor_ratio=t_floor / t_plain, gap_over_plain=(t - t_floor) / t_plain,
                        gap_over_plain_per_round=statistics.median(
                            (a - b) / p for a, b, p in zip(per_step[name], per_step[floors[name]], per_step["plain"])))
+            if f"floor-split-{name}" in per_step:  # the gap in two: splitting the first pass, the sub-batch math
+                t_split = statistics.median(per_step[f"floor-split-{name}"])
+                row.update(split_floor_s=t_split, split_cost_over_plain=(t_split - t_floor) / t_plain,
+                           bookkeeping_over_plain=(t - t_split) / t_plain)
         rows.append(row)
     result = {"params": n_params, "config": vars(args), "rows": rows}
     print(f"{run.header()}\n{n_params / 1e6:.2f}M params, {args.dtype}, batch {args.batch}x{args.seq}")

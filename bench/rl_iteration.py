@@ -317,6 +317,8 @@ def trl_child(conn, variant: str, a: argparse.Namespace, model_dir: str) -> None
 
         def on_step_begin(self, args, st, control, **kwargs):
             if state["count"] % a.cycle == 0:
+                if cuda:  # between turns: the cached blocks back to the device (the other variants share it)
+                    torch.cuda.empty_cache()
                 if state["count"]:
                     conn.send(("turn", state.pop("pending")))
                     state["pending"] = []
@@ -500,6 +502,8 @@ def verl_child(conn, variant: str, a: argparse.Namespace, model_dir: str) -> Non
             iteration(it)
             records.append(P.stop())
             it += 1
+        if cuda:  # between turns: the cached blocks back to the device (the other variants share it)
+            torch.cuda.empty_cache()
         conn.send(("turn", records))
     info.update(_memory(cuda), optimizer_state_bytes=_state_bytes(base),
                 **_gr_memory(getattr(engine, "grad_reg", None), policy))

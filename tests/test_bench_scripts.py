@@ -110,6 +110,9 @@ def test_e2e_overhead_times_the_cheaper_modes_beside_their_floors(tmp_path):
         r = rows[name]
         assert r["floor_s"] > 0 and math.isclose(r["floor_ratio"], r["floor_s"] / plain)
         assert math.isclose(r["gap_over_plain"], (r["median_s"] - r["floor_s"]) / plain)
+    for name in ("subset0.25", "subset1"):  # the gap split in two parts that add up
+        r = rows[name]
+        assert math.isclose(r["split_cost_over_plain"] + r["bookkeeping_over_plain"], r["gap_over_plain"])
 
 
 def test_cheap_gr_cost_part_runs_every_mode(tmp_path):
