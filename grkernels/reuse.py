@@ -218,13 +218,16 @@ class CorrectionReuse:
         if c is None:
             return {}, []
         dtype = accum_dtype(g1)
-        flat_g1 = _flat(g1, dtype)  # also the undo copy: g1 in a dtype at least as wide as each gradient's
+        flat_g1 = _flat(g1, dtype)
+        sizes = [g.numel() for g in g1]
+        if all(g.dtype == dtype for g in g1):  # the compute copy is g1 bit for bit: also the undo copy
+            undo = [(g, x.view(g.shape)) for g, x in zip(g1, flat_g1.split(sizes))]
+        else:  # a widened copy does not give every bit back (a NaN's payload through bf16 → fp32 → bf16)
+            undo = [(g, g.clone()) for g in g1]
         corr, g1_sq, s_g = self._direction(flat_g1, c, shards)
         corr.mul_((gamma / self._gamma).to(dtype))  # on the device: the stored γ was chosen there
         rel = shards.sum_across(torch.dot(corr, corr)).sqrt() / g1_sq.sqrt().clamp_min(torch.finfo(dtype).tiny)
         corr.div_(s_g.to(dtype))  # back to the gradients' scale (exact)
-        sizes = [g.numel() for g in g1]
         parts = corr.to(_storage_dtype(g1)).split(sizes)
         torch._foreach_add_(g1, [x.view(g.shape) for x, g in zip(parts, g1)])
-        undo = [(g, x.view(g.shape)) for g, x in zip(g1, flat_g1.split(sizes))]
         return {"gr_rel": rel}, undo

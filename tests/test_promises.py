@@ -209,6 +209,25 @@ def test_class3_restore_after_combine_puts_g1_back(backend, kind):
     assert _same_metrics(opt.metrics(), twin_opt.metrics())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class3_restore_after_a_reuse_combine_gives_back_every_bit_of_bf16_g1(backend):
+    """bf16 gradients holding a negative NaN (as a bad batch leaves them) on a reuse step: combine() then restore()
+    puts them back bit for bit — the undo copy is not a widened one (a NaN's payload and sign do not survive
+    bf16 → fp32 → bf16)."""
+    model = tanh_mlp(33, dtype=torch.bfloat16)
+    x, y = regression_batch(34, dtype=torch.bfloat16)
+    opt = _gr(model, backend, every=2, reuse="orthogonal")
+    opt.step(_closure(model, x, y))
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    model[0].weight.grad.view(torch.int16)[0, :2] = -64  # 0xFFC0: a NaN with its sign bit set
+    g1 = _grads(model)
+    assert g1[0][0, 0].isnan()
+    opt.combine()
+    opt.restore()
+    assert _same_grads(_grads(model), g1)
+
+
 # ----------------------------------------------------------------------------- class 4: wrong-order sub-batch calls
 @pytest.mark.parametrize("call", ["mark_subset", "subset_fraction"])
 @pytest.mark.parametrize("backend", BACKENDS)
