@@ -146,9 +146,10 @@ class GREngine:
                              "float: a tensor would force a device read every step)")
         return float(f)
 
-    def gamma_of(self, entry: Entry) -> float:
-        """γ of one entry's group before the factor: its override scaled like the global γ, else the global γ."""
-        if not entry.enabled or entry.excluded:
+    def gamma_of(self, entry: Entry, *, with_exclusions: bool = True) -> float:
+        """γ of one entry's group before the factor: its override scaled like the global γ, else the global γ; 0
+        when its group turns GR off or (``with_exclusions``) the user excluded it."""
+        if not entry.enabled or (with_exclusions and entry.excluded):
             return 0.0
         if entry.gamma is None:
             return self.strength
@@ -161,8 +162,10 @@ class GREngine:
         return self.factor() * (1.0 if self.controller is None else self.controller.gamma)
 
     def _regularising(self) -> bool:
+        """GR is on for the coming step: after warmup, some group's γ > 0. Exclusions do not turn it off: a GR
+        step over nothing but excluded parameters is an error (perturb() says so), not a silent plain step."""
         f = self.factor()
-        return f != 0.0 and any(self.gamma_of(e) * f != 0.0 for e in self.source.entries())
+        return f != 0.0 and any(self.gamma_of(e, with_exclusions=False) * f != 0.0 for e in self.source.entries())
 
     @property
     def active(self) -> bool:
@@ -398,16 +401,19 @@ class GREngine:
         """Exact estimator: H·v by double backprop from the graph kept in ``.grad``; ``.grad`` ← g1 + γ·H·v."""
         plan = self._make_plan()
         grads = [p.grad for p in plan.params]
-        if not plan.params or not all(g.requires_grad for g in grads):
+        # A gradient without a graph is constant in θ (a parameter the loss is linear in): its term of
+        # H·v = ∇(g·v) is zero. Not one with a graph: the backward did not keep it.
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        if not live:
             raise RuntimeError("GradReg(estimator='exact') needs the graph of the gradient: call "
                                "loss.backward(create_graph=True) (or opt.backward(loss)) in the closure / before "
                                "step()")
         backend = self._backend_for(plan)
         with torch.no_grad():
             scale = backend.clip_scale_g1(plan)
-        v = [(g.detach() * scale).to(g.dtype) for g in grads]
+        v = [(grads[i].detach() * scale).to(grads[i].dtype) for i in live]
         try:
-            hvp = torch.autograd.grad(grads, plan.params, grad_outputs=v, allow_unused=True)
+            hvp = torch.autograd.grad([grads[i] for i in live], plan.params, grad_outputs=v, allow_unused=True)
         except RuntimeError as err:
             raise RuntimeError(
                 "GradReg(estimator='exact'): the model's ops cannot double-backward (" + str(err).split("\n")[0]

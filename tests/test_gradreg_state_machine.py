@@ -124,7 +124,7 @@ class GRMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ set-up
     @initialize(every=st.sampled_from([1, 3]), reuse=st.sampled_from(["none", "orthogonal"]),
-                estimator=st.sampled_from(["forward", "forward", "central"]),
+                estimator=st.sampled_from(["forward", "forward", "central", "exact"]),
                 strength=st.sampled_from([0.5, 0.5, "auto"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
                 warmup=st.sampled_from([0, 0, 2]))
     def build(self, every, reuse, estimator, strength, dtype, warmup):
@@ -206,6 +206,22 @@ class GRMachine(RuleBasedStateMachine):
     def passes(self) -> int:
         return 2 if self.kw["estimator"] == "central" else 1
 
+    @property
+    def exact(self) -> bool:
+        return self.kw["estimator"] == "exact"
+
+    def _gr_grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.model.parameters() if p is not self.model.lin1.bias and p.grad is not None]
+
+    def _plain_combine_ok(self) -> bool:
+        """combine() / step() from idle: a plain (or reuse) step, or the exact estimator's H·v, which needs the
+        graph of the gradients (``opt.backward`` keeps it while GR is active; aux's gradient, constant in θ, has
+        none)."""
+        if not self.opt.active:
+            return True
+        gr = self._gr_grads()
+        return self.exact and any(g.requires_grad for g in gr)
+
     def _has_grad(self) -> bool:
         return any(p.grad is not None for p in self.model.parameters())
 
@@ -227,7 +243,7 @@ class GRMachine(RuleBasedStateMachine):
             kind = {"nan_g1": "nan" if first else "none", "nan_g2": "none" if first else "nan",
                     "huge": "huge"}.get(inject, "none")
             loss = loss_of(self.model, "all", kind)
-            loss.backward()
+            self.opt.backward(loss)  # create_graph=True for the exact estimator
             if first:
                 self.g1 = grads(self.model)  # what an abort must put back
                 self.nan_g1 = kind == "nan"
@@ -257,7 +273,7 @@ class GRMachine(RuleBasedStateMachine):
             return
         if self.phase == "idle":
             self.opt.zero_grad()
-        loss_of(self.model, part, inject).backward()
+        self.opt.backward(loss_of(self.model, part, inject))
         self.g1 = grads(self.model)
         self.backward_done, self.last_part = True, part
         self.nan_g1 = _nonfinite(self.g1)
@@ -279,7 +295,7 @@ class GRMachine(RuleBasedStateMachine):
     @rule(keep=st.sampled_from([False, False, True]))
     def perturb(self, keep=False):
         first = self.phase in ("idle", "marked")
-        legal = self.opt.active and (
+        legal = self.opt.active and not self.exact and (
             (first and self._has_grad()) or (self.phase == "perturbed" and self.points < self.passes))
         if self._call(f"perturb(keep_untouched={keep})", legal, lambda: self.opt.perturb(keep)):
             self.phase, self.points, self.backward = "perturbed", self.points + 1, False
@@ -292,14 +308,14 @@ class GRMachine(RuleBasedStateMachine):
 
     @rule()
     def combine(self):
-        legal = self._full_ready() or self.phase == "combined" or (self.phase == "idle" and not self.opt.active)
+        legal = self._full_ready() or self.phase == "combined" or (self.phase == "idle" and self._plain_combine_ok())
         if self._call("combine", legal, self.opt.combine):
             self.phase = "combined"
 
     @rule(base_fails=st.booleans())
     def step_two_phase(self, base_fails):
         full = self.opt.active
-        legal = self._full_ready() or self.phase == "combined" or (self.phase == "idle" and not full)
+        legal = self._full_ready() or self.phase == "combined" or (self.phase == "idle" and self._plain_combine_ok())
         skip = self.nan_g1 or (full and self.nan_g2)
         _FAULT["base"] = base_fails
         try:
@@ -317,7 +333,7 @@ class GRMachine(RuleBasedStateMachine):
 
     @rule(fraction=st.sampled_from([0.25, 0.25, 1.0, 0.0, 1.5]))
     def mark_subset(self, fraction):
-        legal = self.phase == "idle" and 0 < fraction <= 1
+        legal = self.phase == "idle" and 0 < fraction <= 1 and not self.exact
         if self._call(f"mark_subset({fraction})", legal, lambda: self.opt.mark_subset(fraction)):
             self.phase, self.subset, self.backward_done = "marked", True, False
 
@@ -337,9 +353,9 @@ class GRMachine(RuleBasedStateMachine):
             if not self.backward_done:
                 part = data.draw(st.sampled_from(["all", "all", "subset"]), label="part")
                 self.backward_at_theta(part, data.draw(INJECT, label="inject"))
-            elif self.last_part == "subset":
+            elif self.last_part == "subset" and not self.exact:
                 self.mark_subset(0.25)
-            elif self.opt.active:
+            elif self.opt.active and not self.exact:
                 self.perturb()
             else:
                 self.step_two_phase(False)
@@ -404,17 +420,17 @@ class GRMachine(RuleBasedStateMachine):
         full = self.opt.active
         assert twin_opt.active == full and twin_opt.reusing == self.opt.reusing
 
-        def closure_of(model):
+        def closure_of(model, opt):
             def closure():
                 loss = loss_of(model)
-                loss.backward()
+                opt.backward(loss)
                 return loss
             return closure
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.opt.step(closure_of(self.model))
-            twin_opt.step(closure_of(twin))
+            self.opt.step(closure_of(self.model, self.opt))
+            twin_opt.step(closure_of(twin, twin_opt))
         self.nan_g1 = self.nan_g2 = False
         assert same(params(self.model), params(twin)), "a fresh optimizer from the state dict steps differently"
         assert same(grads(self.model), grads(twin))

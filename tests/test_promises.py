@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from gr_helpers import BACKENDS, GradCapture, bitwise_equal, regression_batch, snapshot, tanh_mlp
+from gr_helpers import BACKENDS, GradCapture, bitwise_equal, exact_gr_gradient, regression_batch, snapshot, tanh_mlp
 from test_head_only import batch as head_batch
 from test_head_only import head_loss, trunk
 from test_head_only import make_model as make_head_model
@@ -414,6 +414,42 @@ def test_class6_a_failing_base_step_aborts_like_any_other(backend, two_phase):
     opt.step(_closure(model, x, y))
     twin_opt.step(_closure(twin, x, y))
     assert bitwise_equal(snapshot(model), snapshot(twin)) and _same_metrics(opt.metrics(), twin_opt.metrics())
+
+
+class _WithOffset(nn.Module):
+    """A tanh MLP and ``offset``, a parameter the loss is linear in: its gradient is constant in θ (no graph)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.mlp = tanh_mlp(seed)
+        self.offset = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def loss(self, x, y):
+        return (self.mlp(x) - y).square().mean() + self.offset.sum() * 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class6_exact_estimator_with_a_parameter_the_loss_is_linear_in(backend):
+    """estimator="exact" when one GR parameter's gradient has no graph (constant in θ, so its part of H·v is 0): a
+    GR step, equal to the float64 double-backprop reference on the others, g1 on it — not a refusal."""
+    model = _WithOffset(66)
+    x, y = regression_batch(67)
+    base = torch.optim.SGD(model.parameters(), lr=1e-2)
+    cap = GradCapture(base)
+    opt = GradReg(base, strength=0.5, estimator="exact", g1_clip=None, g2_clip=None, backend=backend)
+    mlp = list(model.mlp.parameters())
+    expected = exact_gr_gradient(lambda: model.loss(x, y), mlp, [0.5] * len(mlp))
+    offset_g1 = torch.full((3,), 0.1, dtype=torch.float64)
+
+    def closure():
+        loss = model.loss(x, y)
+        opt.backward(loss)
+        return loss
+
+    opt.step(closure)
+    got = cap.grads[-1]  # the module's own parameter (offset) first, then the MLP's
+    assert float((_flat64(got[1:]) - _flat64(expected)).norm() / _flat64(expected).norm()) < 1e-12
+    assert torch.equal(got[0], offset_g1) and opt.metrics()["gr_rel"] > 0
 
 
 # ----------------------------------------------------------------------------- class 8: parameters without a gradient
