@@ -28,10 +28,33 @@ observed when no host read happens (fixed strength with ``skip_nonfinite=False``
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any
 
+import torch
+
 __all__ = ["Watch"]
+
+# Frames inside these directories are GradReg's machinery (the engine, the optimizer face, torch's step wrappers): a
+# warning is attributed to the first frame outside them, the user's call of step(), on every path and host.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_INTERNAL = (_PACKAGE + os.sep, os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+_USER_CODE = (os.path.join(_PACKAGE, "demo") + os.sep,)  # the demo is a user of GradReg
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn(message, UserWarning)`` attributed to the code that called GradReg."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and _internal(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def _internal(path: str) -> bool:
+    return path.startswith(_INTERNAL) and not path.startswith(_USER_CODE)
+
 
 #: perturb_ratio bands per estimator (see the module docstring); the exact estimator has no perturbation.
 BANDS: dict[str, tuple[float, float]] = {"forward": (0.9, 2.0), "central": (0.8, 3.0)}
@@ -60,11 +83,11 @@ class Watch:
             mean = sum(self.rel) / len(self.rel)
             if mean < self.LOW_REL:
                 self.warned.add("weak")
-                warnings.warn(
+                _warn(
                     f"GradReg: GR is doing almost nothing: gr_rel = ‖GR − g1‖/‖g1‖ averaged {mean:.2g} over the last "
                     f"{self.WINDOW} GR steps (< {self.LOW_REL:.0%}), so each step pays for the extra pass and "
                     "changes the gradient by less than 1%. Raise strength, or use strength='auto' with target_rel "
-                    "(docs/from_kl_to_gr.md)", UserWarning, stacklevel=5)
+                    "(docs/from_kl_to_gr.md)")
         band = BANDS.get(estimator)
         if not host["low_precision"] or band is None or "ratio" in self.warned:
             return
@@ -80,8 +103,8 @@ class Watch:
                if eps_mode == "absolute" else
                f"raise eps ({eps:g} suits the {estimator} estimator on small models; the same ε spread over many "
                "more parameters is a smaller step per weight, so a larger model needs a larger ε)")
-        warnings.warn(
+        _warn(
             f"GradReg: the perturbation of the low-precision weights is {what}: perturb_ratio = ‖θ'−θ‖/‖ε·v‖ has "
             f"median {median:.3g} over the last {len(self.ratio)} GR steps, outside [{lo:g}, {hi:g}] where the "
             f"{estimator} estimate of H·v keeps cos ≳ 0.9 to the exact one; {fix} (BENCHMARKS.md, finite-difference "
-            "fidelity)", UserWarning, stacklevel=5)
+            "fidelity)")

@@ -72,6 +72,28 @@ def test_weak_gr_warns_once_at_the_twentieth_gr_step_naming_the_knob():
     assert WEAK in msg and "Raise strength" in msg and "strength='auto'" in msg and "target_rel" in msg
 
 
+def test_warnings_point_at_the_callers_step():
+    """The warning is attributed to the line that called step(), on the closure and the two-phase paths."""
+    q = Quadratic(seed=5)
+    opt = fixed(q, 0.001 / q.r())
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            opt.step(q.closure())
+    (w,) = [w for w in got if WEAK in str(w.message)]
+    assert w.filename == __file__ and w.category is UserWarning
+    m = LowPrecision(torch.bfloat16, 0.05)
+    opt = GradReg(torch.optim.SGD([m.theta], lr=0.0), strength=1.0, eps=1e-3, exclude=[], rounding="nearest")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        m.closure()()
+        opt.perturb()
+        m.closure()()
+        opt.step()
+    (w,) = [w for w in got if RATIO in str(w.message)]
+    assert w.filename == __file__
+
+
 @pytest.mark.parametrize("rel, fires", [(0.0099, True), (0.0101, False), (0.3, False), (30.0, False)])
 def test_weak_gr_threshold(rel, fires):
     q = Quadratic(seed=1)
