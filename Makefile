@@ -78,16 +78,18 @@ figures-auto: $(STAMP)
 	cp $(FIGURES_OUT)/auto/table.txt docs/frontier_auto_table.txt
 # The scale study (issue 27; grkernels/demo/README.md): per-method learning rate and model size, collapse and
 # format worlds, 3 seeds; one command per part, resumable (finished cells are kept). Writes $(SCALE_OUT)/<part>/
-# {summary.json,table.md,scale_<part>.png} and copies the figures to docs/.
+# {summary.json,table.md,scale_<part>.png} and copies figures and summaries to docs/ (about 33 CPU-minutes).
 SCALE_OUT ?= scale_out
 .PHONY: scale-study scale-lr scale-size
 scale-study: scale-lr scale-size
 scale-lr: $(STAMP)
 	nice -n 10 $(PY) -m grkernels.demo.scale --part lr --out $(SCALE_OUT)
 	cp $(SCALE_OUT)/lr/scale_lr.png docs/scale_lr.png
+	cp $(SCALE_OUT)/lr/summary.json docs/scale_lr_summary.json
 scale-size: $(STAMP)
 	nice -n 10 $(PY) -m grkernels.demo.scale --part size --out $(SCALE_OUT)
 	cp $(SCALE_OUT)/size/scale_size.png docs/scale_size.png
+	cp $(SCALE_OUT)/size/summary.json docs/scale_size_summary.json
 
 quickstart: $(STAMP)
 	$(PY) -m grkernels quickstart
