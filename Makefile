@@ -68,8 +68,9 @@ figures-redraw: $(STAMP)
 	cp $(FIGURES_OUT)/redraw/demo.png docs/frontier_curves.png
 	cp $(FIGURES_OUT)/redraw/strength.png docs/frontier_strength.png
 # The adaptive strength alone (issue 23): none and gr_auto at three targets in the four worlds, 3 seeds (48 runs,
-# about 30 CPU-min; its none runs are bitwise the full sweep's). Writes docs/frontier_auto.png (its frontiers),
-# docs/frontier_strength.png (γ and gr_rel per step) and docs/frontier_auto_table.txt (with the tracking table).
+# about 25 CPU-min; 74 min wall under nice on 2 shared cores). Writes docs/frontier_auto.png (its frontiers),
+# docs/frontier_strength.png (γ and gr_rel per step) and docs/frontier_auto_table.txt (with the tracking table);
+# the committed ones ran with GRKERNELS_NO_CPP=1 (grkernels/demo/README.md, "Adaptive strength").
 figures-auto: $(STAMP)
 	nice -n 10 $(PY) -m grkernels demo --worlds collapse,rare,format,judge --sweep "$(AUTO_SWEEP)" --seeds 3 \
 	    --out $(FIGURES_OUT)/auto --no-progress
