@@ -191,22 +191,24 @@ def sync(device: str | torch.device) -> None:
 
 
 def round_robin(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                device: str | torch.device = "cpu", before: Callable[[str], None] | None = None
-                ) -> dict[str, list[float]]:
+                device: str | torch.device = "cpu", before: Callable[[str], None] | None = None,
+                clock: str = "wall") -> dict[str, list[float]]:
     """Seconds of each call, one call of each per round (``warmup`` rounds first, not kept): a machine whose speed
     drifts (shared cores, turbo) slows every call of a round alike, so ratios within a round stay meaningful.
-    ``before(name)`` runs untimed before each call (e.g. to restore its inputs)."""
+    ``before(name)`` runs untimed before each call (e.g. to restore its inputs). ``clock="cpu"``: the process's CPU
+    time instead of wall time (a machine shared with other jobs; meaningful with one torch thread)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in calls}
     for r in range(warmup + repeats):
         for name, fn in calls.items():
             if before is not None:
                 before(name)
             sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
             sync(device)
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(now() - t0)
     return times
 
 

@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                     "averaged over whole k-step cycles)")
     ap.add_argument("--fractions", default="", help="also time the sub-batch second pass on these shares of the "
                     "sequences, e.g. 0.125,0.25 (two-phase: subset backward, mark_subset, rest, perturbed subset)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or the process's CPU time "
+                    "(a machine shared with other jobs; with --threads 1)")
+    ap.add_argument("--variant", default=None, help="suffix of the result file: <device>_overhead_<variant>.json")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<device>_overhead.json)")
     args = ap.parse_args(argv)
     on_gpu = args.device == "cuda"
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     run = Run("overhead", args.device, argv)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             base.zero_grad()
             closure()  # a fresh g1 (not timed)
 
-    times = round_robin(variants, args.repeats, warmup=2, device=args.device, before=fresh_g1)
+    times = round_robin(variants, args.repeats, warmup=2, device=args.device, before=fresh_g1, clock=args.clock)
     per_step = {k: [t / cycles.get(k, 1) for t in v] for k, v in times.items()}
     t_plain = statistics.median(per_step["plain"])
     rows = [{"variant": "plain", "median_s": t_plain, "ratio": 1.0}]
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['variant']:<22} {1e3 * r['median_s']:>10.2f} {r['ratio']:>8.2f} "
               f"{1e3 * r.get('gr_math_s', float('nan')):>11.2f} {r.get('extra_bytes_per_param', 0):>8.2f} "
               f"{r.get('floor_ratio', float('nan')):>7.2f} {r.get('gap_over_plain', float('nan')):>7.3f}")
-    run.write(result, args.out)
+    run.write(result, args.out, args.variant)
     return 0
 
 

@@ -98,18 +98,22 @@ PRESETS = {
 # ------------------------------------------------------------------------------------------------ phases
 class Phases:
     """Exclusive time per phase within one iteration: entering a phase stops the clock of the one it is nested in.
-    On CUDA every boundary synchronises (the attribution needs it; it adds the sync's cost to the iteration)."""
+    On CUDA every boundary synchronises (the attribution needs it; it adds the sync's cost to the iteration).
+    ``clock="cpu"``: the process's CPU time (``time.process_time``) instead of wall time, for a machine shared with
+    other jobs (with one torch thread it is the work done, whatever the others take); the iteration's wall time is
+    recorded beside it either way."""
 
-    def __init__(self, cuda: bool) -> None:
+    def __init__(self, cuda: bool, clock: str = "wall") -> None:
         self.cuda = cuda
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
         self.acc: dict[str, float] = defaultdict(float)
         self.stack: list[list] = []  # [name, since]
-        self.t0 = 0.0
+        self.t0 = self.wall0 = 0.0
 
     def _now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return self.clock()
 
     def top(self) -> str | None:
         return self.stack[-1][0] if self.stack else None
@@ -151,14 +155,17 @@ class Phases:
         self.acc.clear()
         self.stack.clear()
         self.t0 = self._now()
+        self.wall0 = time.perf_counter()
 
     def stop(self) -> dict[str, float]:
         total = self._now() - self.t0
+        wall = time.perf_counter() - self.wall0
         if self.stack:
             raise RuntimeError(f"iteration ended inside phases {[f[0] for f in self.stack]}")
         out = {k: self.acc.get(k, 0.0) for k in PHASES if k != "other"}
         out["other"] = total - sum(out.values())
         out["iteration"] = total
+        out["wall"] = wall
         return out
 
     def instrument_gradreg(self) -> None:
@@ -269,7 +276,7 @@ def _gr_memory(gr, params: list[torch.Tensor]) -> dict[str, Any]:
 def trl_child(conn, variant: str, a: argparse.Namespace, model_dir: str) -> None:
     """One TRL trainer, its ``train()`` paused between turns (a callback waits for the parent's "go")."""
     cuda = a.device == "cuda"
-    P = Phases(cuda)
+    P = Phases(cuda, a.clock)
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -385,7 +392,7 @@ def verl_child(conn, variant: str, a: argparse.Namespace, model_dir: str) -> Non
     from grkernels.integrations.verl import GradRegFSDPOptimizerConfig
 
     torch.manual_seed(a.seed)
-    P = Phases(cuda)
+    P = Phases(cuda, a.clock)
     n = a.prompts * a.generations
     kl = variant == "kl"
 
@@ -604,11 +611,12 @@ def _recv(conn, proc, timeout: float = 3600.0):
 
 def summarise(host: str, a, turns, ready, final, skipped) -> dict:
     """Per variant: medians over the kept rounds of each turn's mean; ratios per round; floors and gaps."""
-    kept = {v: [{k: statistics.fmean(rec[k] for rec in turn) for k in (*PHASES, "iteration")}
+    keys = (*PHASES, "iteration", "wall")
+    kept = {v: [{k: statistics.fmean(rec.get(k, rec["iteration"]) for rec in turn) for k in keys}
                 for turn in ts[a.warmup:]] for v, ts in turns.items()}
     rows = {}
     for v, rounds in kept.items():
-        row = {k: statistics.median(r[k] for r in rounds) for k in (*PHASES, "iteration")}
+        row = {k: statistics.median(r[k] for r in rounds) for k in keys}
         row["gr_share"] = statistics.median((r["gr_pass"] + r["gr_math"]) / r["iteration"] for r in rounds)
         for base in ("kl", "none"):
             if base in kept:
@@ -634,7 +642,8 @@ def summarise(host: str, a, turns, ready, final, skipped) -> dict:
                          "floor_x_none": statistics.median(f / nr["iteration"] for f, nr in zip(floor, none)),
                          "gap_x_none": statistics.median((r["iteration"] - f) / nr["iteration"]
                                                          for r, f, nr in zip(kept[v], floor, none))}
-    return {"variants": rows, "floors": floors, "unavailable": skipped, "rounds": a.rounds, "cycle": a.cycle}
+    return {"variants": rows, "floors": floors, "unavailable": skipped, "rounds": a.rounds, "cycle": a.cycle,
+            "clock": getattr(a, "clock", "wall")}
 
 
 def memory_by_dtype(model_dir: str, a: argparse.Namespace) -> list[dict]:
@@ -679,7 +688,7 @@ def memory_by_dtype(model_dir: str, a: argparse.Namespace) -> list[dict]:
 
 
 def print_table(host: str, res: dict) -> None:
-    print(f"\n{host}: ms per iteration (median), phases, × KL, GR share, peak RSS")
+    print(f"\n{host}: ms per iteration (median; {res['clock']} clock), phases, × KL, GR share, peak RSS")
     cols = ("generation", "reward", "old_logp", "ref_forward", "rollout_other", "first_pass", "gr_pass", "gr_math",
             "optimizer", "other")
     print(f"{'variant':<12} {'iter':>8} " + " ".join(f"{c[:8]:>8}" for c in cols) + f" {'×KL':>6} {'×none':>6} "
@@ -712,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cycle", type=int, default=4, help="iterations per turn (a multiple of every-k's k)")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads per process")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="the phases' clock: wall time, or the process's CPU time (a machine shared with other jobs; "
+                         "with --threads 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory-table", action="store_true", help="skip memory_by_dtype")
     ap.add_argument("--variant", default=None, help="suffix of the result file: <device>_rl_iteration_<variant>.json")
