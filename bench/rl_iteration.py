@@ -284,7 +284,7 @@ def trl_child(conn, variant: str, a: argparse.Namespace, model_dir: str) -> None
     torch.manual_seed(a.seed)
     ga = a.prompts * a.generations // a.micro
     steps = (a.warmup + a.rounds) * a.cycle
-    kw = dict(output_dir=tempfile.mkdtemp(prefix="rl_iter_trl_"), per_device_train_batch_size=a.micro,
+    kw = dict(output_dir=os.path.join(a.workdir, f"trl_{variant}"), per_device_train_batch_size=a.micro,
                   gradient_accumulation_steps=ga, num_generations=a.generations,
                   max_completion_length=a.completion_len, max_steps=steps, learning_rate=1e-6, temperature=1.0,
                   use_cpu=not cuda, bf16=a.dtype == "bfloat16", model_init_kwargs={"dtype": a.dtype},
@@ -563,7 +563,7 @@ def run_host(host: str, a: argparse.Namespace, model_dir: str, ctx, logs: str) -
     procs, conns, ready, skipped = {}, {}, {}, dict(UNAVAILABLE)
     for v in a.variants:
         here, there = ctx.Pipe()
-        cfg = argparse.Namespace(**vars(a), port=_free_port())
+        cfg = argparse.Namespace(**vars(a), port=_free_port(), workdir=logs)
         log = os.path.join(logs, f"{host}_{v}.log")
         p = ctx.Process(target=child_main, args=(there, host, v, cfg, model_dir, log), daemon=True)
         p.start()
