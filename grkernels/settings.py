@@ -149,7 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
             'γ, the weight of the penalty (γ/2)·‖∇L‖² (1/loss units), or "auto": γ adjusted each full GR step so '
             "that gr_rel = ‖GR − g1‖/‖g1‖ tracks target_rel. 0 turns GR off (no second pass).",
             _strength, str, parse=_strength_parse),
-    Setting("target_rel", 0.3,
+    Setting("target_rel", 3.0,
             'strength="auto": the gr_rel (dimensionless, ‖GR − g1‖/‖g1‖) the adaptive strength holds.',
             _number(0.0, lo_open=True), float),
     Setting("strength_init", None,
