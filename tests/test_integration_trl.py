@@ -10,6 +10,8 @@ Tiny Llama from a config, tokenizer built in code, CPU, fp32: no downloads.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,37 +20,24 @@ pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 from transformers import (  # noqa: E402
     HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     Trainer,
     TrainerCallback,
 )
 from trl import GRPOTrainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grpo_reference import CHARS, make_tokenizer  # noqa: E402,F401  (the one tiny tokenizer)
 
 from grkernels.integrations.hf import grad_reg_settings, grad_reg_trainer  # noqa: E402
 from grkernels.integrations.trl import GradRegGRPOConfig, GradRegGRPOTrainer, grad_reg_config  # noqa: E402
 
 GAMMA, EPS = 1.0, 1e-2  # large γ/ε: the GR correction is a sizeable part of the gradient (test sensitivity)
 EXCLUDED = ("model.embed_tokens.weight", "lm_head.weight")  # what the paper leaves out (default exclusion)
-CHARS = "abcdefgh "
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        padding_side="left",
-    )
 
 
 def make_model(seed: int = 0) -> LlamaForCausalLM:
