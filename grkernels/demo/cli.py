@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"gr_all, gr_every, gr_subset, gr_head, target ‖GR − g1‖/‖g1‖ for gr_auto, lr scale for "
                    f"none_lowlr); without SPEC: {DEFAULT_SWEEP!r}. "
                    "Replaces --methods, --gamma")
+    g.add_argument("--sweep-without-none", action="store_true",
+                   help="with --sweep: do not run none (for a sweep merged later, --from-results, with one that did)")
     g.add_argument("--seeds", type=int, default=None, help=f"number of seeds (default {DEFAULTS['seeds']})")
     g.add_argument("--seed", type=int, default=0, help="first seed")
     g.add_argument("--steps", type=int, default=None, help=f"RL steps per run (default {DEFAULTS['steps']})")
@@ -206,6 +208,8 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     if args.pretrain_steps < 1:
         raise ValueError(f"--pretrain-steps must be >= 1, got {args.pretrain_steps}")
     sweep = parse_sweep(args.sweep) if args.sweep is not None else None
+    if args.sweep_without_none and sweep is None:
+        raise ValueError("--sweep-without-none needs --sweep")
     rl = RLConfig(steps=steps, prompts_per_step=args.prompts, group=args.group, lr=args.lr,
                   gr_lr_scale=args.gr_lr_scale, lowlr_scale=args.lowlr_scale, beta=args.beta,
                   kl_estimator=args.kl_estimator,
@@ -227,7 +231,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         lang=lang, pretrain_steps=args.pretrain_steps, pretrain_seed=args.pretrain_seed,
         cache_dir=args.cache_dir if args.cache_dir is not None else os.path.join(args.out, "cache"),
         format_weight=args.format_weight, sure_right=args.sure_right,
-        sure_wrong=args.sure_wrong, sweep=sweep,
+        sure_wrong=args.sure_wrong, sweep=sweep, sweep_none=not args.sweep_without_none,
     )
 
 

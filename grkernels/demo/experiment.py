@@ -84,14 +84,16 @@ class ExperimentConfig:
     format_weight: float = 1.0
     sure_right: float = 0.5
     sure_wrong: float = 0.05
-    # Frontier mode: ((method, strengths), ...); replaces methods/gammas (``none`` is always added).
+    # Frontier mode: ((method, strengths), ...); replaces methods/gammas (``none`` is added unless sweep_none is
+    # False: a sweep that is merged with another that ran ``none`` on the same seeds need not run it again).
     sweep: tuple[tuple[str, tuple[float, ...]], ...] | None = None
+    sweep_none: bool = True
 
     def variants(self) -> list[tuple[str, RLConfig]]:
         """(label, config) per run kind. Without a sweep: one per method, GR methods one per γ (label ``gr@γ``
         when several). With a sweep: ``none`` and one per (method, strength), labelled ``method@strength``."""
         if self.sweep is not None:
-            out = [("none", replace(self.rl, method="none"))]
+            out = [("none", replace(self.rl, method="none"))] if self.sweep_none else []
             for m, values in self.sweep:
                 kind = int if SWEEP_PARAMS[m] == "reset_interval" else float
                 out += [(f"{m}@{v:g}", replace(self.rl, method=m, **{SWEEP_PARAMS[m]: kind(v)})) for v in values]

@@ -38,25 +38,47 @@ import time
 from dataclasses import dataclass
 
 from grkernels.demo.cli import main as demo_main
+from grkernels.demo.experiment import spearman
 from grkernels.demo.frontier import envelope, family, seed_points
+from grkernels.demo.report import merge_results
 
-SCHEMA = "grkernels.demo.scale/v1"
+SCHEMA = "grkernels.demo.scale/v2"
 WORLDS = ("collapse", "format")
-SIZE_WORLDS = ("collapse",)
-WIDTHS = (64, 128)
+SIZE_WORLDS = WORLDS
+WIDTHS = (64, 128, 256)
 # The lr part: each method at one strength per world (the committed four-world sweep's best final point for KL and
 # GR in collapse; in format GR's best final point is γ 0.01, whose correction is 0.06·‖g1‖ and which ends as `none`
 # does, so γ 1, the smallest γ that acts, stands for GR there; every γ ≥ 0.1 ended within 0.01 of it).
 LR_STRENGTHS = {"collapse": {"kl": "0.1", "gr": "10"}, "format": {"kl": "0.3", "gr": "1"}}
+# The size part adds a second strength per method (the committed sweep's neighbour on the side that brakes more for
+# GR, whose correction at a fixed γ shrinks as the policy grows; the other side for KL in format, whose β 0.3 was the
+# largest swept) and the adaptive strength at the recommended target (grkernels.settings: target_rel 3), which holds
+# the correction ‖GR − g1‖/‖g1‖ fixed across sizes where a fixed γ does not.
+SIZE_EXTRA = {"collapse": {"kl": "0.3", "gr": "100", "gr_auto": "3"},
+              "format": {"kl": "0.1", "gr": "10", "gr_auto": "3"}}
 LR_SCALES = (0.5, 1.0, 2.0)
 BASE_LR = 2e-4  # RLConfig's default; the flag values are written out so that the floats are exactly the flags'
 LR_FLAGS = {0.5: "1e-4", 2.0: "4e-4"}
 METHOD_ORDER = ("none", "kl", "gr")
+SIZE_ORDER = ("none", "kl", "gr", "gr_auto")
+BASE_SEEDS = 3  # seeds 0..2: the first run of every cell; more seeds (--seeds 5) are a separate run, merged
+SEEDS = 5
+SEEDS_AT = {256: 3}  # the size part's default: 5 seeds, 3 at width 256 (the time box: README, the sizing)
+
+
+def join_sweeps(*specs: str) -> str:
+    """``"kl:0.1;gr:10"`` + ``"kl:0.3"`` → ``"kl:0.1,0.3;gr:10"`` (methods in first-seen order)."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        for part in (p for p in spec.split(";") if p):
+            m, _, vals = part.partition(":")
+            out.setdefault(m, []).extend(v for v in vals.split(",") if v not in out.get(m, []))
+    return ";".join(f"{m}:{','.join(v)}" for m, v in out.items())
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One ``grkernels demo`` invocation of the study."""
+    """One (world, width, learning rate) of the study: one or more ``grkernels demo`` invocations, merged."""
 
     part: str            # the directory under --out it is written to ("size" or "lr")
     name: str            # e.g. "collapse_w128", "format_x2"
@@ -64,6 +86,7 @@ class Cell:
     width: int
     lr_scale: float
     sweep: str
+    extra: str = ""      # a second sweep on the same seeds, run without none ("more/")
 
     def argv(self) -> list[str]:
         """The cell's own flags (the driver adds seeds, workers, cache, output and any pass-through flags)."""
@@ -72,18 +95,39 @@ class Cell:
             out += ["--lr", LR_FLAGS[self.lr_scale]]
         return out
 
+    def runs(self, seeds: int) -> list[tuple[str, list[str]]]:
+        """(sub-directory, flags) per invocation: the sweep on seeds 0..min(seeds, 3)−1 (the cell's directory; the
+        first study's cells are these), the extra sweep without ``none`` on the same seeds (``more``), and both
+        sweeps with ``none`` on seeds 3..seeds−1 (``seeds3``). Merged, they are every method on every seed."""
+        first = min(seeds, BASE_SEEDS)
+        out = [("", [*self.argv(), "--seeds", str(first)])]
+        if self.extra:
+            out.append(("more", ["--worlds", self.world, "--sweep", self.extra, "--sweep-without-none",
+                                 "--width", str(self.width), "--seeds", str(first)]))
+        if seeds > BASE_SEEDS:
+            flags = self.argv()
+            flags[flags.index("--sweep") + 1] = join_sweeps(self.sweep, self.extra)
+            out.append((f"seeds{BASE_SEEDS}", [*flags, "--seed", str(BASE_SEEDS), "--seeds", str(seeds - BASE_SEEDS)]))
+        return out
+
 
 def lr_sweep(world: str) -> str:
     s = LR_STRENGTHS[world]
     return f"kl:{s['kl']};gr:{s['gr']}"
 
 
+def extra_sweep(world: str) -> str:
+    return ";".join(f"{m}:{v}" for m, v in SIZE_EXTRA[world].items())
+
+
 def size_cells(worlds=SIZE_WORLDS, widths=WIDTHS) -> list[Cell]:
-    return [Cell("size", f"{w}_w{width}", w, width, 1.0, lr_sweep(w)) for w in worlds for width in widths]
+    return [Cell("size", f"{w}_w{width}", w, width, 1.0, lr_sweep(w), extra_sweep(w))
+            for w in worlds for width in widths]
 
 
 def lr_cells(worlds=WORLDS, width: int = 64, scales=LR_SCALES) -> list[Cell]:
-    """The lr part's cells; the × 1 cell of a world is the size part's cell of that width (same flags, same runs)."""
+    """The lr part's cells; the × 1 cell of a world is the size part's cell of that width (its first run: same
+    flags, same runs)."""
     out = []
     for w in worlds:
         for sc in scales:
@@ -93,7 +137,7 @@ def lr_cells(worlds=WORLDS, width: int = 64, scales=LR_SCALES) -> list[Cell]:
 
 
 def cells_of(part: str, worlds=None, widths=WIDTHS) -> list[Cell]:
-    """The cells of one part; ``worlds`` None: the part's default (size: collapse; lr: collapse, format)."""
+    """The cells of one part; ``worlds`` None: both worlds."""
     if part == "size":
         return size_cells(worlds or SIZE_WORLDS, widths)
     if part == "lr":
@@ -101,35 +145,53 @@ def cells_of(part: str, worlds=None, widths=WIDTHS) -> list[Cell]:
     raise ValueError(f"unknown part {part!r}; choose from size, lr")
 
 
-def cell_dir(out: str, cell: Cell) -> str:
-    return os.path.join(out, cell.part, cell.name)
+def cell_dir(out: str, cell: Cell, sub: str = "") -> str:
+    return os.path.join(out, cell.part, cell.name, sub) if sub else os.path.join(out, cell.part, cell.name)
 
 
-def run_cell(out: str, cell: Cell, common: list[str], force: bool = False) -> str:
-    """Run one cell (unless its results.json exists and not ``force``); returns the results.json path."""
-    d = cell_dir(out, cell)
-    path = os.path.join(d, "results.json")
-    if os.path.exists(path) and not force:
-        return path
-    os.makedirs(d, exist_ok=True)
-    argv = [*cell.argv(), *common, "--cache-dir", os.path.join(out, "cache"), "--no-plot", "--no-progress",
-            "--out", d]
-    with open(os.path.join(d, "argv.json"), "w") as f:
-        json.dump(argv, f)
-    print(f"[scale] {time.strftime('%H:%M:%S')} {cell.part}/{cell.name}: grkernels demo {' '.join(argv)}",
-          file=sys.stderr)
-    rc = demo_main(argv)
-    if rc != 0 or not os.path.exists(path):
-        raise RuntimeError(f"cell {cell.part}/{cell.name} failed (exit status {rc})")
-    return path
+def run_cell(out: str, cell: Cell, common: list[str], force: bool = False, seeds: int = BASE_SEEDS,
+             parts: tuple[str, ...] | None = None) -> list[str]:
+    """Run the cell's invocations (:meth:`Cell.runs`; only ``parts`` when given) that have no results.json (all
+    with ``force``); returns their results.json paths."""
+    paths = []
+    for sub, flags in cell.runs(seeds):
+        if parts is not None and sub not in parts:
+            continue
+        d = cell_dir(out, cell, sub)
+        path = os.path.join(d, "results.json")
+        paths.append(path)
+        if os.path.exists(path) and not force:
+            continue
+        os.makedirs(d, exist_ok=True)
+        argv = [*flags, *common, "--cache-dir", os.path.join(out, "cache"), "--no-plot", "--no-progress", "--out", d]
+        with open(os.path.join(d, "argv.json"), "w") as f:
+            json.dump(argv, f)
+        where = f"{cell.part}/{cell.name}" + (f"/{sub}" if sub else "")
+        print(f"[scale] {time.strftime('%H:%M:%S')} {where}: grkernels demo {' '.join(argv)}", file=sys.stderr)
+        rc = demo_main(argv)
+        if rc != 0 or not os.path.exists(path):
+            raise RuntimeError(f"cell {where} failed (exit status {rc})")
+    return paths
 
 
-def load_cell(out: str, cell: Cell) -> dict | None:
-    path = os.path.join(cell_dir(out, cell), "results.json")
-    if not os.path.exists(path):
+def load_cell(out: str, cell: Cell, seeds: int = BASE_SEEDS, parts: tuple[str, ...] | None = None) -> dict | None:
+    """The cell's finished invocations merged (:func:`grkernels.demo.report.merge_results`: frontiers recomputed
+    over all methods); None until its first run has finished. ``parts``: only these sub-directories."""
+    found = []
+    for sub, _ in cell.runs(seeds):
+        path = os.path.join(cell_dir(out, cell, sub), "results.json")
+        if (parts is None or sub in parts) and os.path.exists(path):
+            with open(path) as f:
+                found.append((sub, json.load(f)))
+    if not found or found[0][0] != "":
         return None
-    with open(path) as f:
-        return json.load(f)
+    return found[0][1] if len(found) == 1 else merge_results([r for _, r in found])
+
+
+def missing_runs(out: str, cell: Cell, seeds: int, parts: tuple[str, ...] | None = None) -> list[str]:
+    return [f"{cell.part}/{cell.name}" + (f"/{sub}" if sub else "") for sub, _ in cell.runs(seeds)
+            if (parts is None or sub in parts)
+            and not os.path.exists(os.path.join(cell_dir(out, cell, sub), "results.json"))]
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -151,46 +213,72 @@ def _g0(w: dict) -> dict[int, float]:
     return {s["seed"]: s["init_gold"] for s in w["setup"]}
 
 
-def _rho(w: dict, labels: list[str]) -> float:
-    v = [x for lab in labels for x in w["methods"][lab]["summary"]["spearman_gn_acc"]["values"]
-         if x is not None and math.isfinite(x)]
+def _finite_mean(v: list[float]) -> float:
+    v = [x for x in v if x is not None and math.isfinite(x)]
     return sum(v) / len(v) if v else math.nan
 
 
+def _rho(w: dict, labels: list[str]) -> float:
+    """The premise's ρ of a method: the mean over its runs of the Spearman correlation over steps between ‖g1‖ and
+    the reward model's accuracy (recomputed from the runs: a merged cell's per-method summaries hold one part)."""
+    return _finite_mean([spearman(r["curves"]["g1_norm"], r["curves"]["rm_acc"])
+                         for lab in labels for r in w["methods"][lab]["runs"]])
+
+
+def _label_row(w: dict, label: str, g0: dict[int, float]) -> dict:
+    """One method at one strength: final Δgold and KL, the correction ‖GR − g1‖/‖g1‖ (the run's mean over steps)
+    and the γ in use at the last step (the adaptive strength's; a fixed γ's is its own)."""
+    runs = w["methods"][label]["runs"]
+    out = {"final_gold": stats([r["final"]["gold"] - g0[r["seed"]] for r in runs]),
+           "final_kl": stats([r["final"]["kl"] for r in runs])}
+    if family(label).startswith("gr"):
+        out["gr_rel"] = stats([_finite_mean(r["curves"]["gr_rel"]) for r in runs])
+        out["final_strength"] = stats([r["curves"]["gr_strength"][-1] for r in runs
+                                       if r["curves"].get("gr_strength")])
+    return out
+
+
 def size_row(res: dict) -> dict:
-    """The size table's numbers for one cell (one world, one width) from its results.json."""
+    """The size table's numbers for one cell (one world, one width) from its (merged) results."""
     wname, w = _world(res)
     fr = w["frontier"]
+    g0 = _g0(w)
+    runs = [r for m in w["methods"].values() for r in m["runs"]]
     row: dict = {"world": wname, "width": res["config"]["sizes"]["width"], "layers": res["config"]["sizes"]["layers"],
-                 "k_star": fr["k_star"], "rho_pooled": w["spearman_gn_acc_pooled"], "methods": {},
+                 "seeds": sorted(g0), "k_star": fr["k_star"], "methods": {},
+                 "rho_pooled": spearman([x for r in runs for x in r["curves"]["g1_norm"]],
+                                        [x for r in runs for x in r["curves"]["rm_acc"]]),
+                 "labels": {lab: _label_row(w, lab, g0) for lab in w["methods"]},
                  "wall_s": res.get("wall_s"), "source": res["env"].get("source")}
     for f, m in fr["methods"].items():
         row["methods"][f] = {"e_kstar": m["best_gold_at_kl"], "best_final": m["best_final_gold"],
                              "best_final_label": m["best_final_label"], "rho": _rho(w, m["labels"])}
-    if "gr" in fr["methods"] and "kl" in fr["methods"]:
-        gr, kl = (fr["methods"][f]["best_gold_at_kl"]["values"] for f in ("gr", "kl"))
-        row["gap_gr_kl"] = stats([a - b for a, b in zip(gr, kl)])
-        gr, kl = (fr["methods"][f]["best_final_gold"]["values"] for f in ("gr", "kl"))
-        row["gap_final_gr_kl"] = stats([a - b for a, b in zip(gr, kl)])
+    for f in ("gr", "gr_auto"):
+        if f in fr["methods"] and "kl" in fr["methods"]:
+            key = "" if f == "gr" else "_auto"
+            a, b = (fr["methods"][x]["best_gold_at_kl"]["values"] for x in (f, "kl"))
+            row[f"gap{key}_gr_kl"] = stats([x - y for x, y in zip(a, b)])
+            a, b = (fr["methods"][x]["best_final_gold"]["values"] for x in (f, "kl"))
+            row[f"gap_final{key}_gr_kl"] = stats([x - y for x, y in zip(a, b)])
     return row
 
 
 def size_table(rows: list[dict]) -> dict:
-    """Per world: the rows in width order and the least-squares slope of the paired GR − KL gap of E(K*) against
-    log2(width) (per seed, then mean ± std over seeds): > 0 means GR gains on KL as the policy grows."""
+    """Per world: the rows in width order and the least-squares slope against log2(width) of the paired GR − KL gap
+    of E(K*) (fixed γ: ``gap_slope_per_doubling``; adaptive: ``gap_auto_slope_per_doubling``), per seed over the
+    seeds every width has, then mean ± std over seeds: > 0 means GR gains on KL as the policy grows."""
     out: dict = {}
     for wname in dict.fromkeys(r["world"] for r in rows):
         wr = sorted((r for r in rows if r["world"] == wname), key=lambda r: r["width"])
-        slope = math.nan
-        seeds_slopes: list[float] = []
-        if len(wr) >= 2 and all("gap_gr_kl" in r for r in wr):
-            xs = [math.log2(r["width"]) for r in wr]
-            n_seeds = min(len(r["gap_gr_kl"]["values"]) for r in wr)
-            for s in range(n_seeds):
-                ys = [r["gap_gr_kl"]["values"][s] for r in wr]
-                seeds_slopes.append(_slope(xs, ys))
-            slope = stats(seeds_slopes)
-        out[wname] = {"rows": wr, "gap_slope_per_doubling": slope}
+        out[wname] = {"rows": wr}
+        for key in ("", "_auto"):
+            slope: dict | float = math.nan
+            gk = f"gap{key}_gr_kl"
+            if len(wr) >= 2 and all(gk in r for r in wr):
+                xs = [math.log2(r["width"]) for r in wr]
+                common = sorted(set.intersection(*(set(r["seeds"]) for r in wr)))
+                slope = stats([_slope(xs, [r[gk]["values"][r["seeds"].index(s)] for r in wr]) for s in common])
+            out[wname][f"gap{key}_slope_per_doubling"] = slope
     return out
 
 
@@ -267,24 +355,39 @@ def _pm(st: dict, fmt: str = "{:+.3f}") -> str:
 
 
 def format_size(table: dict) -> str:
-    lines = ["| world | width | K* | E(K*) none | E(K*) KL | E(K*) GR | GR − KL (paired) | best final KL | "
-             "best final GR | GR − KL final | ρ pooled | ρ none / KL / GR |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| world | width | seeds | K* | E(K*) none | E(K*) KL | E(K*) GR | E(K*) GR auto | GR − KL | auto − KL | "
+             "best final KL | best final GR | GR auto final | GR − KL final | ρ pooled | ρ none / KL / GR / auto |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for wname, t in table.items():
         for r in t["rows"]:
             m = r["methods"]
+            na = {"e_kstar": {}, "best_final": {}, "best_final_label": "n/a", "rho": math.nan}
+
+            def fam(f: str) -> dict:
+                return m.get(f, na)  # noqa: B023 - used in this iteration only
             lines.append(
-                f"| {wname} | {r['width']} | {r['k_star']:.2f} | {_pm(m['none']['e_kstar'])} | "
-                f"{_pm(m['kl']['e_kstar'])} | {_pm(m['gr']['e_kstar'])} | {_pm(r.get('gap_gr_kl'))} | "
-                f"{_pm(m['kl']['best_final'])} ({m['kl']['best_final_label']}) | "
-                f"{_pm(m['gr']['best_final'])} ({m['gr']['best_final_label']}) | {_pm(r.get('gap_final_gr_kl'))} | "
-                f"{r['rho_pooled']:+.2f} | "
-                + " / ".join(f"{m[f]['rho']:+.2f}" for f in METHOD_ORDER) + " |")
+                f"| {wname} | {r['width']} | {len(r['seeds'])} | {r['k_star']:.2f} | {_pm(fam('none')['e_kstar'])} | "
+                f"{_pm(fam('kl')['e_kstar'])} | {_pm(fam('gr')['e_kstar'])} | {_pm(fam('gr_auto')['e_kstar'])} | "
+                f"{_pm(r.get('gap_gr_kl'))} | {_pm(r.get('gap_auto_gr_kl'))} | "
+                f"{_pm(fam('kl')['best_final'])} ({fam('kl')['best_final_label']}) | "
+                f"{_pm(fam('gr')['best_final'])} ({fam('gr')['best_final_label']}) | "
+                f"{_pm(fam('gr_auto')['best_final'])} | "
+                f"{_pm(r.get('gap_final_gr_kl'))} | {r['rho_pooled']:+.2f} | "
+                + " / ".join(f"{fam(f)['rho']:+.2f}" for f in SIZE_ORDER) + " |")
+    lines += ["", "| world | width | method | final Δgold | final KL | ‖GR−g1‖/‖g1‖ | γ at the end |",
+              "|---|---|---|---|---|---|---|"]
     for wname, t in table.items():
-        sl = t["gap_slope_per_doubling"]
-        if isinstance(sl, dict):
-            lines.append(f"\n{wname}: slope of the GR − KL gap of E(K*) per doubling of the width "
-                         f"{_pm(sl)} (per seed, mean ± std over seeds)")
+        for r in t["rows"]:
+            for lab, v in r["labels"].items():
+                lines.append(f"| {wname} | {r['width']} | {lab} | {_pm(v['final_gold'])} | "
+                             f"{_pm(v['final_kl'], '{:.1f}')} | {_pm(v.get('gr_rel', {}), '{:.2f}')} | "
+                             f"{_pm(v.get('final_strength', {}), '{:.3g}')} |")
+    for wname, t in table.items():
+        for key, what in (("", "GR (fixed γ)"), ("_auto", "GR (auto)")):
+            sl = t.get(f"gap{key}_slope_per_doubling")
+            if isinstance(sl, dict):
+                lines.append(f"\n{wname}: slope of the {what} − KL gap of E(K*) per doubling of the width "
+                             f"{_pm(sl)} (per seed, mean ± std over {sl['n']} seeds)")
     return "\n".join(lines)
 
 
@@ -314,7 +417,7 @@ def plot(part: str, table: dict, path: str) -> str:
     fig, axes = plt.subplots(len(worlds), 2, figsize=(11, 4 * len(worlds)), squeeze=False)
     for i, wname in enumerate(worlds):
         t = table[wname]
-        for f in METHOD_ORDER:
+        for f in (SIZE_ORDER if part == "size" else METHOD_ORDER):
             if part == "size":
                 rows = [r for r in t["rows"] if f in r["methods"]]
                 xs = [r["width"] for r in rows]
@@ -344,10 +447,17 @@ def plot(part: str, table: dict, path: str) -> str:
     return path
 
 
-def summarize(out: str, part: str, cells: list[Cell], make_plot: bool = True) -> dict:
-    """Tables of one part from whatever cells have finished; writes summary.json, table.md (and the figure)."""
-    done = [(c, res) for c in cells if (res := load_cell(out, c)) is not None]
-    missing = [f"{c.part}/{c.name}" for c in cells if all(c is not d for d, _ in done)]
+LR_PARTS = ("", f"seeds{BASE_SEEDS}")  # the lr part's runs of a cell (a size cell's "more" is not its business)
+
+
+def summarize(out: str, part: str, cells: list[Cell], make_plot: bool = True,
+              seeds: dict[Cell, int] | None = None) -> dict:
+    """Tables of one part from whatever cells have finished; writes summary.json, table.md (and the figure).
+    ``seeds``: per cell, the seeds its runs should have (default 3), for the list of missing runs."""
+    parts = LR_PARTS if part == "lr" else None
+    n = {c: (seeds or {}).get(c, BASE_SEEDS) for c in cells}
+    done = [(c, res) for c in cells if (res := load_cell(out, c, n[c], parts)) is not None]
+    missing = [m for c in cells for m in missing_runs(out, c, n[c], parts)]
     if part == "size":
         table = size_table([size_row(res) for _, res in done])
         text = format_size(table)
@@ -355,18 +465,29 @@ def summarize(out: str, part: str, cells: list[Cell], make_plot: bool = True) ->
         table = lr_table(done)
         text = format_lr(table)
     summary = {"schema": SCHEMA, "part": part, "cells": {f"{c.part}/{c.name}": {
-        "argv": c.argv(), "source": res["env"].get("source"), "wall_s": res.get("wall_s"),
-        "seeds": res["config"]["seeds"], "steps": res["config"]["rl"]["steps"]} for c, res in done},
-        "missing": missing, "table": table}
+        "runs": [flags for sub, flags in c.runs(n[c]) if parts is None or sub in parts],
+        "source": res["env"].get("source"), "wall_s": res.get("wall_s"),
+        "seeds": sorted(s["seed"] for s in _world(res)[1]["setup"]), "steps": res["config"]["rl"]["steps"]}
+        for c, res in done}, "missing": missing, "table": table}
     d = os.path.join(out, part)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, allow_nan=True)
     with open(os.path.join(d, "table.md"), "w") as f:
-        f.write(text + ("\n\nmissing cells: " + ", ".join(missing) if missing else "") + "\n")
+        f.write(text + ("\n\nmissing runs: " + ", ".join(missing) if missing else "") + "\n")
     if make_plot and done:
         plot(part, table, os.path.join(d, f"scale_{part}.png"))
     return summary
+
+
+def _seeds_at(text: str) -> dict[int, int]:
+    try:
+        out = {int(w): int(n) for w, _, n in (t.partition(":") for t in text.split(",") if t)}
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected WIDTH:SEEDS[,WIDTH:SEEDS], got {text!r}") from err
+    if any(n < 1 for n in out.values()):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 1, got {text!r}")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,21 +495,25 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--part", choices=("size", "lr"), required=True)
     p.add_argument("--out", default="scale_out", help="the study's directory (cells, shared cache, tables)")
-    p.add_argument("--worlds", default=None, help="comma list from collapse,format (default: size: collapse; "
-                   "lr: collapse,format)")
+    p.add_argument("--worlds", default=None, help="comma list from collapse,format (default: both)")
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)),
                    help="size part: the widths; lr part: its width is the first")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"seeds per cell (default: size {SEEDS}, lr {BASE_SEEDS}); seeds {BASE_SEEDS} and up are a "
+                   "second run of the cell, merged")
+    p.add_argument("--seeds-at", type=_seeds_at, default=None, metavar="WIDTH:N,...",
+                   help="size part: other seed counts at some widths (default: "
+                   + ",".join(f"{w}:{n}" for w, n in SEEDS_AT.items()) + ")")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--tables-only", action="store_true", help="run nothing: the tables of the finished cells")
+    p.add_argument("--tables-only", action="store_true", help="run nothing: the tables of the finished runs")
     p.add_argument("--force", action="store_true", help="rerun cells that have a results.json")
     p.add_argument("--no-plot", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one part of the study (every missing cell, in order), then write its tables. Flags after ``--`` go to
-    every cell's ``grkernels demo`` unchanged (e.g. ``-- --steps 20`` for a quick look)."""
+    """Run one part of the study (every missing run, cell by cell), then write its tables. Flags after ``--`` go to
+    every ``grkernels demo`` unchanged (e.g. ``-- --steps 20`` for a quick look)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -398,11 +523,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--worlds: unknown {bad}; the study's worlds are {', '.join(WORLDS)}")
     widths = tuple(int(x) for x in args.widths.split(",") if x)
     cells = cells_of(args.part, worlds, widths)
+    if args.part == "size":
+        at = SEEDS_AT if args.seeds_at is None else args.seeds_at
+        seeds = {c: at.get(c.width, args.seeds or SEEDS) for c in cells}
+    else:
+        seeds = {c: args.seeds or BASE_SEEDS for c in cells}
     if not args.tables_only:
-        common = ["--seeds", str(args.seeds), "--workers", str(args.workers), *extra]
+        common = ["--workers", str(args.workers), *extra]
         for c in cells:
-            run_cell(args.out, c, common, force=args.force)
-    summary = summarize(args.out, args.part, cells, make_plot=not args.no_plot)
+            run_cell(args.out, c, common, force=args.force, seeds=seeds[c],
+                     parts=LR_PARTS if args.part == "lr" else None)
+    summary = summarize(args.out, args.part, cells, make_plot=not args.no_plot, seeds=seeds)
     print(open(os.path.join(args.out, args.part, "table.md")).read())
     return 1 if summary["missing"] and not args.tables_only else 0
 
