@@ -22,7 +22,7 @@ from grkernels.demo.experiment import (
     spearman,
     value_at_first_crossing,
 )
-from grkernels.demo.grpo import METRICS, RLConfig, _subset_by_advantage, run_rl
+from grkernels.demo.grpo import METRICS, RLConfig, subset_by_advantage, run_rl
 from grkernels.demo.policy import completion_logits, make_policy, sample_with_logits
 from grkernels.demo.reward_model import group_pair_accuracy, pair_accuracy
 from grkernels.demo.worlds import Sizes, copy_fraction, make_base, make_world, repetition_penalty
@@ -527,14 +527,14 @@ def test_gr_subset_picks_the_largest_advantages_and_their_share():
     for n, frac in ((16, 0.25), (10, 0.33), (7, 1.0), (5, 0.01)):
         adv = torch.randn(n, generator=gen)
         adv[1] = -adv[0]  # a tie in |advantage|
-        top, rest, share = _subset_by_advantage(adv, frac)
+        top, rest, share = subset_by_advantage(adv, frac)
         m = max(1, math.ceil(frac * n - 1e-9))
         assert len(top) == m and sorted(top.tolist() + rest.tolist()) == list(range(n))
         assert top.tolist() == sorted(top.tolist()) and rest.tolist() == sorted(rest.tolist())
         a = adv.abs().tolist()
         assert min(a[i] for i in top.tolist()) >= max((a[i] for i in rest.tolist()), default=0.0)
         assert share == pytest.approx(sum(a[i] for i in top.tolist()) / sum(a))
-    top, rest, share = _subset_by_advantage(torch.zeros(8), 0.25)  # no signal: the count share
+    top, rest, share = subset_by_advantage(torch.zeros(8), 0.25)  # no signal: the count share
     assert len(top) == 2 and share == 0.25
     with pytest.raises(ValueError, match="gr_subset"):
         RLConfig(method="gr_subset", gr_subset=0.0)

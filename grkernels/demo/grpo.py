@@ -138,7 +138,7 @@ def _kl_entropy(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[torch.T
     return kl, ent
 
 
-def _subset_by_advantage(adv: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+def subset_by_advantage(adv: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """gr_subset's choice: the ⌈fraction·n⌉ sequences with the largest |advantage| and the rest (each in batch
     order), and the subset's share of Σ|advantage|: the factor GR's estimate divides their difference by (the
     share of the policy gradient they carry; the count share when every advantage is 0). One host read per step."""
@@ -259,7 +259,7 @@ def run_rl(world: World, init_policy: TinyTransformer, rm: RewardModel, cfg: RLC
         opt.zero_grad(set_to_none=True)
         subset = None
         if cfg.method == "gr_subset" and opt.active:
-            subset, rest, share = _subset_by_advantage(adv, cfg.gr_subset)
+            subset, rest, share = subset_by_advantage(adv, cfg.gr_subset)
             loss = loss_fn(seqs, comps, adv, old_logp, ref_logp, subset)
             loss.backward()
             opt.mark_subset(share)
