@@ -114,12 +114,21 @@ struct GRPasses {
                       const Item&);
 };
 
+// The passes of the correction reuse (reuse_passes.inc; grkernels/reuse.py), built beside the GR-step passes.
+struct ReusePasses {
+  const char* name;
+  void (*sums)(const Slot& g, const Slot& c, const Item&, double* out3);
+  void (*update)(const Slot& g, const Slot& c, float a, float k, const Item&);
+  void (*store)(const Slot& gr, const Slot& buf, const Slot& old, bool finite, const Item&, double* out6);
+};
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #define GRK_PASSES_NAME "avx2"
 #include "gr_passes.inc"
+#include "reuse_passes.inc"
 #undef GRK_PASSES_NAME
 }  // namespace avx2
 #pragma GCC pop_options
@@ -128,6 +137,7 @@ namespace avx2 {
 namespace baseline {
 #define GRK_PASSES_NAME "baseline"
 #include "gr_passes.inc"
+#include "reuse_passes.inc"
 #undef GRK_PASSES_NAME
 }  // namespace baseline
 
@@ -136,6 +146,13 @@ const GRPasses& passes() {
   if (cpu_has_avx2_fma()) return avx2::kPasses;
 #endif
   return baseline::kPasses;
+}
+
+const ReusePasses& reuse_passes() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (cpu_has_avx2_fma()) return avx2::kReusePasses;
+#endif
+  return baseline::kReusePasses;
 }
 
 // ------------------------------------------------------------------------------------------- tensor lists
@@ -267,6 +284,87 @@ at::Tensor gr_combine(at::TensorList weights, at::TensorList grads, at::TensorLi
   });
 }
 
+// ------------------------------------------------------------------------------------------- correction reuse
+// The passes of grkernels/reuse.py (CorrectionReuse): g = the gradients (fp32/bf16/fp16, contiguous, CPU); c = the
+// stored correction per tensor, an empty tensor where none is stored for it (read as zeros).
+
+void check_reuse_list(const at::TensorList& ts, const char* op, const char* what) {
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be CPU tensors");
+    TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
+    const ScalarType d = t.scalar_type();
+    TORCH_CHECK(d == ScalarType::Float || d == ScalarType::BFloat16 || d == ScalarType::Half, op, ": ", what,
+                " must be float32, bfloat16 or float16 (float64 runs the torch reference), got ", d);
+  }
+}
+
+// The slots of ``ts`` against ``like``: same count; a tensor with ``like``'s element count, or an empty one (absent:
+// ptr == nullptr)
+std::vector<Slot> optional_slots(const at::TensorList& ts, const at::TensorList& like, const char* op,
+                                 const char* what) {
+  TORCH_CHECK(ts.size() == like.size(), op, ": ", what, " has ", ts.size(), " tensors, expected ", like.size());
+  check_reuse_list(ts, op, what);
+  std::vector<Slot> out(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (ts[i].numel() == 0) continue;
+    TORCH_CHECK(ts[i].numel() == like[i].numel(), op, ": ", what, " ", i, " has ", ts[i].numel(),
+                " elements, expected ", like[i].numel(), " (or none: absent)");
+    out[i].ptr = ts[i].data_ptr();
+    out[i].dt = ts[i].scalar_type();
+  }
+  return out;
+}
+
+// Run fn(item, out) on every item in parallel, K sums per item; the partials summed in item order, returned as a
+// 1-D float64 tensor of K (deterministic, independent of the thread count).
+template <int K, typename F>
+at::Tensor run_items_k(const std::vector<Item>& items, F fn) {
+  std::vector<double> part(items.size() * K, 0.0);
+  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) fn(items[k], &part[k * K]);
+  });
+  at::Tensor out = at::empty({K}, at::TensorOptions().dtype(ScalarType::Double));
+  double* o = out.data_ptr<double>();
+  for (int k = 0; k < K; ++k) o[k] = 0.0;
+  for (size_t i = 0; i < items.size(); ++i)
+    for (int k = 0; k < K; ++k) o[k] += part[i * K + k];
+  return out;
+}
+
+at::Tensor gr_reuse_sums(at::TensorList g, at::TensorList c) {
+  check_reuse_list(g, "gr_reuse_sums", "g");
+  auto gs = slots(g, g.size(), "g");
+  auto cs = optional_slots(c, g, "gr_reuse_sums", "c");
+  return run_items_k<3>(items_of(g), [&](const Item& it, double* out) {
+    reuse_passes().sums(gs[it.t], cs[it.t], it, out);
+  });
+}
+
+void gr_reuse_update(at::TensorList g, at::TensorList c, const at::Tensor& a, const at::Tensor& k) {
+  check_reuse_list(g, "gr_reuse_update", "g");
+  auto gs = slots(g, g.size(), "g");
+  auto cs = optional_slots(c, g, "gr_reuse_update", "c");
+  const float av = static_cast<float>(read_scalar(a)), kv = static_cast<float>(read_scalar(k));
+  if (av == 1.0f && kv == 0.0f) return;  // nothing applied: every bit of g stays (a −0 or a NaN's payload too)
+  const auto items = items_of(g);
+  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) reuse_passes().update(gs[items[i].t], cs[items[i].t], av, kv, items[i]);
+  });
+}
+
+at::Tensor gr_reuse_store(at::TensorList gr, at::TensorList buf, at::TensorList old, const at::Tensor& finite) {
+  check_reuse_list(gr, "gr_reuse_store", "gr");
+  check_reuse_list(buf, "gr_reuse_store", "buf");
+  auto grs = slots(gr, gr.size(), "gr");
+  auto bufs = slots(buf, gr.size(), "buf");
+  check_same_numel(gr, buf, "buf");
+  auto olds = optional_slots(old, gr, "gr_reuse_store", "old");
+  const bool fin = read_scalar(finite) != 0.0;
+  return run_items_k<6>(items_of(gr), [&](const Item& it, double* out) {
+    reuse_passes().store(grs[it.t], bufs[it.t], olds[it.t], fin, it, out);
+  });
+}
+
 }  // namespace
 }  // namespace grk
 
@@ -277,10 +375,16 @@ TORCH_LIBRARY_FRAGMENT(grkernels_cpp, m) {
         "ScalarType? grid, bool wide) -> Tensor");
   m.def("gr_combine(Tensor(a!)[] weights, Tensor(b!)[] grads, Tensor[] theta_save, Tensor[] g1_save, "
         "Tensor[] gplus_save, float[] coefs, Tensor sa, Tensor sb, int kind, bool delta, bool wide) -> Tensor");
+  m.def("gr_reuse_sums(Tensor[] g, Tensor[] c) -> Tensor");
+  m.def("gr_reuse_update(Tensor(a!)[] g, Tensor[] c, Tensor a, Tensor k) -> ()");
+  m.def("gr_reuse_store(Tensor[] gr, Tensor(a!)[] buf, Tensor[] old, Tensor finite) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(grkernels_cpp, CPU, m) {
   m.impl("gr_sumsq", &grk::gr_sumsq);
   m.impl("gr_perturb", &grk::gr_perturb);
   m.impl("gr_combine", &grk::gr_combine);
+  m.impl("gr_reuse_sums", &grk::gr_reuse_sums);
+  m.impl("gr_reuse_update", &grk::gr_reuse_update);
+  m.impl("gr_reuse_store", &grk::gr_reuse_store);
 }

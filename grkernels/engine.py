@@ -119,7 +119,7 @@ class GREngine:
         self._last_factor = 0.0
         self._last_gamma = 0.0
         self._observed = -1
-        self.reuse = CorrectionReuse()
+        self.reuse = CorrectionReuse(s.backend)
         self._g1_copy: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, g1): reuse/exact combine undo
         self._subset: dict[int, torch.Tensor] | None = None  # position -> g1_S, then D = g1_S − f·g1
         self._subset_fraction = 1.0
