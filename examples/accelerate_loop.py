@@ -51,10 +51,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default=1e-2,
+    # GR's flags default to the schema's defaults (grkernels.settings): the recommended set
+    ap.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default="auto",
                     help='γ, or "auto" (held at --target-rel)')
-    ap.add_argument("--target-rel", type=float, default=0.3)
-    ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--target-rel", type=float, default=3.0)
+    ap.add_argument("--eps", type=float, default=0.02)
+    ap.add_argument("--eps-mode", choices=["radius", "absolute"], default="radius")
     ap.add_argument("--max-grad-norm", type=float, default=None, help="clip the combined gradient")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quiet", action="store_true")
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     # exclude=None: the paper's exclusion (embeddings and output head get the plain gradient)
     window = GradRegWindow(accelerator, model, opt, max_grad_norm=args.max_grad_norm,
                            grad_reg=dict(strength=args.strength, target_rel=args.target_rel, eps=args.eps,
-                                         exclude=None))
+                                         eps_mode=args.eps_mode, exclude=None))
     history: dict[str, list[float]] = {"loss": [], "gr_rel": [], "strength": []}
     total = 0.0
     for k, ids in enumerate(loader):

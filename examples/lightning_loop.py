@@ -51,9 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--accumulate", type=int, default=3)
     ap.add_argument("--clip", type=float, default=1.0, help="gradient_clip_val (on the combined gradient)")
-    ap.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default=1e-1,
+    # GR's flags default to the schema's defaults (grkernels.settings): the recommended set
+    ap.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default="auto",
                     help='γ, or "auto" (held at --target-rel)')
-    ap.add_argument("--target-rel", type=float, default=0.3)
+    ap.add_argument("--target-rel", type=float, default=3.0)
+    ap.add_argument("--eps", type=float, default=0.02, help="ε, a radius ‖θ' − θ‖ (eps_mode radius, the default)")
     ap.add_argument("--precision", default="32-true", help='"32-true" or "bf16-mixed"')
     args = ap.parse_args(argv)
     module, losses = Regressor(), []
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
             losses.append(float(trainer.callback_metrics["train_loss"]))
 
     # the output layer ("net.3") gets the plain gradient, as the paper leaves the head out of GR
-    gr = GradRegCallback(strength=args.strength, target_rel=args.target_rel, eps=1e-3, exclude=["net.3"])
+    gr = GradRegCallback(strength=args.strength, target_rel=args.target_rel, eps=args.eps, exclude=["net.3"])
     trainer = L.Trainer(max_epochs=args.epochs, accumulate_grad_batches=args.accumulate,
                         gradient_clip_val=args.clip, precision=args.precision, accelerator="cpu", devices=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

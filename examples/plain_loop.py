@@ -1,7 +1,7 @@
 """GR in a plain PyTorch loop: the closure API, the two-phase API with gradient accumulation, and the
 reference-reset KL baseline.
 
-    python examples/plain_loop.py --steps 30 --grad-accum 2 --strength 1e-2
+    python examples/plain_loop.py --steps 30 --grad-accum 2          # GR at the defaults: --strength auto
 
 A tiny causal LM (Llama from a config, no downloads) learns cyclic token sequences; the loss is next-token
 cross-entropy plus ``beta`` times a KL penalty towards a reference model that ``ReferenceReset`` moves to the
@@ -59,9 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (1: closure API)")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--strength", type=strength, default=1e-2, help='GR strength gamma, or "auto"')
-    ap.add_argument("--target-rel", type=float, default=0.3, help='--strength auto: the gr_rel to hold')
-    ap.add_argument("--eps", type=float, default=1e-3, help="GR finite-difference step epsilon")
+    # GR's flags default to the schema's defaults (grkernels.settings): the recommended set
+    ap.add_argument("--strength", type=strength, default="auto", help='GR strength gamma, or "auto"')
+    ap.add_argument("--target-rel", type=float, default=3.0, help='--strength auto: the gr_rel to hold')
+    ap.add_argument("--eps", type=float, default=0.02, help="GR finite-difference step epsilon")
+    ap.add_argument("--eps-mode", choices=["radius", "absolute"], default="radius",
+                    help="radius: ‖θ' − θ‖ = eps; absolute: θ' − θ = eps·clip(g1)")
     ap.add_argument("--beta", type=float, default=0.05, help="KL penalty weight (0: no reference model)")
     ap.add_argument("--reset-every", type=int, default=10, help="reference reset period in steps")
     ap.add_argument("--alpha", type=float, default=1.0, help="reference mixing factor (1: hard reset)")
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     resetter = ReferenceReset(ref, model, every=args.reset_every, alpha=args.alpha)
     # embeddings and output head get the plain gradient (paper_exclude)
     opt = GradReg(torch.optim.AdamW(model.parameters(), lr=args.lr), strength=args.strength, eps=args.eps,
-                  target_rel=args.target_rel, exclude=paper_exclude(model))
+                  eps_mode=args.eps_mode, target_rel=args.target_rel, exclude=paper_exclude(model))
     gen = torch.Generator().manual_seed(args.seed)
     history: dict[str, list[float]] = {"loss": [], "gr_rel": []}
     for step in range(args.steps):

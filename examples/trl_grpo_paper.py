@@ -36,9 +36,11 @@ from typing import Any
 PAPER = dict(num_generations=8, max_completion_length=106, loss_type="grpo", scale_rewards="none",
              gradient_accumulation_steps=4, max_steps=250, lr_scheduler_type="constant")
 #: Per method: GR (γ = 1e-2, no KL) and the KL baseline (β = 0.1, no GR). ε, clips and exclusions: the paper's.
+#: This script reproduces the paper, so GR is its fixed γ and absolute ε, written out: grkernels' defaults are the
+#: adaptive strength (target_rel 3) with a radius ε of 0.02 (--strength auto --eps-mode radius --eps 0.02).
 METHODS: dict[str, dict[str, Any]] = {
-    "gr": dict(learning_rate=5e-6, beta=0.0, grad_reg_strength=1e-2, grad_reg_eps=1e-3, grad_reg_g1_clip=10.0,
-               grad_reg_g2_clip=10.0, grad_reg_exclude=None),
+    "gr": dict(learning_rate=5e-6, beta=0.0, grad_reg_strength=1e-2, grad_reg_eps=1e-3,
+               grad_reg_eps_mode="absolute", grad_reg_g1_clip=10.0, grad_reg_g2_clip=10.0, grad_reg_exclude=None),
     "kl": dict(learning_rate=3e-6, beta=0.1),
 }
 #: What --tiny changes (each still overridable by its flag); per_device_batch: the default of both modes.

@@ -82,10 +82,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--group", type=int, default=4)
-    parser.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default=0.05,
+    # GR's flags default to the schema's defaults (grkernels.settings): the recommended set
+    parser.add_argument("--strength", type=lambda t: t if t == "auto" else float(t), default="auto",
                         help="γ (0: verl's own update), or auto (held at --target-rel)")
-    parser.add_argument("--target-rel", type=float, default=0.3, help="strength auto: the gr_rel to hold")
-    parser.add_argument("--eps", type=float, default=1e-2, help="ε")
+    parser.add_argument("--target-rel", type=float, default=3.0, help="strength auto: the gr_rel to hold")
+    parser.add_argument("--eps", type=float, default=0.02, help="ε, a radius ‖θ' − θ‖ (--eps-mode)")
+    parser.add_argument("--eps-mode", choices=["radius", "absolute"], default="radius")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -124,8 +126,8 @@ def main() -> None:
                                            mixed_precision={"param_dtype": "fp32"}),
             optimizer_config=GradRegFSDPOptimizerConfig(
                 lr=3e-3, clip_grad=1.0, total_training_steps=args.steps,
-                grad_reg=dict(strength=args.strength, target_rel=args.target_rel, eps=args.eps, g1_clip=10.0,
-                              g2_clip=10.0)),
+                grad_reg=dict(strength=args.strength, target_rel=args.target_rel, eps=args.eps,
+                              eps_mode=args.eps_mode, g1_clip=10.0, g2_clip=10.0)),
             checkpoint_config=CheckpointConfig()))
         worker.reset()
         worker.set_loss_fn(partial(ppo_loss, config=actor))

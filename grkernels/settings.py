@@ -13,7 +13,13 @@ The settings (γ is the strength, ε the finite-difference step; the combined gr
     strength     γ (1/loss units), or "auto": adjusted each full GR step so that gr_rel = ‖GR − g1‖/‖g1‖ tracks
                  target_rel (grkernels.strength)
     target_rel   the gr_rel the adaptive strength holds (dimensionless)
+    eps, eps_mode  ε and how it sets the perturbation: 'radius' (‖θ' − θ‖ = ε) or 'absolute' (θ' − θ = ε·clip(g1))
     ...          (see each Setting's help below, or ``grkernels info --settings``)
+
+The defaults are the recommended set (README, "Choosing γ, ε and the target"): strength="auto", target_rel=3,
+eps_mode="radius", eps=0.02, so that ``GradReg(opt)`` and every host's config at its defaults run a GR that acts
+(gr_rel held at 3) and whose perturbation survives low-precision weights. The paper's fixed setting is
+strength=1e-2, eps_mode="absolute", eps=1e-3.
 """
 
 from __future__ import annotations
@@ -145,7 +151,7 @@ def _names_parse(v: Any) -> Any:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("strength", 1e-2,
+    Setting("strength", "auto",
             'γ, the weight of the penalty (γ/2)·‖∇L‖² (1/loss units), or "auto": γ adjusted each full GR step so '
             "that gr_rel = ‖GR − g1‖/‖g1‖ tracks target_rel. 0 turns GR off (no second pass).",
             _strength, str, parse=_strength_parse),
@@ -155,13 +161,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("strength_init", None,
             'strength="auto": the γ of the first GR step (None: 1e-2); the controller moves it by at most ×2 a step.',
             _optional_positive, float | None, parse=_optional_parse),
-    Setting("eps", 1e-3,
-            "ε, the finite-difference step: θ' = θ + ε·clip(g1) (parameter units per gradient unit), or with "
-            "eps_mode='radius' the perturbation's norm ‖θ' − θ‖ (parameter units).",
+    Setting("eps", 0.02,
+            "ε, the finite-difference step: with eps_mode='radius' the perturbation's norm ‖θ' − θ‖ (parameter "
+            "units), with 'absolute' θ' = θ + ε·clip(g1) (parameter units per gradient unit; the paper's 1e-3).",
             _number(0.0, lo_open=True), float),
-    Setting("eps_mode", "absolute",
-            "'absolute' (the paper's θ' = θ + ε·clip(g1)) or 'radius' (θ' = θ + ε·v/‖v‖: the same accuracy at any "
-            "gradient scale; recommended for bf16 weights with eps=0.02).",
+    Setting("eps_mode", "radius",
+            "'radius' (θ' = θ + ε·v/‖v‖, v = clip(g1): the same accuracy at any gradient scale, and with eps=0.02 "
+            "the perturbation survives bf16/fp16 rounding) or 'absolute' (the paper's θ' = θ + ε·clip(g1)).",
             _one_of(EPS_MODES), str),
     Setting("g1_clip", 10.0, "max norm of g1 for the perturbation direction (None or <= 0: no clip).",
             _clip, float | None, parse=_clip_parse),

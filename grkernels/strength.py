@@ -62,7 +62,8 @@ class StrengthController:
 
     @property
     def gamma(self) -> float:
-        return math.exp(self.log_gamma)
+        # clamped again after exp: exp(log(γ_min)) can round to just below γ_min (1e-8 → 9.999999999999982e-09)
+        return min(self.hi, max(self.lo, math.exp(self.log_gamma)))
 
     def update(self, rel: float) -> float:
         """Move γ after a full GR step that measured gr_rel = ``rel`` at the current γ; returns the new γ. A rel

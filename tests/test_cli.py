@@ -19,7 +19,8 @@ from grkernels.quickstart import build_parser as quickstart_parser
 
 BAD_QUICKSTART = [
     ["--steps", "0"], ["--steps", "-3"], ["--steps", "2.5"], ["--steps", "x"], ["--eps", "0"], ["--eps", "-1e-3"],
-    ["--eps", "inf"], ["--strength", "-1"], ["--strength", "nan"], ["--lr", "0"], ["--lr", "x"],
+    ["--eps", "inf"], ["--strength", "-1"], ["--strength", "nan"], ["--strength", "Auto"], ["--lr", "0"],
+    ["--lr", "x"], ["--target-rel", "0"], ["--target-rel", "nan"], ["--eps-mode", "relative"],
     ["--device", "blah"], ["--device", "cuda:99"], ["--bogus"], ["--steps"],
 ]
 if not torch.cuda.is_available():
@@ -41,6 +42,20 @@ def test_quickstart_one_step_runs(capsys):
     assert "done: final loss" in capsys.readouterr().out
 
 
+def test_quickstart_defaults_are_the_schemas():
+    """The quick-start runs GR at the schema's defaults (one default set everywhere), and its flags reach them."""
+    from grkernels.settings import resolve
+
+    schema = resolve().values
+    a = quickstart_parser().parse_args([])
+    assert (a.strength, a.target_rel, a.eps, a.eps_mode) == (
+        schema["strength"], schema["target_rel"], schema["eps"], schema["eps_mode"])
+    assert (a.strength, a.target_rel, a.eps, a.eps_mode) == ("auto", 3.0, 0.02, "radius")
+    b = quickstart_parser().parse_args(["--strength", "0.5", "--eps-mode", "absolute", "--eps", "1e-3",
+                                        "--target-rel", "1"])
+    assert (b.strength, b.eps_mode, b.eps, b.target_rel) == (0.5, "absolute", 1e-3, 1.0)
+
+
 try:
     from hypothesis import given, settings
     from hypothesis import strategies as st
@@ -52,7 +67,8 @@ if given is not None:
                           st.floats(allow_nan=True, allow_infinity=True).map(repr))
 
     @settings(max_examples=60, deadline=None)
-    @given(flag=st.sampled_from(["--steps", "--strength", "--eps", "--lr", "--seed", "--device"]), text=FLAG_TEXT)
+    @given(flag=st.sampled_from(["--steps", "--strength", "--target-rel", "--eps", "--lr", "--seed", "--device"]),
+           text=FLAG_TEXT)
     def test_quickstart_parser_refuses_or_returns_valid_values(flag, text):
         """Whatever the text: argparse refuses it (status 2), or every parsed value is one the run accepts."""
         parser = quickstart_parser()
@@ -62,7 +78,8 @@ if given is not None:
         except SystemExit as stop:
             assert stop.code == 2
             return
-        assert a.steps >= 1 and math.isfinite(a.strength) and a.strength >= 0
+        assert a.steps >= 1 and (a.strength == "auto" or (math.isfinite(a.strength) and a.strength >= 0))
+        assert math.isfinite(a.target_rel) and a.target_rel > 0
         assert math.isfinite(a.eps) and a.eps > 0 and math.isfinite(a.lr) and a.lr > 0
         torch.empty(0, device=a.device)
 

@@ -186,6 +186,19 @@ def test_zero_engine_steps_with_the_gr_gradient(run, mode):
         assert max(r["combine_errors"]) < tol, r["combine_errors"]
 
 
+def test_default_config_runs_the_recommended_set_under_zero2(run):
+    """A Trainer config with every grad_reg_* field at its default under ZeRO-2: the engine's resolved settings are
+    the recommended set (strength "auto" at target 3, radius ε 0.02), γ starts at 1e-2 and moves every step, equally
+    on both ranks (the combine itself: test_zero_engine_steps_with_the_gr_gradient)."""
+    r0, r1 = _load(run, "zero2_defaults")
+    assert r0["gr_class"] == "DeepSpeedGradReg"
+    s = r0["settings"]
+    assert (s["strength"], s["target_rel"], s["eps_mode"], s["eps"]) == ("auto", 3.0, "radius", 0.02)
+    gammas = [m["grad_reg/strength"] for m in r0["metrics"] if "grad_reg/strength" in m]
+    assert len(gammas) == W.STEPS and gammas[0] == pytest.approx(1e-2) and len(set(gammas)) == W.STEPS
+    assert _same_metrics(r0["metrics"], r1["metrics"])
+
+
 @pytest.mark.parametrize("mode", [m for m in DS_MODES if "bf16" in m])
 def test_zero_bf16_norms_follow_fp32(run, mode):
     """bf16 weights: each step's ‖g1‖ and ‖g2‖ within 2% of the fp32 run's (g2 left on top of g1 would double it;

@@ -83,7 +83,8 @@ def test_warnings_point_at_the_callers_step():
     (w,) = [w for w in got if WEAK in str(w.message)]
     assert w.filename == __file__ and w.category is UserWarning
     m = LowPrecision(torch.bfloat16, 0.05)
-    opt = GradReg(torch.optim.SGD([m.theta], lr=0.0), strength=1.0, eps=1e-3, exclude=[], rounding="nearest")
+    opt = GradReg(torch.optim.SGD([m.theta], lr=0.0), strength=1.0, eps=1e-3, eps_mode="absolute", exclude=[],
+                  rounding="nearest")
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always")
         m.closure()()
@@ -169,7 +170,7 @@ def test_absolute_eps_on_low_precision_weights_gets_the_pointer_at_the_first_ste
     """The paper's ε = 1e-3 with ‖g1‖ ≈ 0.1 on bf16/fp16 weights: ‖ε·v‖ per weight ≈ 2e-6, far below the weights'
     ulp. Round-to-nearest erases the perturbation, stochastic rounding drowns it in noise; the first GR step
     warns, naming eps_mode='radius' and its ε, once."""
-    got, ratio = ratio_run(dtype, eps=1e-3, rounding=rounding, scale=0.05)
+    got, ratio = ratio_run(dtype, eps=1e-3, eps_mode="absolute", rounding=rounding, scale=0.05)
     lo, hi = BANDS["forward"]
     assert (ratio < lo) if what == "erased" else (ratio > hi)
     assert [i for i, w in enumerate(got) if w] == [0]
@@ -184,11 +185,26 @@ def test_safe_settings_on_low_precision_weights_are_quiet(rounding):
     for dtype in (torch.bfloat16, torch.float32):
         got, ratio = ratio_run(dtype, n_steps=15, eps=0.02, eps_mode="radius", rounding=rounding, scale=0.05)
         assert BANDS["forward"][0] <= ratio <= BANDS["forward"][1] and not any(got)
-        got, ratio = ratio_run(dtype, n_steps=15, eps=1e-2, rounding=rounding, scale=30.0)
+        got, ratio = ratio_run(dtype, n_steps=15, eps=1e-2, eps_mode="absolute", rounding=rounding, scale=30.0)
         assert BANDS["forward"][0] <= ratio <= BANDS["forward"][1] and not any(got)
     # fp32 weights are not watched (the brief's "none on fp32"), even where a tiny ε meets fp32's own rounding
-    got, ratio = ratio_run(torch.float32, eps=1e-9, rounding=rounding, scale=0.05)
+    got, ratio = ratio_run(torch.float32, eps=1e-9, eps_mode="absolute", rounding=rounding, scale=0.05)
     assert not BANDS["forward"][0] <= ratio <= BANDS["forward"][1] and not any(got)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [0.05, 30.0])
+def test_low_precision_weights_at_the_defaults_keep_the_perturbation(dtype, scale):
+    """``GradReg(opt)`` with nothing set on bf16/fp16 weights: the defaults (radius ε = 0.02, stochastic rounding)
+    keep perturb_ratio in the forward band at small and large gradients alike, so the perturbation warning stays
+    quiet; the same weights at the paper's absolute ε = 1e-3 and the small gradients warn (test above)."""
+    m = LowPrecision(dtype, scale)
+    opt = GradReg(torch.optim.SGD([m.theta], lr=0.0), exclude=[])
+    assert (opt.eps_mode, opt.eps, opt.rounding, opt.estimator) == ("radius", 0.02, "stochastic", "forward")
+    got = steps(opt, m.closure(), 15)
+    lo, hi = BANDS["forward"]
+    assert lo <= opt.metrics()["perturb_ratio"] <= hi
+    assert not any(RATIO in msg for w in got for msg in w), got
 
 
 def test_radius_mode_pointer_says_raise_eps():

@@ -202,19 +202,24 @@ def test_compile_fullgraph_traces_the_gr_passes():
 
 def test_gradreg_auto_picks_cpp_on_cpu_and_equals_the_torch_backend():
     """backend="auto" on CPU tensors is the C++ backend; three AdamW steps equal backend="torch" bitwise (fp32,
-    clipping off: the arithmetic is bitwise-defined)."""
-    from gr_helpers import make_closure, regression_batch, tanh_mlp
+    absolute ε, clipping off: the arithmetic is bitwise-defined). In radius mode (the default) the step divides by
+    ‖v‖, a reduction whose order differs between backends: equal to rounding there."""
+    from gr_helpers import make_closure, regression_batch, rel_err, tanh_mlp
 
     from grkernels import GradReg
 
-    results = []
-    for backend in ("auto", "torch"):
-        model = tanh_mlp(7, dtype=torch.float32)
-        x, y = regression_batch(8, dtype=torch.float32)
-        opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-2), strength=0.5, eps=1e-2, g1_clip=None,
-                      g2_clip=None, backend=backend)
-        for _ in range(3):
-            opt.step(make_closure(model, x, y))
-        results.append(([p.detach().clone() for p in model.parameters()], type(opt.engine.backend).__name__))
-    assert results[0][1] == "CppGRStep" and results[1][1] == "TorchGRStep"
-    assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+    for eps_mode in ("absolute", "radius"):
+        results = []
+        for backend in ("auto", "torch"):
+            model = tanh_mlp(7, dtype=torch.float32)
+            x, y = regression_batch(8, dtype=torch.float32)
+            opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-2), strength=0.5, eps=1e-2,
+                          eps_mode=eps_mode, g1_clip=None, g2_clip=None, backend=backend)
+            for _ in range(3):
+                opt.step(make_closure(model, x, y))
+            results.append(([p.detach().clone() for p in model.parameters()], type(opt.engine.backend).__name__))
+        assert results[0][1] == "CppGRStep" and results[1][1] == "TorchGRStep"
+        if eps_mode == "absolute":
+            assert all(torch.equal(a, b) for a, b in zip(results[0][0], results[1][0]))
+        else:
+            assert rel_err(results[0][0], results[1][0]) < 1e-6

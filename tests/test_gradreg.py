@@ -346,8 +346,8 @@ def test_bf16_perturbation_survives_with_stochastic_rounding(backend):
     ratios, shifts = {}, {}
     before = w.detach().clone()
     for rounding in ("nearest", "stochastic"):
-        opt = GradReg(torch.optim.SGD([w], lr=0.0), strength=1.0, eps=1e-3, g1_clip=None, rounding=rounding,
-                      backend=backend)
+        opt = GradReg(torch.optim.SGD([w], lr=0.0), strength=1.0, eps=1e-3, eps_mode="absolute", g1_clip=None,
+                      rounding=rounding, backend=backend)
         w.grad = torch.full_like(w, 1.0)  # ε·g = 1e-3 < half an ulp (3.9e-3): nearest erases it
         opt.perturb()
         ratios[rounding] = opt.engine.backend.metrics["perturb_ratio"].item()
@@ -532,8 +532,8 @@ def test_master_weights_perturb_the_model_weight_and_never_the_masters(backend):
             m.model_weight = p
             p.copy_(m)
     base = torch.optim.SGD(masters, lr=0.05)
-    opt = GradReg(base, strength=0.3, eps=1e-2, g1_clip=None, g2_clip=None, rounding="nearest",
-                  master_weights="model_weight", backend=backend)
+    opt = GradReg(base, strength=0.3, eps=1e-2, eps_mode="absolute", g1_clip=None, g2_clip=None,
+                  rounding="nearest", master_weights="model_weight", backend=backend)
     x, y = regression_batch(91, dtype=torch.bfloat16)
     seen, grads = [], []
 

@@ -73,8 +73,8 @@ def test_overflowing_combined_gradient_never_reaches_fp16_weights(backend):
     # L = a·w²/2: g1 = a·w = 100 and g2 = a·(w + ε·g1) = 110 are finite in fp16, but the GR gradient
     # g1 + (γ/ε)(g2 − g1) = 100 + 1e5 overflows fp16 (max 65504).
     w = nn.Parameter(torch.ones(8, dtype=torch.float16))
-    opt = GradReg(torch.optim.SGD([w], lr=1e-3), strength=10.0, eps=1e-3, g1_clip=None, g2_clip=None,
-                  rounding="nearest", backend=backend)
+    opt = GradReg(torch.optim.SGD([w], lr=1e-3), strength=10.0, eps=1e-3, eps_mode="absolute", g1_clip=None,
+                  g2_clip=None, rounding="nearest", backend=backend)
 
     def closure():
         loss = (100.0 * w.float().square() / 2).sum()

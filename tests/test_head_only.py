@@ -146,7 +146,7 @@ def test_matches_plain_torch_recomputation_float64():
     for name, a1, a2 in zip(("lm_head.weight", "lm_head.bias"), g1_head, g2_head):
         want[name] = a1 + (gamma / eps) * (s2 * a2 - s1 * a1)
 
-    opt = make_opt(model, strength=gamma, eps=eps, clip=clip)
+    opt = make_opt(model, strength=gamma, eps=eps, clip=clip, eps_mode="absolute")  # θ' = θ + ε·s1·g1, as above
     opt.zero_grad()
     hidden = trunk(model, ids)
     lfh(hidden).backward()

@@ -20,6 +20,17 @@ from grkernels.integrations.accelerate import GradRegWindow  # noqa: E402
 GAMMA, EPS, LR = 0.5, 1e-3, 0.05
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons: a Trainer run earlier in the process (another test
+    file under ``-p no:xdist`` or the same xdist worker) leaves GradientState set for its dataloader, and a window
+    built here without a prepared dataloader would then read that run's sync_gradients. Reset before each test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def batches(n: int = 7, size: int = 5):
     g = torch.Generator().manual_seed(5)
     return [(torch.randn(size, 5, generator=g, dtype=torch.float64), torch.randn(size, 3, generator=g,
@@ -37,7 +48,9 @@ def run(accumulate: int, clip: float | None, n: int = 6, warmup_steps: int = 0, 
     base.register_step_pre_hook(lambda o, a, k: seen.append({
         "grad": [p.grad.detach().clone() for p in model.parameters()],
         "theta": [p.detach().clone() for p in model.parameters()]}))
-    settings = {**dict(strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None, warmup_steps=warmup_steps), **settings}
+    # absolute ε: the recomputations perturb θ + ε·g1
+    settings = {**dict(strength=GAMMA, eps=EPS, eps_mode="absolute", g1_clip=None, g2_clip=None,
+                       warmup_steps=warmup_steps), **settings}
     data = batches(n)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False)
     if via_settings:
@@ -220,6 +233,24 @@ def test_exact_estimator_is_refused_under_ddp():
     gr = GradReg(torch.optim.SGD(model.parameters(), lr=LR), strength=GAMMA, eps=EPS, estimator="exact")
     with pytest.raises(ValueError, match="estimator='exact': not supported under ddp"):
         GradRegWindow(accelerator, model, gr)
+
+
+def test_default_window_settings_are_the_recommended_set():
+    """``GradRegWindow(..., grad_reg={})`` (every setting at its default) around the prepared plain optimizer: the
+    GradReg it builds runs strength "auto" at target 3 with a radius ε 0.02; γ starts at 1e-2 and moves each
+    window."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = tanh_mlp(seed=0)
+    model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR))
+    window = GradRegWindow(accelerator, model, opt, grad_reg={})
+    s = window.grad_reg.engine.settings
+    assert (s.strength, s.target_rel, s.eps_mode, s.eps) == ("auto", 3.0, "radius", 0.02)
+    gammas = []
+    for k, batch in enumerate(batches(6)):
+        window.step(batch, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+        if k % 2:
+            gammas.append(window.grad_reg.metrics()["strength"])
+    assert gammas[0] == pytest.approx(1e-2) and len(set(gammas)) == 3
 
 
 def test_error_in_the_replay_restores_theta_and_the_next_window_works():

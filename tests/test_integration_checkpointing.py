@@ -41,7 +41,7 @@ def run(tmp_path, checkpointing: dict | None):
         logging_steps=1, save_strategy="no", beta=0.0, max_grad_norm=0.0, seed=0, loss_type="dapo",
         gradient_accumulation_steps=2, gradient_checkpointing=checkpointing is not None,
         gradient_checkpointing_kwargs=checkpointing, grad_reg_strength=GAMMA, grad_reg_eps=EPS,
-        grad_reg_g1_clip=None, grad_reg_g2_clip=None)
+        grad_reg_eps_mode="absolute", grad_reg_g1_clip=None, grad_reg_g2_clip=None)  # gr_reference's θ + ε·g1
     snaps = Snapshots()
     tr = grad_reg_trainer(recording(GRPOTrainer))(
         model=make_model(attention_dropout=DROPOUT), reward_funcs=reward_fn, args=args,

@@ -19,8 +19,8 @@ def train(tmp_path, ga, steps, **gr):
     args = grad_reg_config(TrainingArguments)(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=ga, max_steps=steps,
         learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no", max_grad_norm=0.0,
-        logging_steps=1, grad_reg_strength=GAMMA, grad_reg_eps=EPS, grad_reg_g1_clip=None, grad_reg_g2_clip=None,
-        grad_reg_exclude=["none"], dataloader_drop_last=True, **gr,
+        logging_steps=1, grad_reg_strength=GAMMA, grad_reg_eps=EPS, grad_reg_eps_mode="absolute",
+        grad_reg_g1_clip=None, grad_reg_g2_clip=None, grad_reg_exclude=["none"], dataloader_drop_last=True, **gr,
     )
     snaps = Snapshots()
     tr = grad_reg_trainer(Rec)(model=make_model(), args=args, train_dataset=LMData(n=32), callbacks=[snaps])

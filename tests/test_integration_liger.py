@@ -80,8 +80,8 @@ def gr_step(loss_type: str, pin_old: bool, seed: int):
     b = batch(seed)
     old = completion_logps(model, b)
     loss = liger_loss_fn(model, loss_type)
-    opt = GradReg(torch.optim.SGD(model.parameters(), lr=1.0), strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None,
-                  exclude=paper_exclude(model))
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=1.0), strength=GAMMA, eps=EPS, eps_mode="absolute",
+                  g1_clip=None, g2_clip=None, exclude=paper_exclude(model))  # absolute ε, as the recomputation
     seen = []
     opt.optimizer.register_step_pre_hook(
         lambda o, a, k: seen.append({n: p.grad.detach().clone() for n, p in model.named_parameters()}))

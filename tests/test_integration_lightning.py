@@ -78,8 +78,9 @@ class Module(L.LightningModule):
         }))
         if self.plain:
             return base
-        return GradReg(base, strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None, exclude=[self.net[-1].bias],
-                       warmup_steps=self.warmup_steps)
+        # absolute ε: expected() recomputes θ' = θ + ε·g1
+        return GradReg(base, strength=GAMMA, eps=EPS, eps_mode="absolute", g1_clip=None, g2_clip=None,
+                       exclude=[self.net[-1].bias], warmup_steps=self.warmup_steps)
 
 
 class Recorder(L.Callback):
@@ -166,7 +167,8 @@ def test_bf16_mixed_with_gradient_clipping_matches_recomputation():
     core's former ``_step_supports_amp_scaling`` flag Lightning refused the clip: "does not allow for gradient
     clipping because it performs unscaling".)"""
     eps = 0.05  # the perturbation ε·g1 is many bf16 ulps of the weights, so it survives the autocast
-    callback = GradRegCallback(strength=GAMMA, eps=eps, g1_clip=None, g2_clip=None, exclude=["net.5.bias"])
+    callback = GradRegCallback(strength=GAMMA, eps=eps, eps_mode="absolute", g1_clip=None, g2_clip=None,
+                               exclude=["net.5.bias"])
     clip, steps = 0.05, 2
     trainer, module, rec = fit(3, clip, steps=steps, precision="bf16-mixed", callback=callback,
                                dtype=torch.float32, plain=True)
@@ -188,13 +190,31 @@ def test_bf16_mixed_with_gradient_clipping_matches_recomputation():
 def test_settings_on_the_callback_wrap_the_plain_optimizer(precision):
     """GradRegCallback(**settings) with a plain optimizer from configure_optimizers: the same GR gradient."""
     dtype = torch.float64 if precision == "64-true" else torch.float32
-    callback = GradRegCallback(strength=GAMMA, eps=EPS, g1_clip=None, g2_clip=None, exclude=["net.5.bias"])
+    callback = GradRegCallback(strength=GAMMA, eps=EPS, eps_mode="absolute", g1_clip=None, g2_clip=None,
+                               exclude=["net.5.bias"])
     trainer, module, rec = fit(3, 0.05, precision=precision, callback=callback, dtype=dtype, plain=True)
     assert isinstance(callback.grad_reg, GradReg) and callback.grad_reg.eps == EPS
     for s, seen in enumerate(module.seen):
         exp, g1 = expected(module, rec.batches[s * 3:(s + 1) * 3], 3, 0.05)
         assert rel_err(seen["grad"], exp) < (1e-6 if dtype == torch.float64 else 2e-3)
         assert rel_err(g1, exp) > 0.01
+
+
+def test_default_callback_runs_the_recommended_set():
+    """``GradRegCallback()`` with nothing set, around a plain optimizer: the GradReg it builds runs strength "auto" at
+    target 3 with a radius ε 0.02; γ starts at 1e-2 and moves after every optimizer step."""
+    callback = GradRegCallback()
+    per_step = StepMetrics()
+    module = Module(plain=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=2, precision="64-true",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[callback, per_step])
+    trainer.fit(module, data())
+    s = callback.grad_reg.engine.settings
+    assert (s.strength, s.target_rel, s.eps_mode, s.eps) == ("auto", 3.0, "radius", 0.02)
+    gammas = [m["strength"] for m in per_step.steps]
+    assert len(gammas) == 3 and gammas[0] == pytest.approx(1e-2) and len(set(gammas)) == 3
+    assert callback.grad_reg.engine.controller.updates == 3
 
 
 def test_callback_settings_are_validated_and_not_given_twice():

@@ -45,7 +45,7 @@ def grpo_args(tmp_path, **kw) -> GradRegGRPOConfig:
                 max_steps=2, learning_rate=3e-3, bf16=False, use_cpu=True, use_vllm=False, report_to="none",
                 logging_steps=1, save_strategy="no", beta=0.0, max_grad_norm=0.0, seed=0, loss_type="grpo",
                 gradient_accumulation_steps=2, gradient_checkpointing=False, grad_reg_strength=GAMMA,
-                grad_reg_eps=EPS, grad_reg_g1_clip=None, grad_reg_g2_clip=None)
+                grad_reg_eps=EPS, grad_reg_eps_mode="absolute", grad_reg_g1_clip=None, grad_reg_g2_clip=None)
     base.update(kw)
     return GradRegGRPOConfig(**base)
 
@@ -144,8 +144,8 @@ def test_plain_trainer_with_a_peft_model(tmp_path, head):
     args = grad_reg_config(TrainingArguments)(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
         learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no", max_grad_norm=0.0, logging_steps=1,
-        grad_reg_strength=GAMMA, grad_reg_eps=EPS, grad_reg_g1_clip=None, grad_reg_g2_clip=None,
-        dataloader_drop_last=True)
+        grad_reg_strength=GAMMA, grad_reg_eps=EPS, grad_reg_eps_mode="absolute", grad_reg_g1_clip=None,
+        grad_reg_g2_clip=None, dataloader_drop_last=True)
     model = get_peft_model(make_model(), lora(target_modules=[*ATTN_MLP, "lm_head"] if head else ATTN_MLP))
     snaps = Snapshots()
     tr = grad_reg_trainer(recording(Trainer))(model=model, args=args, train_dataset=LMData(), callbacks=[snaps])

@@ -27,6 +27,7 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
     Trainer,
     TrainerCallback,
+    TrainingArguments,
 )
 from trl import GRPOTrainer  # noqa: E402
 
@@ -58,7 +59,8 @@ def grpo_args(tmp_path, **kw) -> GradRegGRPOConfig:
         output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
         max_steps=2, learning_rate=3e-3, bf16=False, use_cpu=True, use_vllm=False, report_to="none",
         logging_steps=1, save_strategy="no", beta=0.0, max_grad_norm=0.0, seed=0,
-        grad_reg_strength=GAMMA, grad_reg_eps=EPS, grad_reg_g1_clip=None, grad_reg_g2_clip=None,
+        grad_reg_strength=GAMMA, grad_reg_eps=EPS, grad_reg_eps_mode="absolute", grad_reg_g1_clip=None,
+        grad_reg_g2_clip=None,  # absolute ε: the recomputations perturb θ + ε·g1
     )
     base.update(kw)
     return GradRegGRPOConfig(**base)
@@ -403,6 +405,27 @@ def test_grpo_warmup_gives_plain_gradient_then_gr(tmp_path):
     assert rel(s1["grad"], exp1) < 1e-4
 
 
+def test_default_config_runs_the_recommended_set(tmp_path):
+    """GradRegGRPOConfig and grad_reg_config(TrainingArguments) with no grad_reg_* field set: the GradReg each
+    trainer builds runs strength "auto" at target 3 with a radius ε 0.02; in GRPO γ starts at 1e-2 and moves."""
+    args = GradRegGRPOConfig(
+        output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+        max_steps=2, learning_rate=3e-3, bf16=False, use_cpu=True, use_vllm=False, report_to="none",
+        logging_steps=1, save_strategy="no", beta=0.0, seed=0)
+    tr = GradRegGRPOTrainer(model=make_model(), reward_funcs=reward_fn, args=args, processing_class=make_tokenizer(),
+                            train_dataset=Dataset.from_dict({"prompt": ["ab", "cd", "ef", "gh"] * 4}))
+    tr.train()
+    s = tr.grad_reg.engine.settings
+    assert (s.strength, s.target_rel, s.eps_mode, s.eps) == ("auto", 3.0, "radius", 0.02)
+    gammas = [h["grad_reg/strength"] for h in tr.state.log_history if "grad_reg/strength" in h]
+    assert len(gammas) == 2 and gammas[0] == pytest.approx(1e-2) and gammas[1] != pytest.approx(1e-2)
+    hf_args = grad_reg_config(TrainingArguments)(output_dir=str(tmp_path / "hf"), use_cpu=True, report_to="none")
+    hf = grad_reg_trainer(Trainer)(model=make_model(), args=hf_args)
+    hf.create_optimizer()
+    s = hf.grad_reg.engine.settings
+    assert (s.strength, s.target_rel, s.eps_mode, s.eps) == ("auto", 3.0, "radius", 0.02)
+
+
 def test_ready_class_is_the_recipe():
     assert issubclass(GradRegGRPOTrainer, GRPOTrainer)
     cls = grad_reg_trainer(GRPOTrainer)
@@ -574,9 +597,9 @@ def test_plain_hf_trainer_gradient(tmp_path):
     args = grad_reg_config(TrainingArguments)(
         output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
         learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no", max_grad_norm=0.0,
-        logging_steps=1, grad_reg_strength=GAMMA, grad_reg_eps=EPS, grad_reg_g1_clip=None, grad_reg_g2_clip=None,
-        grad_reg_exclude=["none"], dataloader_drop_last=True,
-    )
+        logging_steps=1, grad_reg_strength=GAMMA, grad_reg_eps=EPS, grad_reg_eps_mode="absolute",
+        grad_reg_g1_clip=None, grad_reg_g2_clip=None, grad_reg_exclude=["none"], dataloader_drop_last=True,
+    )  # absolute ε: the recomputation below perturbs θ + ε·g1
     data = LMData()
 
     snaps = Snapshots()

@@ -489,6 +489,27 @@ def test_config_is_the_schema(cpu_verl):
     assert cfg.grad_reg.settings().as_dict("engine") == chosen and cfg.grad_reg.exclude == []
 
 
+def test_default_config_runs_the_recommended_set(cpu_verl):
+    """``optim._target_`` with no ``grad_reg`` fields: GR is on, and the GradReg the engine builds from the config
+    (``build_grad_reg(optimizer, grad_reg.settings(), module)``, as GradRegFSDPEngine does) runs strength "auto" at
+    target 3 with a radius ε 0.02, its controller in place."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from grkernels.integrations.common import build_grad_reg
+    from grkernels.integrations.verl import grad_reg_config
+
+    cfg = omega_conf_to_dataclass(OmegaConf.create(
+        {"_target_": "grkernels.integrations.verl.GradRegFSDPOptimizerConfig", "lr": 1e-6}))
+    gr_cfg = grad_reg_config(cfg)
+    assert gr_cfg is not None  # GR on at the defaults
+    module = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 5))
+    gr = build_grad_reg(torch.optim.SGD(module.parameters(), lr=0.0), gr_cfg.settings(), module)
+    s = gr.engine.settings
+    assert (s.strength, s.target_rel, s.eps_mode, s.eps) == ("auto", 3.0, "radius", 0.02)
+    assert gr.engine.controller is not None and gr.strength == pytest.approx(1e-2)
+
+
 def test_engine_registration(cpu_verl, monkeypatch):
     """The GR engines sit under vendor-specific keys, verl's own under the device-wide ones (still selectable)."""
     from verl.workers.engine import EngineRegistry
@@ -520,7 +541,8 @@ def test_gpu_example_config_composes(cpu_verl):
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     actor.validate(cfg.trainer.n_gpus_per_node, cfg.data.train_batch_size, cfg.actor_rollout_ref.model)
     assert isinstance(actor.optim, GradRegFSDPOptimizerConfig)
-    assert (actor.optim.grad_reg.strength, actor.optim.grad_reg.eps, actor.optim.lr) == (0.01, 0.001, 1e-6)
+    g = actor.optim.grad_reg  # the recommended set (the schema's defaults), written out in the recipe
+    assert (g.strength, g.target_rel, g.eps, g.eps_mode, actor.optim.lr) == ("auto", 3.0, 0.02, "radius", 1e-6)
     assert cfg.actor_rollout_ref.model.external_lib == "grkernels.integrations.verl"
     assert cfg.algorithm.adv_estimator == "grpo" and actor.strategy == "fsdp2"
 

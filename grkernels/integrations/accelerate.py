@@ -7,7 +7,7 @@ The helper owns the window instead. One call per micro-batch::
     from grkernels.integrations.accelerate import GradRegWindow
 
     accelerator = Accelerator(gradient_accumulation_steps=4)
-    gr = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-4), strength=1e-2, eps=1e-3)
+    gr = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-4))   # the defaults: strength "auto", radius ε 0.02
     model, opt, loader = accelerator.prepare(model, gr, loader)
     window = GradRegWindow(accelerator, model, opt, max_grad_norm=1.0)
     for batch in loader:

@@ -153,7 +153,7 @@ class GradRegCallback(pl.Callback):
     Args:
         log_metrics: log GR's metrics as ``grad_reg/<name>`` after every optimizer step (device tensors: no host
             read in the step).
-        **settings: the GR settings (``grkernels.settings.SETTINGS``, e.g. ``strength="auto"``, ``eps=1e-3``,
+        **settings: the GR settings (``grkernels.settings.SETTINGS``, e.g. ``strength="auto"``, ``eps=0.02``,
             ``exclude=["lm_head"]``), validated here; used when ``configure_optimizers`` returns a plain optimizer.
     """
 

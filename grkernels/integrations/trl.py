@@ -4,7 +4,7 @@ One class swap::
 
     from grkernels.integrations.trl import GradRegGRPOConfig, GradRegGRPOTrainer
 
-    args = GradRegGRPOConfig(output_dir="out", grad_reg_strength=1e-3, grad_reg_eps=1e-3)
+    args = GradRegGRPOConfig(output_dir="out", grad_reg_strength="auto", grad_reg_target_rel=3.0)  # the defaults
     trainer = GradRegGRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=ds)
     trainer.train()
 

@@ -24,8 +24,9 @@ whole mini-batch), and the pass at θ' on S only, combined as g2 ≈ g1 + (g2_S 
 Configuration, in verl's config style (a dataclass with ``_target_``; Hydra overrides)::
 
     actor_rollout_ref.actor.optim._target_=grkernels.integrations.verl.GradRegFSDPOptimizerConfig
-    +actor_rollout_ref.actor.optim.grad_reg.strength=0.01      # γ (0: off, verl's own update bitwise)
-    +actor_rollout_ref.actor.optim.grad_reg.eps=0.001          # ε
+    +actor_rollout_ref.actor.optim.grad_reg.strength=auto      # γ held so that gr_rel = target_rel (the default;
+    +actor_rollout_ref.actor.optim.grad_reg.target_rel=3.0     #   a number fixes γ; 0: off, verl's own update bitwise)
+    +actor_rollout_ref.actor.optim.grad_reg.eps=0.02           # ε, a radius by default (eps_mode)
     actor_rollout_ref.model.external_lib=grkernels.integrations.verl
 
 Importing this module (the ``_target_`` or ``external_lib`` does it in every worker) registers the GR engines in

@@ -37,7 +37,7 @@ MODES = ("ddp", "ddp_ga2", "ddp_reuse", "ddp_cpp", "ddp_nan", "ddp_auto", "grpo_
          "acc_ddp", "acc_ddp_ga2", "acc_ddp_central", "acc_ddp_radius", "acc_ddp_raise",
          "zero1", "zero2", "zero3", "zero1_ga2", "zero2_ga2", "zero3_ga2",
          "zero2_reuse", "zero3_reuse", "zero1_cpp", "zero2_cpp", "zero3_cpp", "zero2_nan", "zero3_nan", "zero2_auto",
-         "zero2_bf16", "zero3_bf16", "zero2_bf16acc", "zero3_bf16acc",
+         "zero2_bf16", "zero3_bf16", "zero2_bf16acc", "zero3_bf16acc", "zero2_defaults",
          "grpo_zero1", "grpo_zero2", "grpo_zero3", "grpo_zero1_ga2", "grpo_zero2_ga2", "grpo_zero3_ga2",
          "zero2_raise", "zero3_raise",
          "acc_zero1", "acc_zero2", "acc_zero3", "acc_zero1_ga2", "acc_zero2_ga2", "acc_zero3_ga2",
@@ -49,9 +49,10 @@ STEPS = 3
 # engines (amplified by GR's γ/ε = 100) into 1e-4 of lr (measured: single elements 2e-4 apart after one step).
 GRPO_OPT = dict(optim="sgd", learning_rate=0.1, max_grad_norm=1.0)
 # the torch reference on both sides unless a mode says otherwise: the runs compare the partition step with the
-# full-tensor step, not one backend's rounding with another's
-GR = dict(grad_reg_strength=0.5, grad_reg_eps=1e-2, grad_reg_g1_clip=0.3, grad_reg_g2_clip=0.3,
-          grad_reg_exclude=["net.4.bias"], grad_reg_backend="torch")
+# full-tensor step, not one backend's rounding with another's. Absolute ε written out (the schema's default is a
+# radius): _expected_combine divides by ε itself.
+GR = dict(grad_reg_strength=0.5, grad_reg_eps=1e-2, grad_reg_eps_mode="absolute", grad_reg_g1_clip=0.3,
+          grad_reg_g2_clip=0.3, grad_reg_exclude=["net.4.bias"], grad_reg_backend="torch")
 MAX_GRAD_NORM = 1.0
 LOSS_SCALE = 10.0  # ‖GR gradient‖ ≈ 4–5 > MAX_GRAD_NORM: the standard clip binds in every step
 
@@ -121,7 +122,8 @@ def _full_grads(gr) -> list[torch.Tensor]:
 
 
 def _expected_combine(gr, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> list[torch.Tensor]:
-    """g1 + (γ/ε)(s2·g2 − s1·g1) on the GR parameters, g1 on the excluded ones, from the whole gradients."""
+    """g1 + (γ/ε')(s2·g2 − s1·g1) on the GR parameters, g1 on the excluded ones, from the whole gradients; ε' = ε
+    (absolute) or ε/‖s1·g1‖ (radius: θ' − θ has norm ε)."""
     on = [id(p) not in gr.excluded_ids for p in gr.engine.module.parameters()]
     cfg = gr.gr.settings
 
@@ -130,8 +132,11 @@ def _expected_combine(gr, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> lis
         return 1.0 if clip is None else min(1.0, clip / (float(n) + 1e-6))
 
     s1, s2 = scale(g1, cfg.g1_clip), scale(g2, cfg.g2_clip)
+    step = cfg.eps
+    if cfg.eps_mode == "radius":
+        step = cfg.eps / (s1 * float(torch.stack([g.norm() for g, o in zip(g1, on) if o]).norm()))
     gamma = gr.gr.strength  # the γ of this step (the adaptive strength's current value under "auto")
-    return [a + (gamma / cfg.eps) * (s2 * b - s1 * a) if o else a for a, b, o in zip(g1, g2, on)]
+    return [a + (gamma / step) * (s2 * b - s1 * a) if o else a for a, b, o in zip(g1, g2, on)]
 
 
 def _inject_nan(tensors) -> None:
@@ -274,7 +279,8 @@ def train_accelerate(mode: str, out: str) -> dict:
     from grkernels.integrations.accelerate import GradRegWindow
 
     ga, extra = _acc_variant(mode)
-    settings = dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, seed=0, backend="torch", **extra)
+    settings = {**dict(strength=0.5, eps=1e-2, eps_mode="absolute", g1_clip=0.3, g2_clip=0.3, seed=0,
+                       backend="torch"), **extra}
     plugin = None
     if "zero" in mode:
         stage = int(mode.split("zero")[1][0])
@@ -358,7 +364,8 @@ def train(mode: str, out: str) -> dict:
         max_steps=STEPS, learning_rate=1e-2, optim="adamw_torch", lr_scheduler_type="constant",
         max_grad_norm=MAX_GRAD_NORM,
         use_cpu=True, ddp_backend="gloo", report_to="none", save_strategy="no", dataloader_drop_last=True, seed=0,
-        bf16=bf16, deepspeed=ds, logging_steps=1, **{**GR, **_variant(mode)},
+        bf16=bf16, deepspeed=ds, logging_steps=1,
+        **({} if mode.endswith("_defaults") else {**GR, **_variant(mode)}),  # _defaults: every grad_reg_* default
     )
     model = Reg()
     tr = grad_reg_trainer(SeqTrainer)(model=model, args=args, train_dataset=Rows())
@@ -380,7 +387,7 @@ def train(mode: str, out: str) -> dict:
         engine = tr.accelerator.deepspeed_engine_wrapped.engine
         params = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
         return {"params": params, "metrics": metrics, "memory": _memory(tr.grad_reg),
-                "gr_class": type(tr.grad_reg).__name__}
+                "gr_class": type(tr.grad_reg).__name__, "settings": dict(tr.grad_reg.gr.settings.values)}
     else:
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return {"params": params, "metrics": metrics, "gr_class": type(tr.grad_reg).__name__}

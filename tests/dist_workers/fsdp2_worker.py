@@ -28,22 +28,24 @@ GLOBAL_BATCH = 8
 LR = 1e-2
 
 #: case -> GradReg settings (+ "mesh": "hsdp", "reshard_after_forward": False, "micro": 2 for accumulation,
-#: "subset": True for the sub-batch pass on the first micro-batch)
+#: "subset": True for the sub-batch pass on the first micro-batch); ε absolute unless a case says radius (the
+#: schema's default)
+ABS = dict(strength=0.5, eps=1e-2, eps_mode="absolute")
 CASES: dict[str, dict[str, Any]] = {
-    "plain": dict(strength=0.5, eps=1e-2, g1_clip=None, g2_clip=None),
-    "clip": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3),
+    "plain": dict(ABS, g1_clip=None, g2_clip=None),
+    "clip": dict(ABS, g1_clip=0.3, g2_clip=0.3),
     "radius": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, eps_mode="radius"),
-    "central": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, estimator="central"),
+    "central": dict(ABS, g1_clip=0.3, g2_clip=0.3, estimator="central"),
     "hsdp": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, eps_mode="radius", mesh="hsdp"),
-    "no_reshard": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, reshard_after_forward=False),
-    "accumulate": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, micro=2),
+    "no_reshard": dict(ABS, g1_clip=0.3, g2_clip=0.3, reshard_after_forward=False),
+    "accumulate": dict(ABS, g1_clip=0.3, g2_clip=0.3, micro=2),
     "triton": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, eps_mode="radius", backend="triton"),
     # cheaper GR (issue 13): steps full, reuse, full (the stored correction is each rank's shard of it)
-    "reuse": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, every=2, reuse="orthogonal"),
-    "subset": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, micro=2, subset=True),
+    "reuse": dict(ABS, g1_clip=0.3, g2_clip=0.3, every=2, reuse="orthogonal"),
+    "subset": dict(ABS, g1_clip=0.3, g2_clip=0.3, micro=2, subset=True),
     # GradReg built on the unsharded model, its parameters then swapped for the sharded ones the way Accelerate's
     # FSDP2 prepare does it (the exclusion must follow the swap)
-    "late_shard": dict(strength=0.5, eps=1e-2, g1_clip=0.3, g2_clip=0.3, late_shard=True),
+    "late_shard": dict(ABS, g1_clip=0.3, g2_clip=0.3, late_shard=True),
 }
 _WORKER_ONLY = ("mesh", "reshard_after_forward", "micro", "subset", "late_shard")
 
@@ -192,8 +194,8 @@ def run_checks(rank: int, world: int, out: str) -> None:
                 p.add_(torch.randn_like(p) * 1e-3)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         model = _shard(model, mesh, mp=mp)
-        opt = GradReg(torch.optim.AdamW(model.parameters(), lr=LR), strength=0.5, eps=1e-3, g1_clip=None,
-                      g2_clip=None, rounding=rounding, backend="torch")
+        opt = GradReg(torch.optim.AdamW(model.parameters(), lr=LR), strength=0.5, eps=1e-3, eps_mode="absolute",
+                      g1_clip=None, g2_clip=None, rounding=rounding, backend="torch")
         nn.functional.mse_loss(model(x), y).backward()
         before = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
         opt.perturb()

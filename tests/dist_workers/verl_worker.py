@@ -29,7 +29,8 @@ CLIP_GRAD = 0.5  # verl's optim.clip_grad, on the combined gradient
 
 #: case -> settings: "engine" ("verl": verl's own FSDPEngineWithLMHead; "gr": grkernels' engine), "grad_reg"
 #: (GradRegConfig fields, None: plain FSDPOptimizerConfig), "loss" (ActorConfig loss fields), "steps".
-GR = dict(strength=15.0, eps=5e-2, g1_clip=0.05, g2_clip=0.05)
+#: absolute ε written out: the references recompute θ' = θ + ε·clip(g1) (the schema's default is radius ε)
+GR = dict(strength=15.0, eps=5e-2, eps_mode="absolute", g1_clip=0.05, g2_clip=0.05)
 AUTO_TARGET = 0.05  # the adaptive strength's target gr_rel
 KL = dict(loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="low_var_kl")
 CASES: dict[str, dict[str, Any]] = {
@@ -38,7 +39,8 @@ CASES: dict[str, dict[str, Any]] = {
     "gr_kl": dict(engine="gr", grad_reg=GR, loss=KL),
     "gr_seq_central": dict(
         engine="gr",
-        grad_reg=dict(strength=0.02, eps=2e-2, g1_clip=None, g2_clip=None, estimator="central", exclude=[]),
+        grad_reg=dict(strength=0.02, eps=2e-2, eps_mode="absolute", g1_clip=None, g2_clip=None, estimator="central",
+                      exclude=[]),
         loss=dict(loss_agg_mode="seq-mean-token-mean", use_kl_loss=False),
     ),
     "gr_sum_radius": dict(
