@@ -22,7 +22,7 @@ from grkernels.demo.experiment import (
     spearman,
     value_at_first_crossing,
 )
-from grkernels.demo.grpo import METRICS, RLConfig, subset_by_advantage, run_rl
+from grkernels.demo.grpo import METRICS, RLConfig, run_rl, subset_by_advantage
 from grkernels.demo.policy import completion_logits, make_policy, sample_with_logits
 from grkernels.demo.reward_model import group_pair_accuracy, pair_accuracy
 from grkernels.demo.worlds import Sizes, copy_fraction, make_base, make_world, repetition_penalty
@@ -41,6 +41,22 @@ TINY_ARGS = ["--steps", "4", "--seeds", "1", "--sft-steps", "5", "--rm-steps", "
              "--eval-samples", "16", "--prompts", "2", "--group", "4", "--vocab", "8", "--prompt-len", "2",
              "--completion-len", "4", "--layers", "1", "--width", "16", "--heads", "2", "--workers", "1",
              "--no-progress", "--device", "cpu"]
+
+
+# ------------------------------------------------------------------------------------------ the demo's GR settings
+@pytest.mark.parametrize("method", ["gr", "gr_all", "gr_every", "gr_auto", "gr_head"])
+def test_demo_gr_methods_keep_their_documented_absolute_eps(method):
+    """The demo studies GR at ε = 0.01 absolute (grkernels/demo/README.md: "forward, ε = 0.01 absolute, clips 10"),
+    whatever the schema's defaults are (radius ε 0.02 since the recommended set became the default): its optimizer
+    must name the mode itself, or every fixed-γ figure would silently change meaning."""
+    from grkernels.demo.grpo import make_optimizer
+
+    cfg = RLConfig(method=method)
+    opt = make_optimizer(make_policy(TINY), cfg, seed=0)
+    s = opt.engine.settings
+    assert (s.eps_mode, s.eps) == ("absolute", cfg.eps)
+    if method != "gr_auto":
+        assert s.strength == cfg.gamma
 
 
 # ------------------------------------------------------------------------------------------ rewards
