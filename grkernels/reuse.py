@@ -62,20 +62,10 @@ _NOISE = 2.0**-20
 
 
 # ------------------------------------------------------------------------------------- the torch reference
-def _dot64(x: torch.Tensor, y: torch.Tensor, sx: torch.Tensor | None = None,
-           sy: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ (sx·x)·(sy·y) in float64 (0-d), in chunks of ``_CHUNK`` elements (the transient float64 copies stay small).
-    A product of two 32-bit or narrower values is exact-range in float64; float64 values come scaled (sx, sy)."""
-    xs, ys = x.reshape(-1), y.reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for a, b in zip(xs.split(_CHUNK), ys.split(_CHUNK)):
-        a, b = a.double(), b.double()
-        if sx is not None:
-            a = a * sx
-        if sy is not None:
-            b = b * sy
-        total = total + torch.dot(a, b)
-    return total
+def _up(x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    """x as a 1-D float64 tensor, times the power of two s (float64 values only: see :func:`_pow2_scale`)."""
+    x = x.reshape(-1).double()
+    return x if s is None else x * s
 
 
 def _pow2_scale(parts: torch.Tensor, count: int, shards: Shards) -> torch.Tensor:
@@ -99,44 +89,63 @@ def reference_sums(g1: Sequence[torch.Tensor], c: Sequence[torch.Tensor | None],
                    shards: Shards) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reduction of a step in between: ([‖s_g·g1‖², ⟨s_c·c, s_g·g1⟩, ‖s_c·c‖²] (float64, local), s_c/s_g).
 
-    s_g = s_c = 1 (and the ratio None) for 32-bit and narrower gradients; with float64 ones, the powers of two
-    of :func:`_pow2_scale` (one more pass over each). ``c``: None where no correction is stored (zeros)."""
+    Products in float64 (exact range for 32-bit and narrower values), a chunk of ``_CHUNK`` elements widened at a
+    time. s_g = s_c = 1 (and the ratio None) for 32-bit and narrower gradients; with float64 ones, the powers of
+    two of :func:`_pow2_scale` (one more pass over each). ``c``: None where no correction is stored (zeros)."""
     sg = sc = ratio = None
     if _wide([*g1, *c]):
         sg = _pow2_scale(sumsq_parts(g1), sum(t.numel() for t in g1), shards)
         cs = _present(c)
         sc = _pow2_scale(sumsq_parts(cs, g1[0].device), sum(t.numel() for t in cs), shards)
         ratio = sc / sg
-    zero = torch.zeros((), dtype=torch.float64, device=g1[0].device)
-    gg, cg, cc = [], [], []
+    terms: list[torch.Tensor] = []
     for g, ci in zip(g1, c):
-        gg.append(_dot64(g, g, sg, sg))
-        cg.append(zero if ci is None else _dot64(ci, g, sc, sg))
-        cc.append(zero if ci is None else _dot64(ci, ci, sc, sc))
-    return torch.stack([torch.stack(gg).sum(), torch.stack(cg).sum(), torch.stack(cc).sum()]), ratio
+        for k, gk in enumerate(g.reshape(-1).split(_CHUNK)):
+            a = _up(gk, sg)
+            if ci is None:
+                terms.append(torch.stack([a @ a, a.new_zeros(()), a.new_zeros(())]))
+            else:
+                b = _up(ci.reshape(-1)[k * _CHUNK:(k + 1) * _CHUNK], sc)
+                terms.append(torch.stack([a @ a, b @ a, b @ b]))
+    if not terms:
+        return torch.zeros(3, dtype=torch.float64, device=g1[0].device), ratio
+    return torch.stack(terms).sum(0), ratio
 
 
 def reference_update(g1: Sequence[torch.Tensor], c: Sequence[torch.Tensor | None], a: torch.Tensor,
                      k: torch.Tensor) -> None:
-    """In place: g1 ← a·g1 + k·c per tensor, in float32 (float64 for float64 gradients), rounded once onto the
-    gradient's dtype (c None: g1 ← a·g1)."""
+    """In place: g1 ← a·g1 + k·c per element in float32 (float64 for float64 gradients): a·g1 and k·c each rounded
+    onto it, their sum too, then onto the gradient's dtype (c None: g1 ← a·g1). What the C++ update computes."""
     for g, ci in zip(g1, c):
         w = torch.float64 if g.dtype == torch.float64 else torch.float32
-        new = g.to(w) * a.to(w)
-        if ci is not None:
-            new = new.addcmul_(ci.to(w), k.to(w))
-        g.copy_(new)
+        aw, kw = a.to(w), k.to(w)
+        if g.dtype == w:  # in place, no temporary: the same roundings
+            g.mul_(aw)
+            if ci is not None:
+                g.addcmul_(ci if ci.dtype == w else ci.to(w), kw)
+            continue
+        if g.is_contiguous() and (ci is None or ci.is_contiguous()):  # bf16/fp16: via float32, a chunk at a time
+            pieces = g.view(-1).split(_CHUNK)
+            cps = [None] * len(pieces) if ci is None else ci.view(-1).split(_CHUNK)
+        else:
+            pieces, cps = [g], [ci]
+        for gk, ck in zip(pieces, cps):
+            new = gk.to(w) * aw
+            if ck is not None:
+                new = new + ck.to(w) * kw
+            gk.copy_(new)
 
 
 def reference_store(gr: Sequence[torch.Tensor], buf: Sequence[torch.Tensor], old: Sequence[torch.Tensor | None],
                     finite: torch.Tensor, shards: Shards) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The full step's pass (``buf`` holds g1): n = gr − g1 in the gradient's dtype (the new correction as stored);
-    returns ([Σ g1², Σ n·g1, Σ n², Σ o·n, Σ o·g1, Σ o²] of the scaled vectors (float64, local; o = ``old``, zeros
-    where None), s_g/s_n) and leaves ``buf`` ← n where ``finite`` (0-d bool) else o. Scales as in
-    :func:`reference_sums` (g1: s_g, n: s_n, o: s_o; all 1 and the ratio None without float64)."""
+    """The full step's pass (``buf`` holds g1, contiguous): n = gr − g1 in the gradient's dtype (the new correction
+    as stored); returns ([Σ g1², Σ n·g1, Σ n², Σ o·n, Σ o·g1, Σ o²] of the scaled vectors (float64, local; o =
+    ``old``, zeros where None), s_g/s_n) and leaves ``buf`` ← n where ``finite`` (0-d bool) else o, a chunk at a
+    time. Scales as in :func:`reference_sums` (g1: s_g, n: s_n, o: s_o; all 1 and the ratio None without
+    float64)."""
     sg = sn = so = ratio = None
+    device = gr[0].device
     if _wide([*gr, *old]):
-        device = gr[0].device
         count = sum(t.numel() for t in gr)
         sg = _pow2_scale(sumsq_parts(buf), count, shards)
         parts = torch.zeros(3, dtype=torch.float64, device=device)
@@ -146,19 +155,24 @@ def reference_store(gr: Sequence[torch.Tensor], buf: Sequence[torch.Tensor], old
         olds = _present(old)
         so = _pow2_scale(sumsq_parts(olds, device), sum(t.numel() for t in olds), shards)
         ratio = sg / sn
-    zero = torch.zeros((), dtype=torch.float64, device=gr[0].device)
-    sums: list[list[torch.Tensor]] = [[] for _ in range(6)]
+    terms: list[torch.Tensor] = []
     for x, g, o in zip(gr, buf, old):
-        n = x - g  # one rounding onto the gradient's dtype, as the stored correction
-        terms = [_dot64(g, g, sg, sg), _dot64(n, g, sn, sg), _dot64(n, n, sn, sn)]
-        if o is None:
-            terms += [zero, zero, zero]
-        else:
-            terms += [_dot64(o, n, so, sn), _dot64(o, g, so, sg), _dot64(o, o, so, so)]
-        for s, t in zip(sums, terms):
-            s.append(t)
-        g.copy_(torch.where(finite, n, 0.0 if o is None else o.to(n.dtype)))
-    return torch.stack([torch.stack(s).sum() for s in sums]), ratio
+        xs = x.reshape(-1).split(_CHUNK)
+        os_ = [None] * len(xs) if o is None else o.reshape(-1).split(_CHUNK)
+        for xk, gk, ok in zip(xs, g.view(-1).split(_CHUNK), os_):
+            nk = xk - gk  # one rounding onto the gradient's dtype, as the stored correction
+            a, b = _up(gk, sg), _up(nk, sn)
+            if ok is None:
+                zero = a.new_zeros(())
+                terms.append(torch.stack([a @ a, b @ a, b @ b, zero, zero, zero]))
+                gk.copy_(torch.where(finite, nk, 0.0))
+            else:
+                e = _up(ok, so)
+                terms.append(torch.stack([a @ a, b @ a, b @ b, e @ b, e @ a, e @ e]))
+                gk.copy_(torch.where(finite, nk, ok.to(nk.dtype)))
+    if not terms:
+        return torch.zeros(6, dtype=torch.float64, device=device), ratio
+    return torch.stack(terms).sum(0), ratio
 
 
 # ------------------------------------------------------------------------------------------ the scalars

@@ -15,6 +15,7 @@ from gr_helpers import bitwise_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import grkernels.reuse as reuse_module
 from grkernels.backends.base import Shards
 from grkernels.kernels import cpp_reuse
 from grkernels.reuse import CorrectionReuse
@@ -149,6 +150,34 @@ def test_a_cycle_matches_float64_with_each_dtype_and_mixed(impl, dtypes):
     if impl == "cpp":
         assert r.last_path == ("cpp" if torch.float64 not in dtypes else "torch (float64, non-contiguous or "
                                "non-CPU tensors)")
+
+
+def test_the_reference_in_small_chunks_matches_float64(monkeypatch):
+    """The torch reference works a chunk of ``_CHUNK`` elements at a time: with chunks of 100, tensors cross many
+    chunk boundaries (odd tails, bf16 through float32 chunk by chunk)."""
+    monkeypatch.setattr(reuse_module, "_CHUNK", 100)
+    specs = [(torch.float32, (1001,)), (torch.bfloat16, (333,)), (torch.float16, (99,)), (torch.float32, (100,))]
+    _check_cycle("torch", specs, seed=13)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_gradients_match_float64(impl):
+    """Transposed gradients (the C++ passes do not take them: the step runs the reference, and says so)."""
+    gen = torch.Generator().manual_seed(14)
+    shapes = [(13, 7), (40, 3)]
+    g0 = [_rand(gen, s, torch.float32).t() for s in shapes]
+    gr = [(g + _rand(gen, s, torch.float32).t()) for g, s in zip(g0, shapes)]
+    r = CorrectionReuse(impl)
+    _full_step(r, [0, 1], g0, gr)
+    if impl == "cpp":
+        assert r.last_path.startswith("torch (")
+    c = r.state()["c"]
+    assert [tuple(x.shape) for x in c] == [(7, 13), (3, 40)]
+    rho = _rho64(_flat(c), _flat(g0))
+    g1 = [_rand(gen, s, torch.float32).t() for s in shapes]
+    got, m, _ = _reuse_step(r, [0, 1], g1)
+    assert not got[0].is_contiguous()
+    assert _close(got, _reused64(_flat(g1), _flat(c), rho, 1.0), 1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
