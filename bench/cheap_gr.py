@@ -19,6 +19,15 @@ combine: the GR-step backend and the reuse / sub-batch arithmetic), in the same 
 γ = 0, i.e. what wrapping costs a step that does no GR (the non-finite check, g1's norm). "head-only": GR on the
 output head alone (``grkernels.head``), its perturbed pass from the cached hidden states (its bookkeeping includes
 that head forward/backward).
+
+Reuse arithmetic (``--parts reuse``): CorrectionReuse's own cost at ``--reuse-params`` fp32 parameters (default
+18.6M, the Qwen2 at hidden 512 of BENCHMARKS.md's memory table) in ``--reuse-tensors`` tensors: one full step's
+capture and store and one step in between's apply, for the 0.2.0 flat implementation (kept in this script only, as
+``OldFlatCorrectionReuse``), the torch reference and the C++ passes; medians over ``--repeats`` round-robin rounds,
+wall and CPU time; then each variant's peak resident memory (VmHWM) over its setup, in a process of its own, and
+the bytes it reports holding (``extra_bytes``).
+
+    python bench/cheap_gr.py --parts reuse --variant reuse      # -> <device>_cheap_gr_reuse.json
 """
 
 from __future__ import annotations
@@ -35,11 +44,14 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Run, sync  # noqa: E402
+from common import Run, peak_rss_bytes, sync, tensor_bytes  # noqa: E402
 
 from grkernels import GradReg, head_param_groups, head_perturbed_pass, paper_exclude  # noqa: E402
+from grkernels.backends.arith import accum_dtype  # noqa: E402
+from grkernels.backends.base import Shards  # noqa: E402
 from grkernels.head import HEAD_KEY  # noqa: E402
 from grkernels.quickstart import TinyLM, markov_batch  # noqa: E402
+from grkernels.reuse import CorrectionReuse  # noqa: E402
 
 
 class Task:
@@ -368,6 +380,265 @@ def cost(args, ks, fracs) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------ the reuse arithmetic alone
+# The 0.2.0 implementation of grkernels.reuse.CorrectionReuse (flat copies of g1 and c, a materialised d and
+# prediction), kept HERE ONLY as the baseline of the "reuse" part. Not used anywhere else.
+def _old_flat(tensors, dtype):
+    return torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+
+
+def _old_storage_dtype(tensors):
+    dtypes = {t.dtype for t in tensors}
+    return dtypes.pop() if len(dtypes) == 1 else accum_dtype(tensors)
+
+
+def _old_unit_scale(x, shards):
+    sq = shards.sum_across(torch._foreach_norm([x], 2, dtype=torch.float64)[0].square())
+    exp = torch.frexp(sq.sqrt())[1].clamp(-126, 126)
+    one = torch.ones((), dtype=torch.float64, device=sq.device)
+    return torch.where(torch.isfinite(sq) & (sq > 0), torch.ldexp(one, -exp), one)
+
+
+class OldFlatCorrectionReuse:
+    """grkernels.reuse.CorrectionReuse as of 0.2.0 (flat layout), for the comparison only."""
+
+    def __init__(self) -> None:
+        self._c = None
+        self._index, self._shapes = (), []
+        self._rho = self._gamma = self._g1 = self._pred = self._undo = None
+
+    @property
+    def ready(self) -> bool:
+        return self._rho is not None
+
+    def _fields(self):
+        return self._c, self._index, self._shapes, self._rho, self._gamma
+
+    def commit(self) -> None:
+        self._undo = None
+
+    def extra_bytes(self) -> int:
+        held = [t for t in (self._c, self._g1, self._pred) if t is not None]
+        if self._undo is not None and self._undo[0] is not None:
+            held.append(self._undo[0])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def _segments(self, positions, g1):
+        if not self.ready:
+            return None
+        if tuple(positions) == self._index and self._shapes == [g.shape for g in g1]:
+            return self._c
+        stored = dict(zip(self._index, zip(self._c.split([s.numel() for s in self._shapes]), self._shapes)))
+        parts, hit = [], False
+        for i, g in zip(positions, g1):
+            seg = stored.get(i)
+            if seg is not None and seg[1] == g.shape:
+                parts.append(seg[0])
+                hit = True
+            else:
+                parts.append(self._c.new_zeros(g.numel()))
+        return torch.cat(parts) if hit else None
+
+    def _direction(self, g1, c, shards):
+        dtype = g1.dtype
+        tiny = torch.finfo(dtype).tiny
+        s_g, s_c = _old_unit_scale(g1, shards), _old_unit_scale(c, shards)
+        a = g1 * s_g.to(dtype)
+        c = c.to(dtype) * s_c.to(dtype)
+        a_sq = shards.sum_across(torch.dot(a, a))
+        beta = shards.sum_across(torch.dot(c, a)) / a_sq.clamp_min(tiny)
+        d = a.mul_(-beta).add_(c)
+        d_norm = shards.sum_across(torch.dot(d, d)).sqrt()
+        return d.mul_(self._rho.to(dtype) * a_sq.sqrt() / d_norm.clamp_min(tiny)), a_sq, s_g
+
+    @torch.no_grad()
+    def capture(self, params, positions, shards) -> None:
+        g1 = [shards.local(p.grad) for p in params]
+        self._g1 = _old_flat(g1, _old_storage_dtype(g1))
+        c = self._segments(positions, g1)
+        self._pred = None if c is None else self._direction(self._g1.to(accum_dtype(g1)), c, shards)[0]
+
+    @torch.no_grad()
+    def store(self, params, positions, shards, finite, gamma):
+        self._undo = self._fields()
+        grads = [shards.local(p.grad) for p in params]
+        g1, self._g1 = self._g1, None
+        c_new = _old_flat(grads, g1.dtype).sub_(g1)
+        dtype = accum_dtype(grads)
+        tiny = torch.finfo(dtype).tiny
+        s_g, s_c = _old_unit_scale(g1, shards), _old_unit_scale(c_new, shards)
+        c, g1 = c_new.to(dtype) * s_c.to(dtype), g1.to(dtype) * s_g.to(dtype)
+        g1_sq = shards.sum_across(torch.dot(g1, g1))
+        c_dot = shards.sum_across(torch.dot(c, g1))
+        c_sq = shards.sum_across(torch.dot(c, c))
+        perp_sq = (c_sq - c_dot.square() / g1_sq.clamp_min(tiny)).clamp_min(0)
+        rho_new = perp_sq.sqrt() / g1_sq.sqrt().clamp_min(tiny)
+        rho_new = (rho_new.double() * (s_g / s_c)).to(dtype)
+        out = {}
+        if self._pred is not None:
+            num = shards.sum_across(torch.dot(self._pred, c))
+            den = (shards.sum_across(torch.dot(self._pred, self._pred)) * c_sq).sqrt().clamp_min(tiny)
+            out["reuse_cos"] = num / den
+        self._pred = None
+        old = self._segments(positions, grads)
+        finite = finite.to(c_new.device)
+        self._c = torch.where(finite, c_new, torch.zeros_like(c_new) if old is None else old.to(c_new.dtype))
+        rho_old = torch.zeros_like(rho_new) if old is None else self._rho.to(rho_new)
+        self._rho = torch.where(finite, rho_new, rho_old)
+        gamma_new = torch.tensor(gamma, dtype=torch.float64, device=c_new.device)
+        self._gamma = gamma_new if self._gamma is None else torch.where(finite, gamma_new, self._gamma)
+        self._index, self._shapes = tuple(positions), [g.shape for g in grads]
+        return out
+
+    @torch.no_grad()
+    def apply(self, params, positions, gamma, shards):
+        g1 = [shards.local(p.grad) for p in params]
+        c = self._segments(positions, g1) if g1 else None
+        if c is None:
+            return {}, []
+        dtype = accum_dtype(g1)
+        flat_g1 = _old_flat(g1, dtype)
+        sizes = [g.numel() for g in g1]
+        if all(g.dtype == dtype for g in g1):
+            undo = [(g, x.view(g.shape)) for g, x in zip(g1, flat_g1.split(sizes))]
+        else:
+            undo = [(g, g.clone()) for g in g1]
+        corr, g1_sq, s_g = self._direction(flat_g1, c, shards)
+        corr.mul_((gamma / self._gamma).to(dtype))
+        rel = shards.sum_across(torch.dot(corr, corr)).sqrt() / g1_sq.sqrt().clamp_min(torch.finfo(dtype).tiny)
+        corr.div_(s_g.to(dtype))
+        parts = corr.to(_old_storage_dtype(g1)).split(sizes)
+        torch._foreach_add_(g1, [x.view(g.shape) for x, g in zip(parts, g1)])
+        return {"gr_rel": rel}, undo
+
+
+REUSE_VARIANTS = ("old-flat", "new-torch", "new-cpp")
+
+
+def make_reuse(variant: str):
+    """The reuse state of a variant of the "reuse" part: the 0.2.0 flat code, the torch reference, the C++ passes."""
+    if variant == "old-flat":
+        return OldFlatCorrectionReuse()
+    return CorrectionReuse("torch" if variant == "new-torch" else "cpp")
+
+
+class ReuseSetup:
+    """``n`` fp32 parameters in ``tensors`` tensors of uneven sizes (a few large, many small, as a transformer's),
+    each with a gradient, and the three gradient sets a cycle needs (g1 and GR of a full step, g1 of a step in
+    between), made once."""
+
+    def __init__(self, n: int, tensors: int, device: str, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        w = torch.rand(tensors, generator=gen, dtype=torch.float64) ** 3 + 0.02
+        sizes = (w / w.sum() * n).long().clamp_min(1)
+        sizes[0] += n - int(sizes.sum())
+        self.sizes = [int(s) for s in sizes]
+        self.params = [nn.Parameter(torch.zeros(s, device=device)) for s in self.sizes]
+
+        def grads(scale: float) -> list[torch.Tensor]:
+            return [(scale * torch.randn(s, generator=gen)).to(device) for s in self.sizes]
+
+        self.g1_full, self.g1_mid = grads(1.0), grads(1.0)
+        self.gr = [g + c for g, c in zip(self.g1_full, grads(0.3))]
+        for p, g in zip(self.params, self.g1_full):
+            p.grad = g.clone()
+        self.positions = list(range(tensors))
+        self.shards = Shards()
+        self.device = device
+
+    def set_grads(self, values: list[torch.Tensor]) -> None:
+        torch._foreach_copy_([p.grad for p in self.params], values)
+
+    def cycle(self, reuse, clock) -> tuple[float, float, float]:
+        """One full step's capture and store, one step in between's apply: their seconds (the gradient copies
+        between them, which stand for the backward passes, not counted)."""
+        self.set_grads(self.g1_full)
+        sync(self.device)
+        t0 = clock()
+        reuse.capture(self.params, self.positions, self.shards)
+        sync(self.device)
+        t1 = clock()
+        self.set_grads(self.gr)
+        sync(self.device)
+        t2 = clock()
+        reuse.store(self.params, self.positions, self.shards, torch.tensor(True, device=self.device), 1.0)
+        reuse.commit()
+        sync(self.device)
+        t3 = clock()
+        self.set_grads(self.g1_mid)
+        sync(self.device)
+        t4 = clock()
+        reuse.apply(self.params, self.positions, 1.0, self.shards)
+        reuse.commit()
+        sync(self.device)
+        t5 = clock()
+        return t1 - t0, t3 - t2, t5 - t4
+
+
+def reuse_memory_child(args) -> dict:
+    """In a fresh process: the peak resident memory (VmHWM) two reuse cycles of one variant add over the setup's."""
+    setup = ReuseSetup(args.reuse_params, args.reuse_tensors, "cpu", args.seed)
+    reuse = make_reuse(args.reuse_child)
+    base = peak_rss_bytes()
+    held_full = held_mid = 0
+    for _ in range(2):
+        setup.set_grads(setup.g1_full)
+        reuse.capture(setup.params, setup.positions, setup.shards)
+        setup.set_grads(setup.gr)
+        reuse.store(setup.params, setup.positions, setup.shards, torch.tensor(True), 1.0)
+        held_full = max(held_full, reuse.extra_bytes())
+        reuse.commit()
+        setup.set_grads(setup.g1_mid)
+        _, undo = reuse.apply(setup.params, setup.positions, 1.0, setup.shards)
+        held_mid = max(held_mid, reuse.extra_bytes() + (0 if args.reuse_child != "old-flat" else
+                                                         tensor_bytes([g for _, g in undo])))
+        del undo
+        reuse.commit()
+    n = sum(setup.sizes)
+    return {"variant": args.reuse_child, "peak_over_setup_bytes": peak_rss_bytes() - base,
+            "peak_over_setup_per_param": (peak_rss_bytes() - base) / n,
+            "held_after_store_per_param": held_full / n, "held_during_apply_per_param": held_mid / n,
+            "held_between_steps_per_param": reuse.extra_bytes() / n}
+
+
+def reuse_math(args) -> dict:
+    """Time of one reuse capture + store (full step) and one apply (step in between) per variant, round-robin,
+    medians; then each variant's peak memory in its own process."""
+    import json
+    import subprocess
+
+    setup = ReuseSetup(args.reuse_params, args.reuse_tensors, args.device, args.seed)
+    states = {v: make_reuse(v) for v in REUSE_VARIANTS}
+    rows: dict[str, dict[str, list[float]]] = {v: {"capture": [], "store": [], "apply": [],
+                                                   "capture_cpu": [], "store_cpu": [], "apply_cpu": []}
+                                               for v in REUSE_VARIANTS}
+    for r in range(1 + args.repeats):
+        for v, reuse in states.items():
+            wall = setup.cycle(reuse, time.perf_counter)
+            cpu = setup.cycle(reuse, time.process_time)
+            if r:
+                for k, a, b in zip(("capture", "store", "apply"), wall, cpu):
+                    rows[v][k].append(a)
+                    rows[v][k + "_cpu"].append(b)
+    out = {"params": sum(setup.sizes), "tensors": len(setup.sizes), "threads": torch.get_num_threads(),
+           "variants": {}}
+    for v in REUSE_VARIANTS:
+        med = {k: statistics.median(x) for k, x in rows[v].items()}
+        out["variants"][v] = {"median_s": med, "last_path": getattr(states[v], "last_path", "torch (flat)")}
+    del setup, states
+    if args.device == "cpu":
+        # Twice per variant: glibc's default malloc (what a training process sees: freed heap memory it keeps counts
+        # until reused), and with a fixed mmap threshold of 64 KiB, so that every tensor of 64 KiB or more is its
+        # own mapping, returned when freed: the peak of the live bytes.
+        for v in REUSE_VARIANTS:
+            cmd = [sys.executable, os.path.abspath(__file__), "--reuse-child", v, "--reuse-params",
+                   str(args.reuse_params), "--reuse-tensors", str(args.reuse_tensors), "--seed", str(args.seed)]
+            for key, env in (("memory", None), ("memory_live", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})):
+                res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                out["variants"][v][key] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -388,15 +659,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto", help="cost part: GradReg's backend (auto, torch, cpp, triton)")
     ap.add_argument("--parts", default="fidelity,cost",
-                    help="what to run, a comma list: fidelity (small transformer), cost, world (the demo's worlds)")
+                    help="what to run, a comma list: fidelity (small transformer), cost, world (the demo's worlds), "
+                         "reuse (the reuse arithmetic alone: old flat code against the torch reference and C++)")
     ap.add_argument("--worlds", default="collapse,rare", help="world part: the demo's worlds")
     ap.add_argument("--world-steps", type=int, default=250, help="world part: RL steps per run (the demo's)")
     ap.add_argument("--world-seeds", type=int, default=1, help="world part: seeds per world (from --seed)")
     ap.add_argument("--world-gamma", type=float, default=10.0, help="world part: γ (the demo's default)")
+    ap.add_argument("--reuse-params", type=int, default=18_600_000, help="reuse part: fp32 parameters")
+    ap.add_argument("--reuse-tensors", type=int, default=40, help="reuse part: tensors they are split into")
+    ap.add_argument("--reuse-child", default=None, choices=REUSE_VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--variant", default=None, help="suffix of the result file: <device>_cheap_gr_<variant>.json")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.device == "cuda" and args.parts != "cost":
+    if args.reuse_child is not None:  # the reuse part's memory probe, in its own process
+        torch.set_num_threads(1)
+        import json
+
+        print(json.dumps(reuse_memory_child(args)))
+        return 0
+    if args.device == "cuda" and args.parts not in ("cost", "reuse"):
         ap.error("--device cuda times the cost part only: add --parts cost")
     if args.device == "cpu":
         torch.set_num_threads(1)
@@ -408,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
               "fidelity": {kind: fidelity(kind, args, ks, fracs) for kind in ("lm", "pg")}
               if "fidelity" in args.parts else {},
               "cost": cost(args, ks, fracs) if "cost" in args.parts else [],
-              "world_fidelity": world_fidelity(args, ks, fracs) if "world" in args.parts else {}}
+              "world_fidelity": world_fidelity(args, ks, fracs) if "world" in args.parts else {},
+              "reuse_math": reuse_math(args) if "reuse" in args.parts.split(",") else {}}
     result["seconds"] = time.perf_counter() - t0
     print("fidelity (mean cos to the full correction, min cos, mean norm ratio)")
     for kind, table in (*result["fidelity"].items(), *result["world_fidelity"].items()):
@@ -418,6 +700,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["cost"]:
         print(f"  {r['mode']:<22} {1e3 * r['median_step_s']:>8.2f} ms {r['ratio']:>6.2f}x "
               f"(bookkeeping {r['bookkeeping_ratio']:.3f}x, {r['backend']}) {r['extra_bytes_per_param']:>5.1f} B/param")
+    if result["reuse_math"]:
+        rm = result["reuse_math"]
+        print(f"reuse arithmetic at {rm['params'] / 1e6:.1f}M fp32 parameters in {rm['tensors']} tensors, "
+              f"{rm['threads']} thread(s): median ms (wall / CPU), peak and held bytes per parameter")
+        for v, r in rm["variants"].items():
+            m, mem = r["median_s"], r.get("memory", {})
+            print(f"  {v:<10} capture {1e3 * m['capture']:7.1f} / {1e3 * m['capture_cpu']:7.1f}  "
+                  f"store {1e3 * m['store']:7.1f} / {1e3 * m['store_cpu']:7.1f}  "
+                  f"apply {1e3 * m['apply']:7.1f} / {1e3 * m['apply_cpu']:7.1f}  "
+                  f"peak {mem.get('peak_over_setup_per_param', float('nan')):5.2f} B "
+                  f"(live {r.get('memory_live', {}).get('peak_over_setup_per_param', float('nan')):5.2f} B)  "
+                  f"held {mem.get('held_between_steps_per_param', float('nan')):4.1f} B ({r['last_path']})")
     run.write(result, args.out, args.variant)
     return 0
 

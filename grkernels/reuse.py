@@ -53,7 +53,14 @@ from grkernels.kernels import cpp_reuse, resolve_backend
 
 REUSE_MODES = ("none", "orthogonal")
 
-_CHUNK = 1 << 20  # elements per float64 upcast in the reference's sums: bounds its transient memory (8 MiB)
+# Elements per chunk of the reference (its float64 upcasts and temporaries are a chunk each): 2^16 on CPU (512 KiB
+# in float64, cache-sized), 2^22 elsewhere (fewer launches on a GPU, 32 MiB in float64).
+_CHUNK = 1 << 16
+_CHUNK_DEVICE = 1 << 22
+
+
+def _chunk(t: torch.Tensor) -> int:
+    return _CHUNK if t.device.type == "cpu" else _CHUNK_DEVICE
 # Below this relative size, ‖d‖ ≤ _NOISE·‖c‖, d is rounding noise: of the float64 sums (‖d‖² is a difference of
 # sums of ~‖c‖², each with a relative error ≲ 1e-14 at 10⁷ terms), of the update in float32 (it cancels (1 − k·β)·g1
 # against k·c, each ~‖c‖/‖d‖ times the result) or of c itself (stored in its dtype: ε = 2⁻⁷ for bf16). Then nothing
@@ -89,7 +96,7 @@ def reference_sums(g1: Sequence[torch.Tensor], c: Sequence[torch.Tensor | None],
                    shards: Shards) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reduction of a step in between: ([‖s_g·g1‖², ⟨s_c·c, s_g·g1⟩, ‖s_c·c‖²] (float64, local), s_c/s_g).
 
-    Products in float64 (exact range for 32-bit and narrower values), a chunk of ``_CHUNK`` elements widened at a
+    Products in float64 (exact range for 32-bit and narrower values), a chunk (``_chunk``) widened at a
     time. s_g = s_c = 1 (and the ratio None) for 32-bit and narrower gradients; with float64 ones, the powers of
     two of :func:`_pow2_scale` (one more pass over each). ``c``: None where no correction is stored (zeros)."""
     sg = sc = ratio = None
@@ -100,12 +107,13 @@ def reference_sums(g1: Sequence[torch.Tensor], c: Sequence[torch.Tensor | None],
         ratio = sc / sg
     terms: list[torch.Tensor] = []
     for g, ci in zip(g1, c):
-        for k, gk in enumerate(g.reshape(-1).split(_CHUNK)):
+        n = _chunk(g)
+        for k, gk in enumerate(g.reshape(-1).split(n)):
             a = _up(gk, sg)
             if ci is None:
                 terms.append(torch.stack([a @ a, a.new_zeros(()), a.new_zeros(())]))
             else:
-                b = _up(ci.reshape(-1)[k * _CHUNK:(k + 1) * _CHUNK], sc)
+                b = _up(ci.reshape(-1)[k * n:(k + 1) * n], sc)
                 terms.append(torch.stack([a @ a, b @ a, b @ b]))
     if not terms:
         return torch.zeros(3, dtype=torch.float64, device=g1[0].device), ratio
@@ -125,8 +133,8 @@ def reference_update(g1: Sequence[torch.Tensor], c: Sequence[torch.Tensor | None
                 g.addcmul_(ci if ci.dtype == w else ci.to(w), kw)
             continue
         if g.is_contiguous() and (ci is None or ci.is_contiguous()):  # bf16/fp16: via float32, a chunk at a time
-            pieces = g.view(-1).split(_CHUNK)
-            cps = [None] * len(pieces) if ci is None else ci.view(-1).split(_CHUNK)
+            pieces = g.view(-1).split(_chunk(g))
+            cps = [None] * len(pieces) if ci is None else ci.view(-1).split(_chunk(g))
         else:
             pieces, cps = [g], [ci]
         for gk, ck in zip(pieces, cps):
@@ -157,9 +165,10 @@ def reference_store(gr: Sequence[torch.Tensor], buf: Sequence[torch.Tensor], old
         ratio = sg / sn
     terms: list[torch.Tensor] = []
     for x, g, o in zip(gr, buf, old):
-        xs = x.reshape(-1).split(_CHUNK)
-        os_ = [None] * len(xs) if o is None else o.reshape(-1).split(_CHUNK)
-        for xk, gk, ok in zip(xs, g.view(-1).split(_CHUNK), os_):
+        n = _chunk(x)
+        xs = x.reshape(-1).split(n)
+        os_ = [None] * len(xs) if o is None else o.reshape(-1).split(n)
+        for xk, gk, ok in zip(xs, g.view(-1).split(n), os_):
             nk = xk - gk  # one rounding onto the gradient's dtype, as the stored correction
             a, b = _up(gk, sg), _up(nk, sn)
             if ok is None:
