@@ -171,8 +171,8 @@ def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
     lr = cfg.lr * (cfg.gr_lr_scale if cfg.uses_gr else cfg.lowlr_scale if cfg.method == "none_lowlr" else 1.0)
     if cfg.method == "gr_head":  # GR on lm_head only: the head's group has γ, every other gr_enabled=False
         base = torch.optim.Adam(head_param_groups(policy, cfg.gamma, head=policy.lm_head), lr=lr)
-        return GradReg(base, strength=cfg.gamma, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
-                       estimator=cfg.gr_estimator, seed=seed)
+        return GradReg(base, strength=cfg.gamma, eps=cfg.eps, eps_mode="absolute", g1_clip=cfg.g1_clip,
+                       g2_clip=cfg.g2_clip, estimator=cfg.gr_estimator, seed=seed)
     base = torch.optim.Adam(policy.parameters(), lr=lr)
     if not cfg.uses_gr:
         return base
@@ -182,7 +182,8 @@ def make_optimizer(policy: TinyTransformer, cfg: RLConfig, seed: int):
         extra.update(strength="auto", target_rel=cfg.target_rel, strength_init=cfg.strength_init)
     else:
         extra.update(strength=cfg.gamma)
-    return GradReg(base, eps=cfg.eps, g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
+    # ε absolute, as every committed result of the demo ran (the library's default became radius ε 0.02 later)
+    return GradReg(base, eps=cfg.eps, eps_mode="absolute", g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
                    exclude=exclude, estimator=cfg.gr_estimator, seed=seed, **extra)
 
 
