@@ -328,7 +328,8 @@ def grad_at(params):
 g1 = grad_at(theta)                                  # independent: plain autograd at theta and theta + eps*g1
 g2 = grad_at([t + eps * g for t, g in zip(theta, g1)])
 expected = [a + (gamma / eps) * (b - a) for a, b in zip(g1, g2)]
-opt = GradReg(torch.optim.SGD(model.parameters(), lr=1.0), strength=gamma, eps=eps, g1_clip=None, g2_clip=None)
+opt = GradReg(torch.optim.SGD(model.parameters(), lr=1.0), strength=gamma, eps=eps, eps_mode="absolute",
+              g1_clip=None, g2_clip=None)   # absolute eps: the recomputation above perturbs theta + eps*g1
 def closure():
     loss = (model(x) - y).square().mean()
     loss.backward()
