@@ -2,25 +2,27 @@
 rate or with the policy's size?
 
 Two parts, each one command (``python -m grkernels.demo.scale --part lr|size --out DIR``, or ``make scale-study``),
-each a list of *cells*; a cell is one ``grkernels demo --sweep`` invocation (one world, one width, one learning rate)
-whose ``results.json`` lands in ``DIR/<part>/<cell>/``. A cell that already has its ``results.json`` is not rerun
-(``--force`` reruns it), so an interrupted study resumes where it stopped. Every cell shares one cache of the
-pretrained task policies (``DIR/cache``, keyed by size), as ``grkernels demo`` does.
+each a list of *cells* (one world, one width, one learning rate). A cell is one to three ``grkernels demo --sweep``
+invocations whose ``results.json`` files are merged (:func:`grkernels.demo.report.merge_results`, frontiers
+recomputed over all methods): the first on seeds 0–2 in ``DIR/<part>/<cell>/``, the size part's second strengths and
+adaptive strength on the same seeds without repeating ``none`` in ``<cell>/more/``, and seeds 3 and up with every
+method in ``<cell>/seeds3/``. An invocation that already has its ``results.json`` is not rerun (``--force`` reruns
+it), so an interrupted study resumes where it stopped, and a larger one extends a smaller one. Every cell shares one
+cache of the pretrained task policies (``DIR/cache``, keyed by size), as ``grkernels demo`` does.
 
-``size``  policy and reward model width 64 and 128 (2 layers; ``--widths 64,128,256`` and ``--worlds
-          collapse,format`` extend it), collapse world, methods ``none``, KL and GR each at the lr part's strength,
-          learning rate 2e-4 for all. Per (world, width): the frontier summary of :mod:`grkernels.demo.frontier`
-          (E(K*) per method, K* the smallest largest-KL-reached over the methods of that cell), the final Δgold, the
-          GR − KL gaps paired by seed, and the premise's ρ (Spearman over steps between ‖g1‖ and the reward model's
+``size``  collapse and format worlds, policy and reward model width 64, 128 and 256 (2 layers), methods ``none``,
+          KL at two β, GR at two γ (:data:`LR_STRENGTHS` and :data:`SIZE_EXTRA`) and ``gr_auto`` at the recommended
+          target 3, learning rate 2e-4 for all; 5 seeds, 3 at width 256 (``--seeds``, ``--seeds-at``). Per (world,
+          width): the frontier summary of :mod:`grkernels.demo.frontier` (E(K*) per method family, the envelope
+          over its strengths; K* the smallest largest-KL-reached over the families of that cell), the best final
+          Δgold, the GR − KL gaps paired by seed (fixed γ and adaptive), the correction ‖GR − g1‖/‖g1‖ and the
+          final γ per GR variant, and the premise's ρ (Spearman over steps between ‖g1‖ and the reward model's
           accuracy; pooled over the cell's runs, and per method).
 ``lr``    collapse and format worlds at width 64, ``none``, KL and GR each at one strength (collapse: β 0.1, γ 10;
-          format: β 0.3, γ 1), learning rate 2e-4 × {0.5, 1, 2} for every method. The × 1 cell of a world is the
-          ``size`` part's cell of that world at width 64 (the same flags). Per (world, method, lr scale): final Δgold
-          and KL, and E(K*) at one K* common to the nine (method, lr) pairs of the world, so that a GR at 2× the
-          learning rate can be set against a KL at 1×.
-
-The issue asked for two strengths per method and widths up to 256 in both worlds; on the shared 2-core machine of
-the first run that did not fit its time box (README: the sizing), so the defaults are what ran.
+          format: β 0.3, γ 1), learning rate 2e-4 × {0.5, 1, 2} for every method, 3 seeds. The × 1 cell of a world
+          is the ``size`` part's cell of that world at width 64 (its first run: the same flags). Per (world, method,
+          lr scale): final Δgold and KL, and E(K*) at one K* common to the nine (method, lr) pairs of the world, so
+          that a GR at 2× the learning rate can be set against a KL at 1×.
 
 Δgold = gold − the initial policy's gold, per seed; mean ± sample std over seeds (n − 1). The tables are computed
 from the cells' ``results.json`` (:func:`size_table`, :func:`lr_table`) and written to ``DIR/<part>/summary.json``
