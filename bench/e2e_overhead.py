@@ -101,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     opts: dict[str, GradReg] = {}
     for backend in args.backends.split(","):
         for estimator in ("forward", "central"):
-            opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model), estimator=estimator,
-                          backend=backend)
+            opt = GradReg(base, strength=0.1, eps=1e-3, eps_mode="absolute", exclude=paper_exclude(model),
+                          estimator=estimator, backend=backend)
             opts[f"gr-{estimator}-{backend}"] = opt
             variants[f"gr-{estimator}-{backend}"] = lambda opt=opt: opt.step(closure)
         # The GR-only work alone (perturb + restore_and_combine, no second backward) on g1 of one backward.
         # γ = ε and no clipping keep the repeated combine bounded (grad ← g1 − g1); the same bytes move.
-        math_opt = GradReg(base, strength=1e-3, eps=1e-3, g1_clip=None, g2_clip=None,
+        math_opt = GradReg(base, strength=1e-3, eps=1e-3, eps_mode="absolute", g1_clip=None, g2_clip=None,
                            exclude=paper_exclude(model), backend=backend)
 
         def gr_math(math_opt=math_opt):
@@ -118,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"math-{backend}"] = gr_math
     # The cheaper modes (issue 13), on the auto backend: whole every-k cycles per call (divided by k below), and
     # the sub-batch pass in two phases on the first ⌈f·B⌉ sequences; each beside its floor.
-    floor_opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model))
+    floor_opt = GradReg(base, strength=0.1, eps=1e-3, eps_mode="absolute", exclude=paper_exclude(model))
     cycles: dict[str, int] = {}
     floors: dict[str, str] = {}  # mode -> its floor's variant
     for k in [int(x) for x in args.every.split(",") if x]:
-        opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model), every=k, reuse="orthogonal")
+        opt = GradReg(base, strength=0.1, eps=1e-3, eps_mode="absolute", exclude=paper_exclude(model), every=k,
+                      reuse="orthogonal")
         opts[f"every{k}-orthogonal"], cycles[f"every{k}-orthogonal"] = opt, k
         variants[f"every{k}-orthogonal"] = lambda opt=opt, k=k: [opt.step(closure) for _ in range(k)]
         # the floor: one full GR step and k - 1 plain steps (no reuse bookkeeping)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cycles[f"floor-every{k}"], floors[f"every{k}-orthogonal"] = k, f"floor-every{k}"
     for f in [float(x) for x in args.fractions.split(",") if x]:
         m = max(1, math.ceil(f * args.batch))
-        opt = GradReg(base, strength=0.1, eps=1e-3, exclude=paper_exclude(model))
+        opt = GradReg(base, strength=0.1, eps=1e-3, eps_mode="absolute", exclude=paper_exclude(model))
 
         def sub_batch(opt=opt, m=m):
             opt.zero_grad()

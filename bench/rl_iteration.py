@@ -678,7 +678,8 @@ def memory_by_dtype(model_dir: str, a: argparse.Namespace) -> list[dict]:
             opt.step()
             row[f"gr_{mode}_bytes_per_param"] = opt.extra_memory_bytes() / n
         if not a.tied:
-            opt = GradReg(torch.optim.SGD(head_param_groups(model, 0.1), lr=0.0), strength=0.1, eps=0.02)
+            opt = GradReg(torch.optim.SGD(head_param_groups(model, 0.1), lr=0.0), strength=0.1, eps=0.02,
+                          eps_mode="absolute")
             head_gr_step(opt, lambda: model.model(input_ids=ids).last_hidden_state,
                          lambda h: torch.nn.functional.cross_entropy(model.lm_head(h).flatten(0, 1).float(),
                                                                      ids.flatten()))
