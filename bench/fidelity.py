@@ -338,8 +338,8 @@ def sharded_estimate(seed: int, estimator: str, rounding: str, off_grid: bool, e
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     ids = batch(seed, "cpu").chunk(dist.get_world_size())[dist.get_rank()]
-    opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.0), strength=GAMMA, eps=eps, g1_clip=None, g2_clip=None,
-                  estimator=estimator, rounding=rounding, backend="torch", seed=seed)
+    opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.0), strength=GAMMA, eps=eps, eps_mode="absolute",
+                  g1_clip=None, g2_clip=None, estimator=estimator, rounding=rounding, backend="torch", seed=seed)
     loss_of(model, ids).backward()
     params = list(model.parameters())
     g1 = flat(p.grad.full_tensor() for p in params)
