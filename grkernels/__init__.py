@@ -1,8 +1,10 @@
 """grkernels: gradient regularization (GR) for RLHF/RLVR, as a torch.optim wrapper with fused kernels.
 
-    opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-5), strength=1e-2, eps=1e-3,
-                  exclude=paper_exclude(model))
+    opt = GradReg(torch.optim.AdamW(model.parameters(), lr=1e-5), exclude=paper_exclude(model))
     loss = opt.step(closure)      # closure: loss = ...; loss.backward(); return loss
+
+At its defaults GR holds ‖GR − g1‖/‖g1‖ at 3 (strength="auto", target_rel=3) with a perturbation of norm 0.02
+(eps_mode="radius", eps=0.02); the paper's fixed setting is strength=1e-2, eps=1e-3, eps_mode="absolute".
 """
 
 from grkernels._version import __version__
