@@ -35,8 +35,9 @@ Sharded parameters (FSDP2, ZeRO): the stored correction is the local shard and e
 through the step's ``Shards`` (one all-reduce of 3 numbers per step in between, of 6 per full step).
 
 Implementations, chosen by the GR step's rule (``grkernels.kernels.resolve_backend`` of the ``backend`` setting):
-the C++ passes (``grkernels.kernels.cpp_reuse``, CPU, contiguous fp32/bf16/fp16) where it resolves to "cpp", else
-the torch reference below (the specification; also what CUDA runs: it has no Triton kernel yet). Both sum products
+the C++ passes (``grkernels.kernels.cpp_reuse``, CPU) where it resolves to "cpp", the Triton kernels
+(``grkernels.kernels.triton_reuse``, CUDA; not yet timed on a GPU) where it resolves to "triton", both for contiguous
+fp32/bf16/fp16 gradients; else the torch reference below (the specification), a chunk at a time. Both sum products
 in float64 (exact range for 32-bit and narrower values: elements of 3e19 and 1e-25 give the right sums); float64
 gradients are first scaled by powers of two (exact) so that their products can neither overflow nor underflow.
 """
@@ -49,7 +50,12 @@ import torch
 
 from grkernels.backends.arith import accum_dtype, norm_from_parts, sumsq_parts
 from grkernels.backends.base import Shards
-from grkernels.kernels import cpp_reuse, resolve_backend
+from grkernels.kernels import cpp_reuse, resolve_backend, triton_usable
+
+try:  # triton is optional: without it backend="triton" is refused at construction (resolve_backend)
+    from grkernels.kernels import triton_reuse
+except ImportError:
+    triton_reuse = None
 
 REUSE_MODES = ("none", "orthogonal")
 
@@ -243,9 +249,9 @@ class CorrectionReuse:
     """Keeps the correction of the last full GR step and applies it, projected and rescaled, in between.
 
     Args:
-        backend: the GR step's ``backend`` setting ("auto", "torch", "cpp", "triton"): "cpp" as it resolves
-            (``resolve_backend``) runs the C++ passes where they take the tensors, anything else the torch
-            reference. ``last_path`` says which ran last ("cpp" or "torch (<why>)").
+        backend: the GR step's ``backend`` setting ("auto", "torch", "cpp", "triton"): as it resolves
+            (``resolve_backend``), the C++ passes or the Triton kernels where they take the tensors, else the torch
+            reference. ``last_path`` says which ran last ("cpp", "triton" or "torch (<why>)").
     """
 
     def __init__(self, backend: str = "auto") -> None:
@@ -343,17 +349,24 @@ class CorrectionReuse:
             out.append(c if c is not None and c.shape == g.shape else None)
         return out
 
-    def _use_cpp(self, device: torch.device, tensors: Sequence[torch.Tensor]) -> bool:
-        """The implementation rule (see the class docstring); sets ``last_path``."""
-        if resolve_backend(self.backend, device, what="GradReg reuse") != "cpp":
-            self.last_path = "torch"
-        elif not cpp_reuse.available():
-            self.last_path = "torch (the loaded grkernels._C predates the reuse ops: rebuild it)"
-        elif not cpp_reuse.takes(tensors):
-            self.last_path = "torch (float64, non-contiguous or non-CPU tensors)"
+    def _impl(self, device: torch.device, tensors: Sequence[torch.Tensor]) -> str:
+        """"cpp", "triton" or "torch" for this pass (the rule in the class docstring); sets ``last_path``."""
+        name = resolve_backend(self.backend, device, what="GradReg reuse")
+        why = ""
+        if name == "cpp":
+            if not cpp_reuse.available():
+                why = "the loaded grkernels._C predates the reuse ops: rebuild it"
+            elif not cpp_reuse.takes(tensors):
+                why = "float64, non-contiguous or non-CPU tensors"
+        elif name == "triton":
+            if triton_reuse is None or not triton_usable(device):
+                why = "triton cannot run on these tensors"
+            elif not triton_reuse.takes(tensors) or any(t.device != device for t in tensors):
+                why = "float64 or non-contiguous tensors"
         else:
-            self.last_path = "cpp"
-        return self.last_path == "cpp"
+            name = "torch"
+        self.last_path = name if not why else f"torch ({why})"
+        return name if not why else "torch"
 
     @torch.no_grad()
     def capture(self, params: Sequence[torch.Tensor], positions: Sequence[int], shards: Shards) -> None:
@@ -379,10 +392,13 @@ class CorrectionReuse:
         dtype = accum_dtype(grads)
         device = grads[0].device
         finite = finite.to(device)
-        if self._use_cpp(device, [*grads, *buf, *_present(old)]):
+        impl = self._impl(device, [*grads, *buf, *_present(old)])
+        ratio = None
+        if impl == "cpp":
             sums = cpp_reuse.reuse_store(grads, buf, [g.new_empty(0) if o is None else o for g, o in zip(grads, old)],
                                          finite)
-            ratio = None
+        elif impl == "triton":
+            sums = triton_reuse.reuse_store(grads, buf, old, finite)
         else:
             sums, ratio = reference_store(grads, buf, old, finite, shards)
         sums = shards.sum_across(sums.to(device))
@@ -409,18 +425,22 @@ class CorrectionReuse:
         undo = [(g, g.clone()) for g in g1]
         self._pending = sum(g.numel() * g.element_size() for g in g1)
         device = g1[0].device
-        cpp = self._use_cpp(device, [*g1, *_present(c)])
-        if cpp:
-            c_args = [g.new_empty(0) if x is None else x for g, x in zip(g1, c)]
+        impl = self._impl(device, [*g1, *_present(c)])
+        c_args = [g.new_empty(0) if x is None else x for g, x in zip(g1, c)] if impl == "cpp" else c
+        if impl == "cpp":
             sums, ratio = cpp_reuse.reuse_sums(g1, c_args), None
+        elif impl == "triton":
+            sums, ratio = triton_reuse.reuse_sums(g1, c), None
         else:
             sums, ratio = reference_sums(g1, c, shards)
         sums = shards.sum_across(sums.to(device))
         stored = self._gamma
         scale = torch.where(stored > 0, gamma / stored, torch.zeros_like(stored))  # on the device: γ was chosen there
         a, k, rel = apply_coefficients(sums, self._rho, scale, ratio, _noise_floor(_present(c)))
-        if cpp:
+        if impl == "cpp":
             cpp_reuse.reuse_update(g1, c_args, a, k)
+        elif impl == "triton":
+            triton_reuse.reuse_update(g1, c, a, k)
         else:
             reference_update(g1, c, a, k)
         return {"gr_rel": rel.to(accum_dtype(g1))}, undo
