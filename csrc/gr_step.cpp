@@ -117,7 +117,7 @@ struct GRPasses {
 // The passes of the correction reuse (reuse_passes.inc; grkernels/reuse.py), built beside the GR-step passes.
 struct ReusePasses {
   const char* name;
-  void (*sums)(const Slot& g, const Slot& c, const Item&, double* out3);
+  void (*sums)(const Slot& g, const Slot& c, const Slot& undo, const Item&, double* out3);
   void (*update)(const Slot& g, const Slot& c, float a, float k, const Item&);
   void (*store)(const Slot& gr, const Slot& buf, const Slot& old, bool finite, const Item&, double* out6);
 };
@@ -331,12 +331,17 @@ at::Tensor run_items_k(const std::vector<Item>& items, F fn) {
   return out;
 }
 
-at::Tensor gr_reuse_sums(at::TensorList g, at::TensorList c) {
+// undo: empty, or one tensor per g (its dtype and size) that receives g's bits in the same pass
+at::Tensor gr_reuse_sums(at::TensorList g, at::TensorList c, at::TensorList undo) {
   check_reuse_list(g, "gr_reuse_sums", "g");
   auto gs = slots(g, g.size(), "g");
   auto cs = optional_slots(c, g, "gr_reuse_sums", "c");
+  auto us = slots(undo, g.size(), "undo");
+  check_same_numel(g, undo, "undo");
+  for (size_t i = 0; i < undo.size(); ++i)
+    TORCH_CHECK(undo[i].scalar_type() == g[i].scalar_type(), "gr_reuse_sums: undo ", i, " must have g's dtype");
   return run_items_k<3>(items_of(g), [&](const Item& it, double* out) {
-    reuse_passes().sums(gs[it.t], cs[it.t], it, out);
+    reuse_passes().sums(gs[it.t], cs[it.t], us[it.t], it, out);
   });
 }
 
@@ -375,7 +380,7 @@ TORCH_LIBRARY_FRAGMENT(grkernels_cpp, m) {
         "ScalarType? grid, bool wide) -> Tensor");
   m.def("gr_combine(Tensor(a!)[] weights, Tensor(b!)[] grads, Tensor[] theta_save, Tensor[] g1_save, "
         "Tensor[] gplus_save, float[] coefs, Tensor sa, Tensor sb, int kind, bool delta, bool wide) -> Tensor");
-  m.def("gr_reuse_sums(Tensor[] g, Tensor[] c) -> Tensor");
+  m.def("gr_reuse_sums(Tensor[] g, Tensor[] c, Tensor(a!)[] undo) -> Tensor");
   m.def("gr_reuse_update(Tensor(a!)[] g, Tensor[] c, Tensor a, Tensor k) -> ()");
   m.def("gr_reuse_store(Tensor[] gr, Tensor(a!)[] buf, Tensor[] old, Tensor finite) -> Tensor");
 }

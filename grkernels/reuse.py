@@ -422,17 +422,20 @@ class CorrectionReuse:
         c = self._matched(positions, g1) if g1 else []
         if not any(x is not None for x in c):
             return {}, []
-        undo = [(g, g.clone()) for g in g1]
         self._pending = sum(g.numel() * g.element_size() for g in g1)
         device = g1[0].device
         impl = self._impl(device, [*g1, *_present(c)])
         c_args = [g.new_empty(0) if x is None else x for g, x in zip(g1, c)] if impl == "cpp" else c
-        if impl == "cpp":
-            sums, ratio = cpp_reuse.reuse_sums(g1, c_args), None
-        elif impl == "triton":
-            sums, ratio = triton_reuse.reuse_sums(g1, c), None
+        if impl == "cpp":  # the undo copy is written by the reduction pass itself (one read of g1 fewer)
+            saved = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in g1]
+            sums, ratio = cpp_reuse.reuse_sums(g1, c_args, saved), None
         else:
-            sums, ratio = reference_sums(g1, c, shards)
+            saved = [g.clone() for g in g1]
+            if impl == "triton":
+                sums, ratio = triton_reuse.reuse_sums(g1, c), None
+            else:
+                sums, ratio = reference_sums(g1, c, shards)
+        undo = list(zip(g1, saved))
         sums = shards.sum_across(sums.to(device))
         stored = self._gamma
         scale = torch.where(stored > 0, gamma / stored, torch.zeros_like(stored))  # on the device: γ was chosen there

@@ -476,7 +476,8 @@ def _op_args():
 def test_opcheck_the_reuse_ops():
     ops = torch.ops.grkernels_cpp
     g, c = _op_args()
-    torch.library.opcheck(ops.gr_reuse_sums, (g, c))
+    torch.library.opcheck(ops.gr_reuse_sums, (g, c, []))
+    torch.library.opcheck(ops.gr_reuse_sums, (g, c, [torch.empty_like(x) for x in g]))
     torch.library.opcheck(ops.gr_reuse_update, (g, c, torch.tensor(0.75, dtype=torch.float64),
                                                 torch.tensor(0.3, dtype=torch.float64)))
     for finite in (True, False):
@@ -489,11 +490,13 @@ def test_the_reuse_ops_refuse_what_they_do_not_take():
     ops = torch.ops.grkernels_cpp
     g, c = _op_args()
     with pytest.raises(RuntimeError, match="float64 runs the torch reference"):
-        ops.gr_reuse_sums([g[0].double()], [c[0].double()])
+        ops.gr_reuse_sums([g[0].double()], [c[0].double()], [])
     with pytest.raises(RuntimeError, match="contiguous"):
-        ops.gr_reuse_sums([g[0].view(700, 100).t()], [c[0]])
+        ops.gr_reuse_sums([g[0].view(700, 100).t()], [c[0]], [])
     with pytest.raises(RuntimeError, match="expected 70000"):
-        ops.gr_reuse_sums([g[0]], [c[0][:10]])
+        ops.gr_reuse_sums([g[0]], [c[0][:10]], [])
+    with pytest.raises(RuntimeError, match="undo 0 must have g's dtype"):
+        ops.gr_reuse_sums([g[0]], [c[0]], [torch.empty(70000, dtype=torch.float64)])
     with pytest.raises(RuntimeError, match="has 1 tensors, expected 2"):
         ops.gr_reuse_update(g[:2], c[:1], torch.tensor(1.0), torch.tensor(0.0))
 
@@ -504,7 +507,8 @@ def test_the_reuse_sums_do_not_depend_on_the_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpp_reuse.reuse_sums(g, c)
+        undo = [torch.empty_like(x) for x in g]
+        one = cpp_reuse.reuse_sums(g, c, undo)
         gr, buf1 = [x + 1 for x in g], [x.clone() for x in g]
         s1 = cpp_reuse.reuse_store(gr, buf1, c, torch.tensor(True))
         torch.set_num_threads(2)
@@ -514,6 +518,7 @@ def test_the_reuse_sums_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two) and torch.equal(s1, s2) and bitwise_equal(buf1, buf2)
+    assert bitwise_equal(undo, g)  # the undo copy written by the same pass
     exact = [sum(float((a.double() * b.double()).sum()) for a, b in pairs) for pairs in (
         list(zip(g, g)), [(a, b) for a, b in zip(g, c) if b.numel()], [(b, b) for b in c if b.numel()])]
     assert one.tolist() == pytest.approx(exact, rel=1e-12)

@@ -23,7 +23,7 @@ def _register_fakes() -> None:
     """Fake kernels, so that torch.compile / opcheck can trace the ops: the sums are float64 vectors (3 and 6), the
     update returns nothing (it mutates ``g``)."""
 
-    def sums(g, c):
+    def sums(g, c, undo):
         return torch.empty(3, dtype=torch.float64)
 
     def update(g, c, a, k):
@@ -51,9 +51,11 @@ def takes(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in REUSE_DTYPES for t in tensors)
 
 
-def reuse_sums(g: Sequence[torch.Tensor], c: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[Σ g², Σ c·g, Σ c²] over all tensors (float64, shape (3,)): one pass over g and c."""
-    return torch.ops.grkernels_cpp.gr_reuse_sums(list(g), list(c))
+def reuse_sums(g: Sequence[torch.Tensor], c: Sequence[torch.Tensor],
+               undo: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """[Σ g², Σ c·g, Σ c²] over all tensors (float64, shape (3,)): one pass over g and c, which also copies g's bits
+    into ``undo`` (one tensor per g, its dtype, contiguous) when given."""
+    return torch.ops.grkernels_cpp.gr_reuse_sums(list(g), list(c), list(undo))
 
 
 def reuse_update(g: Sequence[torch.Tensor], c: Sequence[torch.Tensor], a: torch.Tensor, k: torch.Tensor) -> None:
