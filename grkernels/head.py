@@ -22,7 +22,7 @@ ops on the same h), not an approximation, under three conditions:
 
 Use (two-phase loop, any base optimizer):
 
-    opt = GradReg(torch.optim.AdamW(head_param_groups(model, strength=1.0), lr=1e-5), strength=1.0, eps=1e-2)
+    opt = GradReg(torch.optim.AdamW(head_param_groups(model, strength=1.0), lr=1e-5), strength=1.0)
     hidden = trunk(batch)                              # e.g. the final norm's output
     loss = loss_from_hidden(hidden); loss.backward()   # g1 for every parameter
     if opt.active:

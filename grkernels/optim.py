@@ -45,7 +45,9 @@ class GradReg(torch.optim.Optimizer):
         master_weights: for optimizers that step fp32 master copies of low-precision model weights: the name of
             the attribute on each master holding the model's weight; GR perturbs and restores that weight bitwise
             (never the master).
-        **settings: the GR settings of ``grkernels.settings.SETTINGS`` (below), e.g. ``strength=1e-2, eps=1e-3``.
+        **settings: the GR settings of ``grkernels.settings.SETTINGS`` (below). The defaults hold gr_rel at 3
+            (``strength="auto"``) with a perturbation of norm 0.02 (``eps_mode="radius"``); the paper's fixed
+            setting is ``strength=1e-2, eps=1e-3, eps_mode="absolute"``.
 
     Two-phase use (a loop that owns its backward): backward at θ, ``perturb()``, the same backward at θ',
     ``combine()`` (optional: before a clip), ``step()``. Sub-batch GR: ``mark_subset(f)`` after the subset's
