@@ -37,9 +37,10 @@ through the step's ``Shards`` (one all-reduce of 3 numbers per step in between, 
 Implementations, chosen by the GR step's rule (``grkernels.kernels.resolve_backend`` of the ``backend`` setting):
 the C++ passes (``grkernels.kernels.cpp_reuse``, CPU) where it resolves to "cpp", the Triton kernels
 (``grkernels.kernels.triton_reuse``, CUDA; not yet timed on a GPU) where it resolves to "triton", both for contiguous
-fp32/bf16/fp16 gradients; else the torch reference below (the specification), a chunk at a time. Both sum products
-in float64 (exact range for 32-bit and narrower values: elements of 3e19 and 1e-25 give the right sums); float64
-gradients are first scaled by powers of two (exact) so that their products can neither overflow nor underflow.
+fp32/bf16/fp16 gradients; else the torch reference below (the specification), a chunk at a time. All three sum
+products in float64 (exact range for 32-bit and narrower values: elements of 3e19 and 1e-25 give the right sums);
+float64 gradients are first scaled by powers of two (exact) so that their products can neither overflow nor
+underflow.
 """
 
 from __future__ import annotations
@@ -64,14 +65,15 @@ REUSE_MODES = ("none", "orthogonal")
 _CHUNK = 1 << 16
 _CHUNK_DEVICE = 1 << 22
 
-
-def _chunk(t: torch.Tensor) -> int:
-    return _CHUNK if t.device.type == "cpu" else _CHUNK_DEVICE
 # Below this relative size, ‖d‖ ≤ _NOISE·‖c‖, d is rounding noise: of the float64 sums (‖d‖² is a difference of
 # sums of ~‖c‖², each with a relative error ≲ 1e-14 at 10⁷ terms), of the update in float32 (it cancels (1 − k·β)·g1
 # against k·c, each ~‖c‖/‖d‖ times the result) or of c itself (stored in its dtype: ε = 2⁻⁷ for bf16). Then nothing
 # is applied (c parallel to g1: no direction is left to apply).
 _NOISE = 2.0**-20
+
+
+def _chunk(t: torch.Tensor) -> int:
+    return _CHUNK if t.device.type == "cpu" else _CHUNK_DEVICE
 
 
 # ------------------------------------------------------------------------------------- the torch reference
