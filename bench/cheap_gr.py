@@ -255,8 +255,8 @@ def world_fidelity(args, ks, fracs) -> dict:
                 if "opt" not in state:
                     params = list(policy.parameters())
                     opt = GradReg(torch.optim.SGD(params, lr=0.0), strength=cfg.gamma, eps=cfg.eps,
-                                  g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip, exclude=paper_exclude(policy),
-                                  seed=seed)
+                                  eps_mode="absolute", g1_clip=cfg.g1_clip, g2_clip=cfg.g2_clip,
+                                  exclude=paper_exclude(policy), seed=seed)
                     state.update(params=params, opt=opt, stored={k: None for k in ks},
                                  gr_ids=gr_positions(params, policy))
                 params, opt, gr_ids = state["params"], state["opt"], state["gr_ids"]
