@@ -12,12 +12,12 @@ cache of the pretrained task policies (``DIR/cache``, keyed by size), as ``grker
 
 ``size``  collapse and format worlds, policy and reward model width 64, 128 and 256 (2 layers), methods ``none``,
           KL at two β, GR at two γ (:data:`LR_STRENGTHS` and :data:`SIZE_EXTRA`) and ``gr_auto`` at the recommended
-          target 3, learning rate 2e-4 for all; 5 seeds, 3 at width 256 (``--seeds``, ``--seeds-at``). Per (world,
-          width): the frontier summary of :mod:`grkernels.demo.frontier` (E(K*) per method family, the envelope
-          over its strengths; K* the smallest largest-KL-reached over the families of that cell), the best final
-          Δgold, the GR − KL gaps paired by seed (fixed γ and adaptive), the correction ‖GR − g1‖/‖g1‖ and the
-          final γ per GR variant, and the premise's ρ (Spearman over steps between ‖g1‖ and the reward model's
-          accuracy; pooled over the cell's runs, and per method).
+          target 3, learning rate 2e-4 for all; 5 seeds at width 64, 3 at 128 and 256 (``--seeds``,
+          ``--seeds-at``). Per (world, width): the frontier summary of :mod:`grkernels.demo.frontier` (E(K*) per
+          method family, the envelope over its strengths; K* the smallest largest-KL-reached over the families of
+          that cell), the best final Δgold, the GR − KL gaps paired by seed (fixed γ and adaptive), the correction
+          ‖GR − g1‖/‖g1‖ and the final γ per GR variant, and the premise's ρ (Spearman over steps between ‖g1‖ and
+          the reward model's accuracy; pooled over the cell's runs, and per method).
 ``lr``    collapse and format worlds at width 64, ``none``, KL and GR each at one strength (collapse: β 0.1, γ 10;
           format: β 0.3, γ 1), learning rate 2e-4 × {0.5, 1, 2} for every method, 3 seeds. The × 1 cell of a world
           is the ``size`` part's cell of that world at width 64 (its first run: the same flags). Per (world, method,
@@ -65,7 +65,7 @@ METHOD_ORDER = ("none", "kl", "gr")
 SIZE_ORDER = ("none", "kl", "gr", "gr_auto")
 BASE_SEEDS = 3  # seeds 0..2: the first run of every cell; more seeds (--seeds 5) are a separate run, merged
 SEEDS = 5
-SEEDS_AT = {256: 3}  # the size part's default: 5 seeds, 3 at width 256 (the time box: README, the sizing)
+SEEDS_AT = {128: 3, 256: 3}  # the size part's default: 5 seeds at width 64, 3 above (the time box: README, the sizing)
 
 
 def join_sweeps(*specs: str) -> str:
