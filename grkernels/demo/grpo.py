@@ -89,7 +89,7 @@ class RLConfig:
     gr_estimator: str = "forward"
     gr_every: int = 4              # gr_every: steps per full GR step (the extra pass)
     gr_subset: float = 0.25        # gr_subset: share of the sequences in the extra pass (largest |advantage|)
-    target_rel: float = 1.0        # gr_auto: the ‖GR − g1‖/‖g1‖ the adaptive strength holds
+    target_rel: float = 3.0        # gr_auto: the ‖GR − g1‖/‖g1‖ the adaptive strength holds (the library's default)
     strength_init: float | None = None  # gr_auto: the first step's γ (None: the library's default)
     adv_std: bool = False
     clip_eps: float = 0.2
