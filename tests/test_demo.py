@@ -651,3 +651,11 @@ def test_gr_auto_sweep_labels_tracking_table_and_strength_plot(tmp_path):
     lr = [math.log(2 / 2), math.log(0.5 / 4), math.log(2 / 2), math.log(0.5 / 4)]  # log r = log(gr_rel/γ)
     d = [b - a for a, b in zip(lr, lr[1:])]
     assert st["noise"] == pytest.approx(math.exp(math.sqrt(0.5 * sum(v * v for v in d) / len(d))))
+
+
+def test_gr_auto_default_target_is_the_librarys():
+    """The demo's gr_auto without --target-rel holds the library's default target (one default set)."""
+    from grkernels.settings import SETTINGS
+
+    default = next(s.default for s in SETTINGS if s.name == "target_rel")
+    assert RLConfig().target_rel == default == 3.0
