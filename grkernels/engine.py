@@ -118,7 +118,6 @@ class GREngine:
         self._taken: dict[str, torch.Tensor] = {}  # the last step taken's: what an abort puts back
         self._last_factor = 0.0
         self._last_gamma = 0.0
-        self._observed = -1
         self.reuse = CorrectionReuse(s.backend)
         self._g1_copy: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, g1): reuse/exact combine undo
         self._subset: dict[int, torch.Tensor] | None = None  # position -> g1_S, then D = g1_S − f·g1
@@ -395,7 +394,6 @@ class GREngine:
         n1 = global_norm(gr, accum_dtype(gr), shards).to(gr[0].device) if gr else torch.zeros(())
         nan = torch.full_like(n1, float("nan"))
         self._metrics = {"g1_norm": n1, "g2_norm": nan, "gr_rel": torch.zeros_like(n1), "perturb_ratio": nan}
-        self._observed = self.step_count
 
     def _combine_exact(self) -> None:
         """Exact estimator: H·v by double backprop from the graph kept in ``.grad``; ``.grad`` ← g1 + γ·H·v."""
