@@ -78,7 +78,7 @@ figures-auto: $(STAMP)
 	cp $(FIGURES_OUT)/auto/strength.png docs/frontier_strength.png
 	cp $(FIGURES_OUT)/auto/table.txt docs/frontier_auto_table.txt
 # The scale study (issue 27; grkernels/demo/README.md): per-method learning rate (collapse and format worlds, width
-# 64, 3 seeds) and model size (both worlds, widths 64/128/256, KL and GR at two strengths each and the adaptive
+# 64, 5 seeds) and model size (both worlds, widths 64/128/256, KL and GR at two strengths each and the adaptive
 # strength, 5 seeds at width 64 and 3 above); one command per part, resumable (finished runs are kept). Writes
 # $(SCALE_OUT)/<part>/{summary.json,table.md,scale_<part>.png} and copies figures and summaries to docs/. Compute:
 # the README's sizing paragraph (about 3 CPU-hours in all on this 2-core CPU).

@@ -19,7 +19,7 @@ cache of the pretrained task policies (``DIR/cache``, keyed by size), as ``grker
           ‖GR − g1‖/‖g1‖ and the final γ per GR variant, and the premise's ρ (Spearman over steps between ‖g1‖ and
           the reward model's accuracy; pooled over the cell's runs, and per method).
 ``lr``    collapse and format worlds at width 64, ``none``, KL and GR each at one strength (collapse: β 0.1, γ 10;
-          format: β 0.3, γ 1), learning rate 2e-4 × {0.5, 1, 2} for every method, 3 seeds. The × 1 cell of a world
+          format: β 0.3, γ 1), learning rate 2e-4 × {0.5, 1, 2} for every method, 5 seeds. The × 1 cell of a world
           is the ``size`` part's cell of that world at width 64 (its first run: the same flags). Per (world, method,
           lr scale): final Δgold and KL, and E(K*) at one K* common to the nine (method, lr) pairs of the world, so
           that a GR at 2× the learning rate can be set against a KL at 1×.
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)),
                    help="size part: the widths; lr part: its width is the first")
     p.add_argument("--seeds", type=int, default=None,
-                   help=f"seeds per cell (default: size {SEEDS}, lr {BASE_SEEDS}); seeds {BASE_SEEDS} and up are a "
+                   help=f"seeds per cell (default {SEEDS}; size: see --seeds-at); seeds {BASE_SEEDS} and up are a "
                    "second run of the cell, merged")
     p.add_argument("--seeds-at", type=_seeds_at, default=None, metavar="WIDTH:N,...",
                    help="size part: other seed counts at some widths (default: "
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         at = SEEDS_AT if args.seeds_at is None else args.seeds_at
         seeds = {c: at.get(c.width, args.seeds or SEEDS) for c in cells}
     else:
-        seeds = {c: args.seeds or BASE_SEEDS for c in cells}
+        seeds = {c: args.seeds or SEEDS for c in cells}
     if not args.tables_only:
         common = ["--workers", str(args.workers), *extra]
         for c in cells:
