@@ -276,8 +276,7 @@ class CorrectionReuse:
             flat, shapes = state.pop("_c"), state.pop("_shapes")
             state["_c"] = [] if flat is None else [x.view(s).clone() for x, s in
                                                    zip(flat.split([s.numel() for s in shapes]), shapes)]
-            for key in ("_pred",):
-                state.pop(key, None)
+            state.pop("_pred", None)
             state["_g1"], state["_undo"] = None, None
         state.setdefault("backend", "auto")
         state.setdefault("_pending", 0)

@@ -215,16 +215,11 @@ def _g0(w: dict) -> dict[int, float]:
     return {s["seed"]: s["init_gold"] for s in w["setup"]}
 
 
-def _finite_mean(v: list[float]) -> float:
-    v = [x for x in v if x is not None and math.isfinite(x)]
-    return sum(v) / len(v) if v else math.nan
-
-
 def _rho(w: dict, labels: list[str]) -> float:
     """The premise's ρ of a method: the mean over its runs of the Spearman correlation over steps between ‖g1‖ and
     the reward model's accuracy (recomputed from the runs: a merged cell's per-method summaries hold one part)."""
-    return _finite_mean([spearman(r["curves"]["g1_norm"], r["curves"]["rm_acc"])
-                         for lab in labels for r in w["methods"][lab]["runs"]])
+    return stats([spearman(r["curves"]["g1_norm"], r["curves"]["rm_acc"])
+                  for lab in labels for r in w["methods"][lab]["runs"]])["mean"]
 
 
 def _label_row(w: dict, label: str, g0: dict[int, float]) -> dict:
@@ -234,7 +229,7 @@ def _label_row(w: dict, label: str, g0: dict[int, float]) -> dict:
     out = {"final_gold": stats([r["final"]["gold"] - g0[r["seed"]] for r in runs]),
            "final_kl": stats([r["final"]["kl"] for r in runs])}
     if family(label).startswith("gr"):
-        out["gr_rel"] = stats([_finite_mean(r["curves"]["gr_rel"]) for r in runs])
+        out["gr_rel"] = stats([stats(r["curves"]["gr_rel"])["mean"] for r in runs])
         out["final_strength"] = stats([r["curves"]["gr_strength"][-1] for r in runs
                                        if r["curves"].get("gr_strength")])
     return out
